@@ -1,0 +1,3 @@
+from torchsal.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,179 @@
+"""Typed, frozen configuration: one dataclass per concern, each default written once.
+
+A run's configuration is resolved in layers, later ones winning:
+dataclass defaults < the rule's measured defaults (``RULE_DEFAULTS``) < a recipe (``RECIPES``) < the user's
+overrides. Field names are unique across the groups, so overrides are a flat ``{name: value}`` mapping (what
+the CLI and config files produce) and ``RunConfig.to_dict`` is flat too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from torchsal.errors import ConfigError
+
+
+def _choice(name: str, value: Any, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(options)}")
+
+
+def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else ">= 1" if isinstance(value, int) else "> 0"
+        raise ConfigError(f"--{name.replace('_', '-')} must be {bound}, got {value}")
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    # K mutually exclusive areas per layer (paper default 16); 1 means a dense layer and no router.
+    areas: int = 16
+    # Dimension r of the routing space; prototypes are orthonormal when areas <= r.
+    routing_dim: int = 64
+    # "input": one area per sample chosen from the input, shared by all layers; "layer": each layer routes
+    # its own input.
+    routing: str = "input"
+    # "learned": projection trained by the local routing objective; "frozen": fixed random projection;
+    # "random": input-independent uniform areas (ablation; not a function of the input).
+    router: str = "learned"
+    # Softmax temperature of the routing objective (SwAV-style balanced assignment).
+    routing_temperature: float = 0.1
+
+    def __post_init__(self) -> None:
+        _positive("areas", self.areas)
+        _positive("routing_dim", self.routing_dim)
+        _choice("routing", self.routing, ("input", "layer"))
+        _choice("router", self.router, ("learned", "frozen", "random"))
+        _positive("routing_temperature", self.routing_temperature)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # Hidden layers of the MLP (the paper uses 1) and their width.
+    depth: int = 1
+    width: int = 256
+    # Always-on shared path beside the selective areas (our reading of the paper's dual path).
+    shared: bool = False
+    routing_config: RoutingConfig = field(default_factory=RoutingConfig)
+
+    def __post_init__(self) -> None:
+        _positive("depth", self.depth)
+        _positive("width", self.width)
+
+
+@dataclass(frozen=True)
+class RuleConfig:
+    rule: str = "sal"
+    # SAL's hidden-layer signal: "direct" (fixed random projection of the output error), "local" (layer-local
+    # alignment objective through a fixed random readout) or "both" (their sum).
+    signal: str = "local"
+
+    def __post_init__(self) -> None:
+        from torchsal.rules import RULES  # late: rules import the model, which imports this module
+
+        _choice("rule", self.rule, tuple(sorted(RULES)))
+        _choice("signal", self.signal, ("direct", "local", "both"))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: str = "digits"
+    epochs: int = 20
+    batch_size: int = 64
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    # Stop after this many optimizer steps (then evaluate); None trains all epochs.
+    max_steps: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None
+    data_dir: str | None = None
+    out: str | None = None
+
+    def __post_init__(self) -> None:
+        _positive("epochs", self.epochs)
+        _positive("batch_size", self.batch_size)
+        _choice("optimizer", self.optimizer, ("sgd", "adam", "adamw"))
+        _positive("lr", self.lr)
+        _positive("momentum", self.momentum, allow_zero=True)
+        _positive("weight_decay", self.weight_decay, allow_zero=True)
+        _choice("schedule", self.schedule, ("constant", "cosine"))
+        if self.max_steps is not None:
+            _positive("max_steps", self.max_steps)
+        if self.threads is not None:
+            _positive("threads", self.threads)
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"unknown device {self.device!r}; use cpu, cuda or cuda:N")
+        if self.momentum and self.optimizer != "sgd":
+            raise ConfigError(f"--momentum applies to --optimizer sgd only (got {self.optimizer}); "
+                              "Adam's betas play that role")
+
+
+# Measured defaults per rule (see docs/defaults.md for the measurements behind each line). Rules other than
+# SAL train the dense MLP by default; `--areas 16` turns any of them onto the routed model.
+RULE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "bp": {"areas": 1, "optimizer": "adam", "lr": 1e-3},
+    "fa": {"areas": 1, "optimizer": "adam", "lr": 1e-3},
+    "dfa": {"areas": 1, "optimizer": "adam", "lr": 1e-3},
+    "sal": {"areas": 16, "shared": True, "signal": "local", "optimizer": "adam", "lr": 1e-3},
+}
+
+# The paper's setup: one hidden layer of 256 ReLU units, plain SGD at lr 1e-4, batch 16, 25 epochs.
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "paper": {"depth": 1, "width": 256, "optimizer": "sgd", "lr": 1e-4, "momentum": 0.0,
+              "weight_decay": 0.0, "batch_size": 16, "epochs": 25, "schedule": "constant"},
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig
+    rule: RuleConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat ``{field: value}`` of every setting (routing fields included)."""
+        out: dict[str, Any] = {}
+        for group in (self.model.routing_config, self.model, self.rule, self.train):
+            out.update({f.name: getattr(group, f.name) for f in dataclasses.fields(group)})
+        del out["routing_config"]
+        return out
+
+
+def _fields(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+KNOWN_FIELDS: frozenset[str] = frozenset().union(
+    *(_fields(c) for c in (RoutingConfig, ModelConfig, RuleConfig, TrainConfig))) - {"routing_config"}
+
+
+def make_config(rule: str = "sal", recipe: str = "default", **overrides: Any) -> RunConfig:
+    """Resolve a run's configuration: dataclass defaults < rule defaults < recipe < ``overrides``.
+
+    ``overrides`` are flat field names (``lr=0.01, areas=4``); ``None`` values are ignored, so an unset CLI
+    flag keeps the default.
+    """
+    _choice("recipe", recipe, tuple(RECIPES))
+    if rule not in RULE_DEFAULTS:
+        _choice("rule", rule, tuple(sorted(RULE_DEFAULTS)))
+    unknown = sorted(set(overrides) - KNOWN_FIELDS)
+    if unknown:
+        raise ConfigError(f"unknown setting {unknown[0]!r}; known settings: {', '.join(sorted(KNOWN_FIELDS))}")
+    values: dict[str, Any] = {"rule": rule}
+    values.update(RULE_DEFAULTS[rule])
+    values.update(RECIPES[recipe])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+
+    def build(cls: type, **extra: Any) -> Any:
+        return cls(**{k: values[k] for k in _fields(cls) if k in values}, **extra)
+
+    routing_cfg = build(RoutingConfig)
+    return RunConfig(model=build(ModelConfig, routing_config=routing_cfg), rule=build(RuleConfig),
+                     train=build(TrainConfig))

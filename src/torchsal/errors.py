@@ -1,0 +1,17 @@
+"""User-facing errors. The CLI prints any of them as one line (no traceback unless --debug) and exits 2."""
+
+
+class TorchsalError(Exception):
+    """Base of every error that names a user's mistake and its fix."""
+
+
+class ConfigError(TorchsalError, ValueError):
+    """An option, or a combination of options, that cannot work."""
+
+
+class DataError(TorchsalError, ValueError):
+    """A dataset that is missing, malformed or unusable."""
+
+
+class DivergenceError(TorchsalError, RuntimeError):
+    """Training produced NaN or Inf."""

@@ -1,0 +1,105 @@
+"""Model builders. One model class, the routed area MLP; every learning rule trains it unchanged.
+
+``AreaMLP`` with ``areas=1, shared=False`` is the plain dense MLP (Linear-ReLU-...-Linear).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from torchsal.config import ModelConfig
+from torchsal.layers import AreaLinear
+from torchsal.routing import Router
+
+
+@dataclass
+class Trace:
+    """What one forward pass leaves for a learning rule."""
+
+    logits: Tensor                    # (B, C)
+    hidden: list[Tensor]              # h_l, (B, width) per hidden layer, post-activation
+    areas: list[Tensor | None]        # area (B,) used by each linear layer (hidden layers, then head)
+    routing_loss: Tensor              # scalar, sum of the routers' local objectives
+
+
+class AreaMLP(nn.Module):
+    """MLP whose every linear layer has K areas; a router picks one area per sample.
+
+    Usage::
+
+        model = AreaMLP(64, 10, ModelConfig(depth=1, width=256), generator=torch.Generator().manual_seed(0))
+        logits = model(x)
+        trace = model.trace(x, detach=True)   # per-layer inputs detached: for local learning rules
+
+    Args:
+        in_features: input dimension d.
+        num_classes: output classes C.
+        config: depth, width, shared path and routing.
+        generator: explicit generator for every random initialisation (weights, projection, prototypes).
+    """
+
+    def __init__(self, in_features: int, num_classes: int, config: ModelConfig,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.config = config
+        rc = config.routing_config
+        sizes = [in_features] + [config.width] * config.depth + [num_classes]
+        self.layers = nn.ModuleList(
+            AreaLinear(n_in, n_out, rc.areas, config.shared, generator) for n_in, n_out in zip(sizes, sizes[1:]))
+        self.activation = nn.ReLU()
+        routed_inputs = [] if rc.areas == 1 else sizes[:1] if rc.routing == "input" else sizes[:-1]
+        self.routers = nn.ModuleList(Router(n, rc, generator) for n in routed_inputs)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [self.layers[0].in_features] + [layer.out_features for layer in self.layers]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.trace(x).logits
+
+    def trace(self, x: Tensor, *, detach: bool = False,
+              feedback: Sequence[Tensor | None] | None = None) -> Trace:
+        """Forward pass recording what rules need.
+
+        Args:
+            detach: cut the graph at every layer input, so each layer's graph holds only its own parameters.
+            feedback: per linear layer, a fixed (out, in) matrix that replaces the transposed weights on the
+                way back to that layer's input (feedback alignment), or None.
+        """
+        self._check_input(x)
+        routing_loss = x.new_zeros(())
+        area = None
+        hidden, areas = [], []
+        h = x
+        for i, layer in enumerate(self.layers):
+            h_in = h.detach() if detach else h
+            if i < len(self.routers):   # input routing: router 0 only, its areas reused by every layer
+                area, loss = self.routers[i](h_in)
+                routing_loss = routing_loss + loss
+            areas.append(area)
+            a = layer(h_in, area, None if feedback is None else feedback[i])
+            if i == len(self.layers) - 1:
+                return Trace(a, hidden, areas, routing_loss)
+            h = self.activation(a)
+            hidden.append(h)
+        raise AssertionError("unreachable: the model has at least one layer")
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != 2 or x.shape[1] != self.sizes[0]:
+            raise ValueError(f"expected input of shape (batch, {self.sizes[0]}), got {tuple(x.shape)}")
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Total parameters and parameters used per sample (one area per layer, shared paths, routers)."""
+        router = sum(p.numel() for p in self.routers.parameters())
+        return {"params_total": sum(p.numel() for p in self.parameters()),
+                "params_active_per_sample": router + sum(layer.active_parameters() for layer in self.layers)}
+
+
+def build_model(in_features: int, num_classes: int, config: ModelConfig, seed: int = 0) -> AreaMLP:
+    """The model for a run, initialised from its own seeded generator."""
+    return AreaMLP(in_features, num_classes, config, torch.Generator().manual_seed(seed))

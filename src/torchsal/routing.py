@@ -1,0 +1,94 @@
+"""Learned-frozen decoupled routing: a learnable projection, frozen prototypes, hard single-area selection.
+
+    z = normalize(P x + c)          P: (r, d) learnable, r = routing dim
+    s = z C^T                       C: (K, r) frozen unit prototypes (orthonormal rows when K <= r)
+    area = argmax_j s_j             exactly one area per sample
+
+The projection learns only from a local routing objective (no task gradient reaches it): cross-entropy between
+``softmax(s / T)`` and a *balanced* soft assignment of the batch computed by Sinkhorn-Knopp on ``s`` (as in
+SwAV). The balanced target pulls each sample towards an area while forcing the batch to spread evenly over all
+areas, so the partition neither collapses into one area (what commitment plus a weak balance term did in our
+prototype) nor drifts: prototypes never move and each sample is pulled towards the area it already prefers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from torchsal.config import RoutingConfig
+
+
+def route(z: Tensor, prototypes: Tensor) -> tuple[Tensor, Tensor]:
+    """Hard selection. ``z`` (B, r) and ``prototypes`` (K, r) unit rows -> ``(area (B,) int64, scores (B, K))``."""
+    scores = z @ prototypes.T
+    return scores.argmax(dim=1), scores
+
+
+@torch.no_grad()
+def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3) -> Tensor:
+    """Balanced soft assignment (B, K) of a batch to K areas: rows sum to 1, columns to B/K (approximately).
+
+    Log-domain Sinkhorn-Knopp on ``scores / epsilon``; a few iterations suffice (SwAV uses 3).
+    """
+    log_q = scores.float() / epsilon
+    b, k = log_q.shape
+    for _ in range(iterations):
+        log_q = log_q - log_q.logsumexp(dim=0, keepdim=True) - math.log(k)   # columns sum to 1/K
+        log_q = log_q - log_q.logsumexp(dim=1, keepdim=True) - math.log(b)   # rows sum to 1/B
+    return (log_q + math.log(b)).exp()
+
+
+def routing_loss(scores: Tensor, temperature: float) -> Tensor:
+    """Local routing objective: CE between ``softmax(scores / T)`` and the batch's balanced assignment."""
+    target = sinkhorn(scores.detach())
+    return -(target * F.log_softmax(scores / temperature, dim=1)).sum(dim=1).mean()
+
+
+def make_prototypes(areas: int, dim: int, generator: torch.Generator) -> Tensor:
+    """K unit prototypes in R^r: orthonormal rows when K <= r, random unit vectors otherwise."""
+    g = torch.randn(max(areas, dim), dim, generator=generator)
+    if areas <= dim:
+        q, _ = torch.linalg.qr(g)           # (dim, dim) orthonormal columns
+        return q[:areas].contiguous()       # rows of an orthogonal matrix are orthonormal
+    return F.normalize(g[:areas], dim=1)
+
+
+class Router(nn.Module):
+    """Chooses one area per sample; ``forward`` returns ``(area, loss)``, the loss being the routing objective.
+
+    Usage::
+
+        router = Router(in_features=64, config=RoutingConfig(areas=16), generator=torch.Generator().manual_seed(0))
+        area, loss = router(x)     # area: (B,) in [0, 16)
+
+    The router sees a detached input: routing is a local module that no other objective trains.
+    """
+
+    def __init__(self, in_features: int, config: RoutingConfig, generator: torch.Generator) -> None:
+        super().__init__()
+        self.config = config
+        self.projection = nn.Linear(in_features, config.routing_dim)
+        nn.init.normal_(self.projection.weight, std=in_features ** -0.5, generator=generator)
+        nn.init.zeros_(self.projection.bias)
+        self.projection.requires_grad_(config.router == "learned")
+        self.register_buffer("prototypes", make_prototypes(config.areas, config.routing_dim, generator))
+
+    @property
+    def areas(self) -> int:
+        return self.config.areas
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.config.router == "random":
+            area = torch.randint(self.areas, (x.shape[0],), device=x.device)
+            return area, x.new_zeros(())
+        area, scores = route(F.normalize(self.projection(x.detach()), dim=1), self.prototypes)
+        if self.config.router == "learned" and self.training and torch.is_grad_enabled():
+            return area, routing_loss(scores, self.config.routing_temperature)
+        return area, scores.new_zeros(())
+
+    def extra_repr(self) -> str:
+        return f"areas={self.areas}, routing_dim={self.config.routing_dim}, router={self.config.router}"

@@ -1,0 +1,80 @@
+"""The one interface every learning rule implements, and the registry that names them.
+
+A rule turns a batch into one scalar whose ``backward()`` fills every parameter's ``.grad`` with that rule's
+update (a *surrogate loss*, batch-mean like a standard loss), so any ``torch.optim`` optimizer, scheduler or
+gradient clipping works unchanged. Rules own their fixed feedback matrices as buffers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from torchsal.config import RuleConfig
+from torchsal.errors import ConfigError
+from torchsal.models import AreaMLP
+
+RULES: dict[str, type[LearningRule]] = {}
+
+
+def register_rule(name: str) -> Callable[[type[LearningRule]], type[LearningRule]]:
+    def register(cls: type[LearningRule]) -> type[LearningRule]:
+        if name in RULES:
+            raise ValueError(f"learning rule {name!r} is registered twice")
+        cls.name = name
+        RULES[name] = cls
+        return cls
+    return register
+
+
+def get_rule(name: str) -> type[LearningRule]:
+    if name not in RULES:
+        raise ConfigError(f"unknown rule {name!r}; choose one of: {', '.join(sorted(RULES))}")
+    return RULES[name]
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor        # call .backward() on it: fills .grad with the rule's update
+    logits: Tensor      # (B, C), detached
+    task_loss: Tensor   # cross-entropy of the logits, detached (what to log)
+
+
+class LearningRule(nn.Module):
+    """Base class: ``rule(model, x, y) -> StepOutput``.
+
+    Usage::
+
+        rule = build_rule(model, RuleConfig(rule="sal"))
+        out = rule(model, x, y)
+        optimizer.zero_grad()       # set_to_none (the default) keeps untouched areas' .grad None
+        out.loss.backward()
+        optimizer.step()
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, model: AreaMLP, config: RuleConfig, generator: torch.Generator) -> None:
+        super().__init__()
+        self.config = config
+
+    def _register_matrices(self, prefix: str, matrices: list[Tensor]) -> None:
+        for i, m in enumerate(matrices):
+            self.register_buffer(f"{prefix}_{i}", m)
+
+    def _matrices(self, prefix: str) -> list[Tensor]:
+        """Fetched by name on every call, so they follow ``.to()`` and ``load_state_dict``."""
+        return [buf for name, buf in self.named_buffers() if name.rsplit("_", 1)[0] == prefix]
+
+    def forward(self, model: AreaMLP, x: Tensor, y: Tensor) -> StepOutput:
+        raise NotImplementedError
+
+
+def build_rule(model: AreaMLP, config: RuleConfig, seed: int = 0) -> LearningRule:
+    """The rule of a run, its feedback drawn from a generator of its own (independent of the model's)."""
+    generator = torch.Generator().manual_seed(seed + 1_000_003)
+    return get_rule(config.rule)(model, config, generator)
