@@ -41,13 +41,16 @@ class AreaLinear(nn.Module):
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features, self.areas = in_features, out_features, areas
-        # Kaiming-uniform for ReLU; with a shared path each of the two summed terms gets half the variance.
-        bound = math.sqrt(6 / in_features) / (math.sqrt(2) if shared else 1.0)
+        bound = math.sqrt(6 / in_features)    # Kaiming-uniform for ReLU
 
         def uniform(*shape: int) -> nn.Parameter:
             return nn.Parameter((torch.rand(*shape, generator=generator) * 2 - 1) * bound)
 
-        self.area_weights = nn.ParameterList(uniform(out_features, in_features) for _ in range(areas))
+        # With a shared path the areas start at zero: the model starts as the dense network and each area
+        # learns its own correction (measured on digits: +1 point over Kaiming-initialised areas, see docs).
+        area_init = (lambda: nn.Parameter(torch.zeros(out_features, in_features))) if shared else (
+            lambda: uniform(out_features, in_features))
+        self.area_weights = nn.ParameterList(area_init() for _ in range(areas))
         self.area_biases = nn.ParameterList(nn.Parameter(torch.zeros(out_features)) for _ in range(areas))
         self.shared = uniform(out_features, in_features) if shared else None
 

@@ -1,0 +1,21 @@
+import pytest
+import torch
+
+from torchsal.config import ModelConfig, RoutingConfig, RuleConfig
+from torchsal.models import build_model
+from torchsal.rules import build_rule
+
+
+def tiny(rule: str = "sal", *, areas: int = 1, shared: bool = False, depth: int = 2, width: int = 4,
+         in_features: int = 5, classes: int = 3, signal: str = "local", routing: str = "input", seed: int = 0):
+    """A tiny model and rule whose feedback matrices differ from every transposed forward weight."""
+    cfg = ModelConfig(depth=depth, width=width, shared=shared,
+                      routing_config=RoutingConfig(areas=areas, routing_dim=4, routing=routing))
+    model = build_model(in_features, classes, cfg, seed)
+    return model, build_rule(model, RuleConfig(rule=rule, signal=signal), seed)
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(123)
+    return torch.randn(6, 5, generator=g), torch.tensor([0, 1, 2, 0, 1, 2])

@@ -1,0 +1,79 @@
+import torch
+
+from torchsal.config import RoutingConfig
+from torchsal.routing import Router, make_prototypes, route, sinkhorn
+
+
+def make_router(areas=8, router="learned", dim=4):
+    return Router(dim, RoutingConfig(areas=areas, routing_dim=16, router=router), torch.Generator().manual_seed(0))
+
+
+def test_exactly_one_area_per_sample():
+    area, _ = make_router()(torch.randn(100, 4))
+    assert area.shape == (100,) and area.dtype == torch.long
+    assert area.min() >= 0 and area.max() < 8
+
+
+def test_routing_is_a_pure_function_of_the_input():
+    router, x = make_router(), torch.randn(50, 4)
+    batch_areas, _ = router(x)
+    alone = torch.cat([router(x[i:i + 1])[0] for i in range(50)])
+    assert torch.equal(batch_areas, alone)                       # independent of the rest of the batch
+    assert torch.equal(batch_areas, router(x.flip(0))[0].flip(0))  # and of its order
+
+
+def test_route_selects_nearest_prototype():
+    prototypes = torch.eye(3)
+    area, scores = route(torch.tensor([[0.0, 1.0, 0.0], [0.6, 0.0, 0.8]]), prototypes)
+    assert area.tolist() == [1, 2] and scores.shape == (2, 3)
+
+
+def test_prototypes_are_orthonormal_when_they_fit():
+    p = make_prototypes(16, 64, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(p @ p.T, torch.eye(16))
+    p = make_prototypes(10, 4, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(p.norm(dim=1), torch.ones(10))
+
+
+def test_sinkhorn_balances_a_skewed_batch():
+    scores = torch.randn(256, 8, generator=torch.Generator().manual_seed(0)).clamp(-3, 3) / 6
+    scores[:, 0] += 0.5                                          # cosine-like scores; everyone prefers area 0
+    assert (scores.argmax(1) == 0).float().mean() > 0.9
+    q = sinkhorn(scores, iterations=50)
+    torch.testing.assert_close(q.sum(1), torch.ones(256))
+    torch.testing.assert_close(q.sum(0), torch.full((8,), 32.0), atol=0.5, rtol=0)
+
+
+def test_learned_router_trains_its_projection_only_locally():
+    router = make_router()
+    x = torch.randn(64, 4, requires_grad=True)
+    _, loss = router(x)
+    loss.backward()
+    assert router.projection.weight.grad is not None
+    assert x.grad is None                                        # no gradient leaves the router
+
+
+def test_frozen_and_random_routers_have_no_trainable_parameters():
+    for kind in ("frozen", "random"):
+        router = make_router(router=kind)
+        assert not any(p.requires_grad for p in router.parameters())
+        _, loss = router(torch.randn(8, 4))
+        assert loss.item() == 0.0
+
+
+def test_learned_routing_spreads_a_collapsed_start_over_all_areas():
+    """Uncentred inputs send most samples to one area at first; the routing objective must fix that."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 4, generator=g) * 0.3 + torch.tensor([3.0, 2.0, 1.0, 0.0])
+    router = make_router()
+    before = torch.bincount(router(x)[0], minlength=8).max().item() / len(x)
+    opt = torch.optim.Adam(router.parameters(), lr=1e-2)
+    for step in range(300):
+        batch = x[torch.randint(len(x), (256,), generator=g)]
+        _, loss = router(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    shares = torch.bincount(router(x)[0], minlength=8) / len(x)
+    assert before > 0.5
+    assert shares.min() > 0 and shares.max() <= 2 / 8

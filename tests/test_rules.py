@@ -1,0 +1,153 @@
+"""Each rule's update against its closed form, on a tiny network whose feedback differs from W^T."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny
+
+from torchsal.rules import RULES, get_rule
+from torchsal.errors import ConfigError
+
+
+def grads(model, rule, x, y):
+    model.zero_grad(set_to_none=True)
+    rule(model, x, y).loss.backward()
+    return [layer.area_weights[0].grad.clone() for layer in model.layers]
+
+
+def forward_by_hand(model, x):
+    """Pre-activations a_l, post-activations h_l (h_0 = x) and logits of the dense tiny model."""
+    hs, pre = [x], []
+    for i, layer in enumerate(model.layers):
+        a = hs[-1] @ layer.area_weights[0].T + layer.area_biases[0]
+        pre.append(a)
+        if i < len(model.layers) - 1:
+            hs.append(torch.relu(a))
+    return pre, hs, pre[-1]
+
+
+def output_error(logits, y):
+    return torch.softmax(logits, 1) - F.one_hot(y, logits.shape[1]).float()
+
+
+def test_bp_equals_plain_autograd(batch):
+    x, y = batch
+    model, rule = tiny("bp")
+    reference = copy.deepcopy(model)
+    F.cross_entropy(reference(x), y).backward()
+    for got, layer in zip(grads(model, rule, x, y), reference.layers):
+        torch.testing.assert_close(got, layer.area_weights[0].grad, rtol=0, atol=0)
+
+
+def test_dense_model_is_an_ordinary_mlp(batch):
+    x, y = batch
+    model, _ = tiny("bp")
+    mlp = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4), torch.nn.ReLU(),
+                              torch.nn.Linear(4, 3))
+    with torch.no_grad():
+        for lin, layer in zip(mlp[::2], model.layers):
+            lin.weight.copy_(layer.area_weights[0])
+            lin.bias.copy_(layer.area_biases[0])
+    assert torch.equal(mlp(x), model(x))
+    assert len(list(model.parameters())) == 6 and len(model.routers) == 0
+
+
+def test_fa_closed_form(batch):
+    x, y = batch
+    model, rule = tiny("fa")
+    fb = rule._matrices("feedback")                           # fb[i] stands in for W_{i+1}
+    ws = [layer.area_weights[0] for layer in model.layers]
+    assert all(not torch.allclose(b, w) for b, w in zip(fb, ws[1:]))
+    pre, hs, logits = forward_by_hand(model, x)
+    delta = output_error(logits, y) / len(y)
+    expected = [None, None, delta.T @ hs[2]]
+    for i in (1, 0):
+        delta = (delta @ fb[i]) * (pre[i] > 0)
+        expected[i] = delta.T @ hs[i]
+    for got, want in zip(grads(model, rule, x, y), expected):
+        torch.testing.assert_close(got, want.detach())
+
+
+@pytest.mark.parametrize("rule_name,signal", [("dfa", "direct"), ("sal", "direct"), ("sal", "local"),
+                                              ("sal", "both")])
+def test_local_rules_closed_form(batch, rule_name, signal):
+    x, y = batch
+    model, rule = tiny(rule_name, signal=signal)
+    pre, hs, logits = forward_by_hand(model, x)
+    e = output_error(logits, y)
+    onehot = F.one_hot(y, 3).float()
+    expected = []
+    for i in range(2):
+        g = torch.zeros_like(hs[i + 1])
+        if signal in ("direct", "both"):
+            g += e @ rule._matrices("direct")[i]
+        if signal in ("local", "both"):
+            readout = rule._matrices("local")[i]
+            g += (torch.softmax(hs[i + 1] @ readout.T, 1) - onehot) @ readout
+        expected.append(((g * (pre[i] > 0)) / len(y)).T @ hs[i])
+    expected.append((e / len(y)).T @ hs[2])
+    for got, want in zip(grads(model, rule, x, y), expected):
+        torch.testing.assert_close(got, want.detach())
+
+
+def test_sal_area_update_uses_only_its_samples(batch):
+    """grad W_l[k] = (1/B) sum over samples routed to k of delta_l h_{l-1}^T; the shared path sees all."""
+    x, y = batch
+    model, rule = tiny("sal", areas=3, shared=True, depth=1)
+    layer = model.layers[0]
+    with torch.no_grad():
+        for w in layer.area_weights:
+            w.normal_()                                       # make areas differ (they start at zero)
+    area, _ = model.routers[0](x)
+    a = torch.stack([x[i] @ (layer.area_weights[k] + layer.shared).T + layer.area_biases[k]
+                     for i, k in enumerate(area.tolist())])
+    h = torch.relu(a)
+    readout = rule._matrices("local")[0]
+    g = (torch.softmax(h @ readout.T, 1) - F.one_hot(y, 3).float()) @ readout
+    delta = g * (a > 0) / len(y)
+    model.zero_grad(set_to_none=True)
+    rule(model, x, y).loss.backward()
+    for k in range(3):
+        mask = area == k
+        if mask.any():
+            torch.testing.assert_close(layer.area_weights[k].grad, delta[mask].T @ x[mask])
+        else:
+            assert layer.area_weights[k].grad is None
+    torch.testing.assert_close(layer.shared.grad, delta.T @ x)
+
+
+@pytest.mark.parametrize("rule_name,signal", [("dfa", "direct"), ("sal", "local"), ("sal", "both")])
+def test_no_weight_transport(rule_name, signal):
+    """A hidden layer's update ignores other layers' forward weights when its input and the output error are
+    held fixed. The same change moves BP's update, so this test can fail."""
+    x, y = torch.randn(1, 5), torch.tensor([1])
+
+    def first_layer_update(name, perturb):
+        model, rule = tiny(name, signal=signal, seed=3)
+        if perturb:
+            with torch.no_grad():
+                logits = model(x)
+                model.layers[1].area_weights[0].add_(torch.randn(4, 4))
+                model.layers[2].area_weights[0].mul_(-2.0)
+                model.layers[2].area_biases[0].add_(logits[0] - model(x)[0])   # same logits, same error
+                torch.testing.assert_close(model(x), logits)
+        return grads(model, rule, x, y)[0]
+
+    torch.testing.assert_close(first_layer_update(rule_name, False), first_layer_update(rule_name, True))
+    assert not torch.allclose(first_layer_update("bp", False), first_layer_update("bp", True))
+
+
+def test_sal_direct_on_the_dense_model_is_dfa(batch):
+    x, y = batch
+    dfa = grads(*tiny("dfa"), x, y)
+    sal = grads(*tiny("sal", signal="direct"), x, y)
+    for a, b in zip(dfa, sal):
+        assert torch.equal(a, b)
+
+
+def test_unknown_rule_lists_the_valid_names():
+    with pytest.raises(ConfigError, match="unknown rule 'xyz'; choose one of: bp, dfa, fa, sal"):
+        get_rule("xyz")
+    assert set(RULES) == {"bp", "fa", "dfa", "sal"}

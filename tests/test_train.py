@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+from torchsal.config import make_config
+from torchsal.data import load_dataset, make_splits
+from torchsal.train import train
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return make_splits(load_dataset("digits"), seed=0)
+
+
+def strip_timing(metrics):
+    drop = {"train_seconds", "seconds", "environment"}
+    if isinstance(metrics, dict):
+        return {k: strip_timing(v) for k, v in metrics.items() if k not in drop}
+    return [strip_timing(v) for v in metrics] if isinstance(metrics, list) else metrics
+
+
+@pytest.mark.parametrize("rule", ["bp", "fa", "dfa", "sal"])
+def test_same_seed_gives_bit_identical_runs(digits, rule):
+    config = make_config(rule, epochs=1, max_steps=8, areas=4)
+    runs = [train(config, splits=digits, progress=False) for _ in range(2)]
+    assert strip_timing(runs[0].metrics) == strip_timing(runs[1].metrics)
+    for (k, a), b in zip(runs[0].model.state_dict().items(), runs[1].model.state_dict().values()):
+        assert torch.equal(a, b), k
+    other = train(make_config(rule, epochs=1, max_steps=8, areas=4, seed=1), splits=digits, progress=False)
+    assert not torch.equal(other.model.layers[0].shared if rule == "sal" else other.model.layers[0].area_weights[0],
+                           runs[0].model.layers[0].shared if rule == "sal" else runs[0].model.layers[0].area_weights[0])
+
+
+def test_sal_defaults_on_digits_are_accurate_and_balanced():
+    """The issue's acceptance run: SAL with defaults >= 0.95, every one of 16 areas used, none above 2/K."""
+    result = train(make_config("sal"), progress=False)
+    m = result.metrics
+    assert m["test_accuracy"] >= 0.95
+    assert len(m["area_shares"]) == 16
+    assert min(m["area_shares"]) > 0 and max(m["area_shares"]) <= 2 / 16
+    assert m["params_active_per_sample"] < m["params_total"] / 4
+
+
+def test_max_steps_stops_early_and_history_is_per_epoch(digits):
+    m = train(make_config("bp", epochs=5, max_steps=30), splits=digits, progress=False).metrics
+    assert m["steps"] == 30 and m["epochs"] == 2 and [h["epoch"] for h in m["history"]] == [1, 2]
+    assert 0 <= m["test_accuracy"] <= 1 and m["test_accuracy"] == m["history"][-1]["test_accuracy"]
+
+
+def test_divergence_stops_with_a_clear_message(digits):
+    from torchsal.errors import DivergenceError
+
+    with pytest.raises(DivergenceError, match=r"rule bp: loss became (nan|inf) at step \d+.*lower --lr"):
+        train(make_config("bp", optimizer="sgd", lr=1e30, epochs=2), splits=digits, progress=False)
