@@ -68,7 +68,7 @@ def test_learned_routing_spreads_a_collapsed_start_over_all_areas():
     router = make_router()
     before = torch.bincount(router(x)[0], minlength=8).max().item() / len(x)
     opt = torch.optim.Adam(router.parameters(), lr=1e-2)
-    for step in range(300):
+    for _ in range(300):
         batch = x[torch.randint(len(x), (256,), generator=g)]
         _, loss = router(batch)
         opt.zero_grad()

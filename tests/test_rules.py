@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny
 
-from torchsal.rules import RULES, get_rule
 from torchsal.errors import ConfigError
+from torchsal.rules import RULES, get_rule
 
 
 def grads(model, rule, x, y):
