@@ -61,7 +61,9 @@ def test_npz_and_its_errors(tmp_path):
 
 
 def test_unknown_dataset_lists_the_known_ones():
-    with pytest.raises(DataError, match="unknown dataset 'nope'; choose one of: digits"):
+    with pytest.raises(DataError, match="unknown dataset 'nope'; choose one of: breast-cancer, cifar10, cifar100, "
+                                        "digits, dna, fashion-mnist, kmnist, letter, mnist, mnist1d, satellite, "
+                                        "semeion, svhn, wine"):
         load_dataset("nope")
 
 

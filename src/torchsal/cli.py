@@ -30,7 +30,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="digits", help="registered name, csv:PATH or npz:PATH (default: digits)")
     p.add_argument("--recipe", default="default", choices=sorted(RECIPES),
                    help="default: each rule's measured best settings; paper: the paper's setup")
-    p.add_argument("--data-dir", help="folder holding dataset files")
+    p.add_argument("--data-dir", help="folder holding dataset files (else $TORCHSAL_DATA, then ./data)")
+    p.add_argument("--grayscale", action=argparse.BooleanOptionalAction, default=None,
+                   help="colour images as one luma channel (the paper's CIFAR-10 setting)")
     p.add_argument("--out", help="write DIR/metrics.json")
     g = p.add_argument_group("model")
     g.add_argument("--depth", type=int, help="hidden layers")

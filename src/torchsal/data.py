@@ -1,22 +1,25 @@
-"""Datasets: a registry of named loaders, loaders for standard file formats, and seeded splits.
+"""Datasets: a registry of named loaders, where their files are found, and seeded splits.
 
 A loader returns a ``Dataset`` of NumPy arrays (with the official test split where the dataset has one);
 ``make_splits`` turns it into standardised train/validation/test tensors:
 
 - test: the official test split, else a seeded stratified 20% of the data;
 - validation: a seeded stratified 10% of the training part (model selection never looks at test);
-- features standardised with the mean and std of the training part alone.
+- standardisation with statistics of the training part alone: per feature for tabular data, one global mean
+  and std for images (per-pixel scaling would blow up border pixels that are almost always zero).
 
-Datasets by name: ``digits`` (scikit-learn, ships with it), ``csv:PATH`` and ``npz:PATH`` for your own data.
+Named datasets live in ``datasets.py``; ``csv:PATH`` and ``npz:PATH`` load your own files. Dataset files are
+searched in ``--data-dir``, then ``$TORCHSAL_DATA``, then ``./data`` (plus dataset-specific system locations).
+Slow-to-decode sets are cached as arrays under ``$TORCHSAL_CACHE`` (default ``~/.cache/torchsal``).
 """
 
 from __future__ import annotations
 
-import csv
-import gzip
+import hashlib
 import io
 import logging
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +29,8 @@ import torch
 from torch import Tensor
 
 from torchsal.errors import DataError
+from torchsal.formats import as_floats, read_csv, read_npz
+from torchsal.storage import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,7 @@ class Dataset:
     classes: list[str]
     x_test: np.ndarray | None = None    # official test split, if the dataset has one
     y_test: np.ndarray | None = None
+    images: bool = False                # standardise globally rather than per feature
 
     def __post_init__(self) -> None:
         for x, y, part in ((self.x, self.y, "data"), (self.x_test, self.y_test, "test data")):
@@ -56,6 +62,9 @@ class Dataset:
             if y.min() < 0 or y.max() >= len(self.classes):
                 raise DataError(f"dataset {self.name!r}: labels must lie in [0, {len(self.classes)}), "
                                 f"found {int(y.min())}..{int(y.max())}")
+        if self.x_test is not None and self.x_test.shape[1:] != self.x.shape[1:]:
+            raise DataError(f"dataset {self.name!r}: test samples have {self.x_test.shape[1:]} features, "
+                            f"training samples {self.x.shape[1:]}")
 
 
 @dataclass
@@ -77,7 +86,56 @@ class Splits:
         return len(self.classes)
 
 
-Loader = Callable[[Path | None], Dataset]
+@dataclass(frozen=True)
+class DataRequest:
+    """What a named loader gets: where to look, and options."""
+
+    dirs: tuple[Path, ...]
+    grayscale: bool = False
+
+    def locate(self, dataset: str, candidates: list[str], how_to_get: str,
+               extra_dirs: tuple[Path, ...] = ()) -> Path:
+        """The first existing ``dir/candidate``; else one message naming every place tried and the fix."""
+        dirs = self.dirs + extra_dirs
+        for d in dirs:
+            for c in candidates:
+                if (d / c).exists():
+                    return d / c
+        raise DataError(f"dataset {dataset!r} not found: looked for {' or '.join(candidates)} in "
+                        f"{', '.join(str(d) for d in dirs) or '(no folder)'}; {how_to_get}, then pass "
+                        "--data-dir DIR or set TORCHSAL_DATA")
+
+
+def search_dirs(data_dir: str | Path | None) -> tuple[Path, ...]:
+    dirs = [Path(data_dir).expanduser()] if data_dir else []
+    if os.environ.get("TORCHSAL_DATA"):
+        dirs.append(Path(os.environ["TORCHSAL_DATA"]).expanduser())
+    dirs.append(Path("data"))
+    return tuple(dirs)
+
+
+def cached_arrays(source: Path, tag: str, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """``build()``'s arrays, cached on disk keyed by the source file's path, size and mtime."""
+    stat = source.stat()
+    key = hashlib.sha1(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{tag}".encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("TORCHSAL_CACHE", Path.home() / ".cache" / "torchsal")) / f"{tag}-{key}.npz"
+    if cache.is_file():
+        try:
+            with np.load(cache) as f:
+                return {k: f[k] for k in f.files}
+        except (OSError, ValueError, EOFError):
+            log.warning("cache %s is unreadable; rebuilding it", cache)
+    arrays = build()
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    try:
+        write_bytes_atomic(cache, buffer.getvalue())
+    except OSError as exc:
+        log.warning("could not write the cache %s (%s); continuing without it", cache, exc)
+    return arrays
+
+
+Loader = Callable[[DataRequest], Dataset]
 DATASETS: dict[str, Loader] = {}
 
 
@@ -90,7 +148,7 @@ def register_dataset(name: str) -> Callable[[Loader], Loader]:
     return register
 
 
-def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
+def load_dataset(name: str, data_dir: str | Path | None = None, grayscale: bool = False) -> Dataset:
     """Load a dataset by registered name, or ``csv:PATH`` / ``npz:PATH``."""
     kind, _, path = name.partition(":")
     if path and kind in FILE_FORMATS:
@@ -98,121 +156,40 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(sorted(DATASETS))}, "
                         "or csv:PATH / npz:PATH for your own data")
-    return DATASETS[name](Path(data_dir) if data_dir else None)
+    return DATASETS[name](DataRequest(search_dirs(data_dir), grayscale))
 
 
-@register_dataset("digits")
-def load_digits(data_dir: Path | None = None) -> Dataset:
-    """scikit-learn's 8x8 digits (1,797 samples, 10 classes); ships with scikit-learn, no files needed."""
-    from sklearn.datasets import load_digits as sk_digits
-
-    bunch = sk_digits()
-    return Dataset("digits", bunch.data.astype(np.float32), bunch.target.astype(np.int64),
-                   [str(c) for c in bunch.target_names])
-
-
-def encode_labels(raw: np.ndarray, source: str) -> tuple[np.ndarray, list[str]]:
+def encode_labels(raw: np.ndarray | list, source: str) -> tuple[np.ndarray, list[str]]:
     """Map labels of any type to class indices 0..C-1 (numeric labels in numeric order)."""
     values = [str(v).strip() for v in raw]
     if any(v == "" for v in values):
         raise DataError(f"{source}: the label column has empty values; every row needs a label")
-    numbers = _as_floats(values)
+    numbers = as_floats(values)
     if numbers is not None:
         if not all(float(n).is_integer() for n in numbers):
             raise DataError(f"{source}: the last column holds non-integer numbers, not class labels; "
                             "put the class label in the last column")
-        keys = sorted(set(values), key=float)
+        values = [str(int(float(v))) for v in values]
+        keys = sorted(set(values), key=int)
     else:
         keys = sorted(set(values))
     index = {k: i for i, k in enumerate(keys)}
     return np.array([index[v] for v in values], dtype=np.int64), keys
 
 
-def _as_floats(values: list[str]) -> list[float] | None:
-    try:
-        return [float(v) for v in values]
-    except ValueError:
-        return None
-
-
-def _open_text(path: Path) -> io.TextIOBase:
-    if not path.is_file():
-        raise DataError(f"cannot read {path}: no such file")
-    with open(path, "rb") as f:
-        gzipped = f.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rt", newline="") if gzipped else open(path, newline="")  # noqa: SIM115
-
-
 def load_csv(path: Path) -> Dataset:
-    """CSV with a header row, the label in the last column; gzip allowed; non-numeric features one-hot."""
-    source = f"csv {path}"
-    try:
-        with _open_text(path) as f:
-            rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, EOFError, csv.Error) as exc:
-        raise DataError(f"{source}: unreadable ({exc})") from None
-    if not rows:
-        raise DataError(f"{source}: the file is empty; expected a header row, then one row per sample")
-    header, body = rows[0], [r for r in rows[1:] if r]
-    if len(header) < 2:
-        raise DataError(f"{source}: found {len(header)} column; expected feature columns and a label column "
-                        "(the last)")
-    if not body:
-        raise DataError(f"{source}: no data rows after the header")
-    for i, row in enumerate(body, start=2):
-        if len(row) != len(header):
-            raise DataError(f"{source}: line {i} has {len(row)} fields, the header has {len(header)}")
-    columns = list(zip(*body))
-    y, classes = encode_labels(np.array(columns[-1]), source)
-    features = [_encode_column(col, name, source) for col, name in zip(columns[:-1], header[:-1])]
-    return Dataset(path.name, np.concatenate(features, axis=1).astype(np.float32), y, classes)
-
-
-_MISSING = {"", "na", "nan", "null", "none", "?"}
-
-
-def _encode_column(column: tuple[str, ...], name: str, source: str) -> np.ndarray:
-    values = [v.strip() for v in column]
-    for row, v in enumerate(values, start=2):
-        if v.lower() in _MISSING:
-            raise DataError(f"{source}: missing value ({v!r}) in column {name!r}, line {row}; "
-                            "clean or impute the file first")
-    numbers = _as_floats(values)
-    if numbers is not None:
-        bad = next((r for r, n in enumerate(numbers, start=2) if not math.isfinite(n)), None)
-        if bad is not None:
-            raise DataError(f"{source}: non-finite value in column {name!r}, line {bad}")
-        return np.array(numbers, dtype=np.float64)[:, None]
-    categories = sorted(set(values))        # one-hot, one column per category
-    index = {c: i for i, c in enumerate(categories)}
-    onehot = np.zeros((len(values), len(categories)))
-    onehot[np.arange(len(values)), [index[v] for v in values]] = 1.0
-    return onehot
+    """Your own CSV: header row, label in the last column (any type), gzip allowed."""
+    x, labels = read_csv(path)
+    y, classes = encode_labels(labels, f"csv {path}")
+    return Dataset(path.name, x, y, classes)
 
 
 def load_npz(path: Path) -> Dataset:
-    """NumPy ``.npz`` with arrays ``x`` (N, ...) and ``y`` (N,); optional ``x_test``, ``y_test``."""
-    source = f"npz {path}"
-    if not path.is_file():
-        raise DataError(f"cannot read {path}: no such file")
-    try:
-        with np.load(path, allow_pickle=False) as arrays:
-            data = {k: arrays[k] for k in arrays.files}
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{source}: unreadable ({exc})") from None
-    missing = [k for k in ("x", "y") if k not in data]
-    if missing:
-        raise DataError(f"{source}: missing array(s) {', '.join(missing)}; found {', '.join(data) or 'none'}")
-    has_test = "x_test" in data and "y_test" in data
-    for k in ("x", "x_test") if has_test else ("x",):
-        if not np.issubdtype(data[k].dtype, np.number):
-            raise DataError(f"{source}: array {k!r} must be numeric, got {data[k].dtype}")
-    for xk, yk in (("x", "y"), ("x_test", "y_test")) if has_test else (("x", "y"),):
-        if len(data[xk]) != len(data[yk]):
-            raise DataError(f"{source}: {xk} has {len(data[xk])} samples but {yk} has {len(data[yk])}; "
-                            "they must have the same length")
+    """Your own NumPy ``.npz``: ``x`` (N, ...) and ``y`` (N,); optional ``x_test``, ``y_test``."""
+    data = read_npz(path)
+    has_test = "x_test" in data
     labels = np.concatenate([data["y"], data["y_test"]]) if has_test else data["y"]
-    y_all, classes = encode_labels(labels.reshape(-1), source)
+    y_all, classes = encode_labels(labels.reshape(-1), f"npz {path}")
     n = len(data["y"])
 
     def flat(a: np.ndarray) -> np.ndarray:
@@ -249,11 +226,16 @@ def make_splits(ds: Dataset, seed: int) -> Splits:
         keep, test = _split(ds.y, TEST_FRACTION, seed)
         x, y, x_test, y_test = ds.x[keep], ds.y[keep], ds.x[test], ds.y[test]
     train, val = _split(y, VAL_FRACTION, seed)
-    mean = x[train].mean(axis=0)
-    std = x[train].std(axis=0)
+    axis = None if ds.images else 0
+    mean = x[train].mean(axis=axis, dtype=np.float64)
+    std = np.atleast_1d(x[train].std(axis=axis, dtype=np.float64))
     std[std < 1e-8] = 1.0
+    mean, std = np.float32(mean) if axis is None else mean.astype(np.float32), std.astype(np.float32)
 
     def tensors(a: np.ndarray, b: np.ndarray) -> tuple[Tensor, Tensor]:
         return torch.from_numpy(((a - mean) / std).astype(np.float32)), torch.from_numpy(b.astype(np.int64))
 
     return Splits(*tensors(x[train], y[train]), *tensors(x[val], y[val]), *tensors(x_test, y_test), ds.classes)
+
+
+from torchsal import datasets as _datasets  # noqa: E402,F401  (registers the named datasets)

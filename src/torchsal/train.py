@@ -97,7 +97,7 @@ def train(config: RunConfig, splits: Splits | None = None, progress: bool = True
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     if splits is None:
-        splits = make_splits(load_dataset(cfg.dataset, cfg.data_dir), cfg.seed)
+        splits = make_splits(load_dataset(cfg.dataset, cfg.data_dir, cfg.grayscale), cfg.seed)
     model = build_model(splits.in_features, splits.num_classes, config.model, cfg.seed).to(device)
     rule = build_rule(model, config.rule, cfg.seed).to(device)
     x_train, y_train = splits.x_train.to(device), splits.y_train.to(device)
