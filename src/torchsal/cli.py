@@ -11,8 +11,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+import torch
+
 from torchsal.config import RECIPES, RULE_DEFAULTS, make_config
-from torchsal.errors import TorchsalError
+from torchsal.errors import ConfigError, TorchsalError
 
 log = logging.getLogger("torchsal")
 
@@ -67,6 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     train_p.add_argument("--quiet", action="store_true", help="no progress bar")
     train_p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     _add_train_flags(train_p)
+
+    from torchsal.bench import PRESETS, RECIPES, TEN_DATASETS
+
+    bench_p = sub.add_parser("bench", help="benchmark presets on datasets over seeds (resumable)")
+    bench_p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    bench_p.add_argument("--datasets", default=",".join(TEN_DATASETS), help="comma-separated (default: the ten)")
+    bench_p.add_argument("--rules", default=",".join(PRESETS), help=f"presets: {', '.join(PRESETS)}")
+    bench_p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    bench_p.add_argument("--recipe", default="tuned", choices=sorted(RECIPES))
+    bench_p.add_argument("--out", required=True, help="results folder (reused to resume)")
+    bench_p.add_argument("--data-dir", help="folder holding dataset files")
+    bench_p.add_argument("--threads", type=int, help="CPU threads for torch")
+    bench_p.add_argument("--epochs", type=int, help="override the recipe's epoch budget (quick checks)")
     return parser
 
 
@@ -97,11 +112,33 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from torchsal.bench import Bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bench = Bench(args.recipe, [d for d in args.datasets.split(",") if d], [p for p in args.rules.split(",") if p],
+                  _int_list(args.seeds, "--seeds"), Path(args.out), args.data_dir, args.threads, args.epochs)
+    bench.run()
+    print((Path(args.out) / "results.md").read_text())
+    print(f"results: {args.out}/results.json, results.csv, results.md, convergence-{args.recipe}.png")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
-        return {"train": _train}[args.command](args)
+        return {"train": _train, "bench": _bench}[args.command](args)
     except TorchsalError as exc:
         if args.debug:
             raise

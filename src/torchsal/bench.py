@@ -1,0 +1,268 @@
+"""The benchmark suite: every (dataset, preset) cell of a recipe, tuned on validation, over several seeds.
+
+    torchsal bench --datasets digits,mnist --rules bp,sal --seeds 0,1,2 --recipe paper --out DIR
+
+Protocol, identical for every preset: each trial of the recipe's grid runs on the first seed; the trial with the
+best final validation accuracy (ties: the earlier trial) is chosen and run on the remaining seeds. Test accuracy
+never takes part in a choice. Each finished run is stored as ``DIR/runs/<key>/metrics.json`` (written atomically),
+so an interrupted bench resumes where it stopped and never redoes a finished run.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from torchsal.config import ConfigError, make_config
+from torchsal.data import load_dataset, make_splits
+from torchsal.models import build_model
+from torchsal.storage import write_bytes_atomic, write_json_atomic
+from torchsal.train import train
+
+log = logging.getLogger(__name__)
+
+TEN_DATASETS = ("mnist", "fashion-mnist", "cifar10", "mnist1d", "digits", "wine", "breast-cancer", "letter",
+                "satellite", "dna")
+
+# Presets: a rule on a model. The capacity controls train the dense BP network on SAL's routed model (bp-areas) or
+# with as many parameters as that model (bp-wide, width matched per dataset).
+PRESETS: dict[str, dict[str, Any]] = {
+    "bp": {"rule": "bp"},
+    "fa": {"rule": "fa"},
+    "dfa": {"rule": "dfa"},
+    "sal": {"rule": "sal"},
+    "sal-direct": {"rule": "sal", "signal": "direct"},
+    "sal-local": {"rule": "sal", "signal": "local"},
+    "bp-areas": {"rule": "bp", "areas": 16, "shared": True},
+    "bp-wide": {"rule": "bp", "width": "matched"},
+}
+
+# Published numbers (test accuracy %) from ../shared/paper/REFERENCE-NUMBERS.md: BP (paper recipe) and SAL-16.
+PAPER_NUMBERS: dict[str, tuple[float, float]] = {
+    "mnist": (90.64, 94.71), "cifar10": (30.81, 36.60), "digits": (38.53, 71.63), "semeion": (35.16, 72.03)}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    base: dict[str, Any]                                    # settings shared by every preset
+    trials: Callable[[str], list[dict[str, Any]]]           # the grid searched for a preset
+    epochs: Callable[[int], int]                            # epoch budget from the training-set size
+    fixed: dict[str, dict[str, Any]]                        # extra rows run exactly as given (no search)
+
+
+def _paper_trials(preset: str) -> list[dict[str, Any]]:
+    return [{"lr": lr} for lr in (1e-3, 3e-3, 1e-2, 3e-2)]
+
+
+def _tuned_trials(preset: str) -> list[dict[str, Any]]:
+    """Six trials for every preset: three learning rates times one second knob. For ``sal`` that knob is its
+    signal (SAL's extra knob counted inside the same budget); for the others AdamW's weight decay."""
+    second = ([{"signal": "local"}, {"signal": "both"}] if preset == "sal"
+              else [{"weight_decay": 0.0}, {"weight_decay": 1e-4}])
+    return [{"lr": lr, **knob} for lr in (3e-4, 1e-3, 3e-3) for knob in second]
+
+
+def _tuned_epochs(n_train: int) -> int:
+    return 40 if n_train <= 10_000 else 20 if n_train <= 30_000 else 10
+
+
+RECIPES: dict[str, Recipe] = {
+    # The paper's model and budget; only the learning rate is searched (SAL's is not published).
+    "paper": Recipe("paper", {"depth": 1, "width": 256, "optimizer": "sgd", "momentum": 0.0, "weight_decay": 0.0,
+                              "batch_size": 16, "schedule": "constant", "grayscale": True},
+                    _paper_trials, lambda n: 25, {"bp-published": {"rule": "bp", "lr": 1e-4}}),
+    # One model for every preset, a tuning budget of six trials each.
+    "tuned": Recipe("tuned", {"depth": 1, "width": 256, "optimizer": "adamw", "batch_size": 64,
+                              "schedule": "cosine", "grayscale": False},
+                    _tuned_trials, _tuned_epochs, {}),
+}
+
+
+def matched_width(in_features: int, num_classes: int, settings: dict[str, Any]) -> int:
+    """Dense width whose total parameters equal those of SAL's routed model with the same settings."""
+    sal = make_config("sal", **{k: v for k, v in settings.items() if k != "rule"})
+    target = build_model(in_features, num_classes, sal.model).parameter_counts()["params_total"]
+    depth = sal.model.depth
+    # total(w) = (d+1)w + (depth-1)(w^2+w) + (w+1)C ; solve for the dense width w (quadratic when depth > 1)
+    a, b, c = depth - 1, in_features + 1 + (depth - 1) + num_classes, num_classes - target
+    return round(-c / b) if a == 0 else round((-b + (b * b - 4 * a * c) ** 0.5) / (2 * a))
+
+
+def _key(settings: dict[str, Any]) -> str:
+    """Identical settings share one run (``sal`` and ``sal-local`` often coincide); where data lives does not
+    change a run, so ``data_dir`` is not part of the key."""
+    identity = {k: v for k, v in settings.items() if k != "data_dir"}
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{settings['dataset']}-{settings['rule']}-s{settings['seed']}-{digest}"
+
+
+class Bench:
+    """Runs (or reloads) every cell of one recipe and writes the tables and plots."""
+
+    def __init__(self, recipe: str, datasets: list[str], presets: list[str], seeds: list[int], out: Path,
+                 data_dir: str | None = None, threads: int | None = None, epochs: int | None = None) -> None:
+        if recipe not in RECIPES:
+            raise ConfigError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
+        unknown = [p for p in presets if p not in PRESETS]
+        if unknown:
+            raise ConfigError(f"unknown preset {unknown[0]!r}; choose from: {', '.join(PRESETS)}")
+        if not seeds:
+            raise ConfigError("--seeds needs at least one seed")
+        self.recipe, self.datasets, self.presets, self.seeds = RECIPES[recipe], datasets, presets, seeds
+        self.out, self.data_dir, self.threads, self.epochs = out, data_dir, threads, epochs
+        self.records: list[dict[str, Any]] = []
+
+    def run(self) -> list[dict[str, Any]]:
+        rows = list(self.recipe.fixed) if "bp" in self.presets else []
+        total = len(self.datasets) * (len(self.presets) * (len(self.recipe.trials("bp")) + len(self.seeds) - 1)
+                                      + len(rows) * len(self.seeds))
+        self.bar = tqdm(total=total, desc=f"bench {self.recipe.name}", unit="run")
+        for dataset in self.datasets:
+            data = load_dataset(dataset, self.data_dir, self.recipe.base.get("grayscale", False))
+            self.splits = {seed: make_splits(data, seed) for seed in self.seeds}
+            base = {**self.recipe.base, "dataset": dataset, "data_dir": self.data_dir, "threads": self.threads,
+                    "epochs": self.epochs or self.recipe.epochs(len(self.splits[self.seeds[0]].y_train))}
+            for preset in self.presets:
+                self._cell(dataset, preset, base, self.recipe.trials(preset))
+            for name in rows:
+                self._cell(dataset, name, {**base, **self.recipe.fixed[name]}, [{}], preset_settings={})
+        self.bar.close()
+        self.write()
+        return self.records
+
+    def _cell(self, dataset: str, preset: str, base: dict[str, Any], trials: list[dict[str, Any]],
+              preset_settings: dict[str, Any] | None = None) -> None:
+        settings = {**base, **(PRESETS[preset] if preset_settings is None else preset_settings)}
+        if settings.get("width") == "matched":
+            s = self.splits[self.seeds[0]]
+            settings["width"] = matched_width(s.in_features, s.num_classes, {**base, **trials[0]})
+        first, *rest = self.seeds
+        tried = [self._run(dataset, preset, {**settings, **t, "seed": first}, trial=t) for t in trials]
+        best = max(range(len(tried)), key=lambda i: (tried[i]["val_accuracy"], -i))
+        tried[best]["chosen"] = True
+        for seed in rest:
+            self._run(dataset, preset, {**settings, **trials[best], "seed": seed}, trial=trials[best], chosen=True)
+
+    def _run(self, dataset: str, preset: str, settings: dict[str, Any], trial: dict[str, Any],
+             chosen: bool = False) -> dict[str, Any]:
+        settings = {k: v for k, v in settings.items() if v is not None}
+        path = self.out / "runs" / _key(settings) / "metrics.json"
+        if path.is_file():
+            metrics = json.loads(path.read_text())
+        else:
+            rule = settings["rule"]
+            config = make_config(rule, **{k: v for k, v in settings.items() if k != "rule"})
+            metrics = train(config, splits=self.splits[settings["seed"]], progress=False).metrics
+            write_json_atomic(path, metrics)
+        self.bar.update()
+        record = {"recipe": self.recipe.name, "dataset": dataset, "preset": preset, "seed": settings["seed"],
+                  "trial": trial, "chosen": chosen, "test_accuracy": metrics["test_accuracy"],
+                  "val_accuracy": metrics["val_accuracy"], "epochs": metrics["epochs"],
+                  "train_seconds": metrics["train_seconds"], "params_total": metrics["params_total"],
+                  "params_active_per_sample": metrics["params_active_per_sample"],
+                  "test_curve": [h["test_accuracy"] for h in metrics["history"]], "run": str(path.parent.name)}
+        self.records.append(record)
+        return record
+
+    # ------------------------------------------------------------------------------------------------ outputs
+    def summary(self) -> list[dict[str, Any]]:
+        """One row per (dataset, preset): mean and std over seeds of the chosen setting."""
+        rows = []
+        groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for r in self.records:
+            if r["chosen"]:
+                groups.setdefault((r["dataset"], r["preset"]), []).append(r)
+        for (dataset, preset), rs in groups.items():
+            acc = [100 * r["test_accuracy"] for r in rs]
+            rows.append({"recipe": self.recipe.name, "dataset": dataset, "preset": preset, "seeds": len(rs),
+                         "test_mean": statistics.mean(acc), "test_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                         "val_mean": 100 * statistics.mean(r["val_accuracy"] for r in rs),
+                         "epochs": rs[0]["epochs"], "seconds_mean": statistics.mean(r["train_seconds"] for r in rs),
+                         "chosen": rs[0]["trial"], "params_total": rs[0]["params_total"],
+                         "params_active_per_sample": rs[0]["params_active_per_sample"]})
+        return rows
+
+    def write(self) -> None:
+        summary = self.summary()
+        write_json_atomic(self.out / "results.json", {"recipe": self.recipe.name, "seeds": self.seeds,
+                                                       "summary": summary, "runs": self.records})
+        buffer = io.StringIO()
+        fields = ["recipe", "dataset", "preset", "seed", "chosen", "trial", "test_accuracy", "val_accuracy",
+                  "epochs", "train_seconds", "params_total", "params_active_per_sample", "run"]
+        writer = csv.DictWriter(buffer, fields, extrasaction="ignore")
+        writer.writeheader()
+        for r in self.records:
+            writer.writerow({**r, "trial": json.dumps(r["trial"], sort_keys=True)})
+        write_bytes_atomic(self.out / "results.csv", buffer.getvalue().encode())
+        write_bytes_atomic(self.out / "results.md", markdown(summary, self.recipe.name).encode())
+        plot_curves(self.records, self.out / f"convergence-{self.recipe.name}.png", self.recipe.name)
+
+
+def markdown(summary: list[dict[str, Any]], recipe: str) -> str:
+    """Wide table of test accuracy (mean ± std) with the paper's numbers, then the long table with details."""
+    datasets = list(dict.fromkeys(r["dataset"] for r in summary))
+    presets = list(dict.fromkeys(r["preset"] for r in summary))
+    cell = {(r["dataset"], r["preset"]): r for r in summary}
+    head = ["dataset", *presets, "BP (paper)", "SAL-16 (paper)"]
+    lines = [f"### Test accuracy %, recipe `{recipe}` (mean ± std over seeds; final epoch)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for d in datasets:
+        values = [f"{cell[d, p]['test_mean']:.2f} ± {cell[d, p]['test_std']:.2f}" if (d, p) in cell else "–"
+                  for p in presets]
+        paper = PAPER_NUMBERS.get(d)
+        lines.append("| " + " | ".join([d, *values, *(f"{v:.2f}" for v in paper)] if paper else [d, *values, "–", "–"])
+                     + " |")
+    lines += ["", "| dataset | preset | test % | val % | seeds | epochs | seconds/run | chosen setting | params "
+              "(total / active per sample) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in summary:
+        lines.append(f"| {r['dataset']} | {r['preset']} | {r['test_mean']:.2f} ± {r['test_std']:.2f} | "
+                     f"{r['val_mean']:.2f} | {r['seeds']} | {r['epochs']} | {r['seconds_mean']:.1f} | "
+                     f"{json.dumps(r['chosen'], sort_keys=True)} | {r['params_total']:,} / "
+                     f"{r['params_active_per_sample']:,} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(records: list[dict[str, Any]], path: Path, recipe: str) -> None:
+    """Test accuracy against epoch (mean over seeds of the chosen setting), one panel per dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen = [r for r in records if r["chosen"]]
+    datasets = list(dict.fromkeys(r["dataset"] for r in chosen))
+    if not datasets:
+        return
+    cols = min(5, len(datasets))
+    rows = -(-len(datasets) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, d in zip(axes.flat, datasets):
+        for preset in dict.fromkeys(r["preset"] for r in chosen if r["dataset"] == d):
+            curves = [r["test_curve"] for r in chosen if r["dataset"] == d and r["preset"] == preset]
+            n = min(len(c) for c in curves)
+            mean = [100 * statistics.mean(c[i] for c in curves) for i in range(n)]
+            ax.plot(range(1, n + 1), mean, label=preset, lw=1.2)
+        ax.set_title(d, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_ylabel("test accuracy %", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(datasets):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    fig.suptitle(f"recipe {recipe}: test accuracy per epoch (mean over seeds)", fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    write_bytes_atomic(path, buffer.getvalue())
