@@ -23,7 +23,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from torchsal.config import ConfigError, make_config
+from torchsal.config import ConfigError, RunConfig, make_config
 from torchsal.data import load_dataset, make_splits
 from torchsal.models import build_model
 from torchsal.storage import write_bytes_atomic, write_json_atomic
@@ -99,12 +99,12 @@ def matched_width(in_features: int, num_classes: int, settings: dict[str, Any]) 
     return round(-c / b) if a == 0 else round((-b + (b * b - 4 * a * c) ** 0.5) / (2 * a))
 
 
-def _key(settings: dict[str, Any]) -> str:
-    """Identical settings share one run (``sal`` and ``sal-local`` often coincide); where data lives does not
-    change a run, so ``data_dir`` is not part of the key."""
-    identity = {k: v for k, v in settings.items() if k != "data_dir"}
+def _key(config: RunConfig) -> str:
+    """Runs are identified by their resolved configuration, so presets that resolve to the same run (``sal`` and
+    ``sal-local`` when local is the default signal) share it. Where data and outputs live is not identity."""
+    identity = {k: v for k, v in config.to_dict().items() if k not in ("data_dir", "out")}
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
-    return f"{settings['dataset']}-{settings['rule']}-s{settings['seed']}-{digest}"
+    return f"{identity['dataset']}-{identity['rule']}-s{identity['seed']}-{digest}"
 
 
 class Bench:
@@ -156,13 +156,11 @@ class Bench:
 
     def _run(self, dataset: str, preset: str, settings: dict[str, Any], trial: dict[str, Any],
              chosen: bool = False) -> dict[str, Any]:
-        settings = {k: v for k, v in settings.items() if v is not None}
-        path = self.out / "runs" / _key(settings) / "metrics.json"
+        config = make_config(settings["rule"], **{k: v for k, v in settings.items() if k != "rule"})
+        path = self.out / "runs" / _key(config) / "metrics.json"
         if path.is_file():
             metrics = json.loads(path.read_text())
         else:
-            rule = settings["rule"]
-            config = make_config(rule, **{k: v for k, v in settings.items() if k != "rule"})
             metrics = train(config, splits=self.splits[settings["seed"]], progress=False).metrics
             write_json_atomic(path, metrics)
         self.bar.update()

@@ -1,0 +1,88 @@
+import csv
+import json
+from types import SimpleNamespace
+
+import pytest
+
+import torchsal.bench as bench
+from torchsal.bench import Bench, matched_width
+from torchsal.config import make_config
+from torchsal.errors import ConfigError
+from torchsal.models import build_model
+
+
+def fake_train(calls):
+    """Validation prefers lr 3e-4, test prefers lr 3e-3: selection must follow validation."""
+    def train(config, splits=None, progress=False):
+        calls.append(config)
+        lr = config.train.lr
+        val = {3e-4: 0.9, 1e-3: 0.8, 3e-3: 0.7}[lr]
+        test = {3e-4: 0.5, 1e-3: 0.6, 3e-3: 0.99}[lr] + config.train.seed / 100
+        history = [{"test_accuracy": test, "val_accuracy": val}]
+        return SimpleNamespace(metrics={"test_accuracy": test, "val_accuracy": val, "epochs": 1, "train_seconds": 0.1,
+                                        "params_total": 1, "params_active_per_sample": 1, "history": history})
+    return train
+
+
+def test_selection_uses_validation_only_and_resumes(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, "train", fake_train(calls))
+    records = Bench("tuned", ["wine"], ["bp"], [0, 1, 2], tmp_path).run()
+    assert len(calls) == 6 + 2                                  # six trials on seed 0, the chosen one on 1 and 2
+    chosen = [r for r in records if r["chosen"]]
+    assert {r["seed"] for r in chosen} == {0, 1, 2}
+    assert all(r["trial"]["lr"] == 3e-4 for r in chosen)          # best validation, not best test
+    summary = json.loads((tmp_path / "results.json").read_text())["summary"]
+    assert summary[0]["test_mean"] == pytest.approx(51.0)         # mean of 0.50, 0.51, 0.52
+    calls.clear()
+    Bench("tuned", ["wine"], ["bp"], [0, 1, 2], tmp_path).run()
+    assert calls == []                                            # every finished run is reloaded, none redone
+
+
+def test_identical_presets_share_runs(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, "train", fake_train_any(calls))
+    Bench("paper", ["wine"], ["sal", "sal-local"], [0], tmp_path).run()
+    assert len(calls) == 4                                        # sal's default signal is local: one grid, not two
+
+
+def test_real_bench_writes_tables_and_plots(tmp_path):
+    Bench("tuned", ["wine"], ["bp", "sal"], [0, 1], tmp_path, epochs=2).run()
+    for name in ("results.json", "results.csv", "results.md", "convergence-tuned.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert len(rows) == 2 * (6 + 1) and {r["preset"] for r in rows} == {"bp", "sal"}
+    table = (tmp_path / "results.md").read_text()
+    assert "| wine | bp |" in table and "| wine | sal |" in table
+    assert (tmp_path / "convergence-tuned.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_paper_recipe_adds_the_published_bp_row(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, "train", fake_train_any(calls))
+    Bench("paper", ["digits"], ["bp"], [0], tmp_path).run()
+    published = [c for c in calls if c.train.lr == 1e-4]
+    assert len(published) == 1 and published[0].train.optimizer == "sgd" and published[0].train.batch_size == 16
+    assert "38.53" in (tmp_path / "results.md").read_text()          # the paper's BP column for digits
+
+
+def fake_train_any(calls):
+    def train(config, splits=None, progress=False):
+        calls.append(config)
+        return SimpleNamespace(metrics={"test_accuracy": 0.5, "val_accuracy": config.train.lr, "epochs": 1,
+                                        "train_seconds": 0.1, "params_total": 1, "params_active_per_sample": 1,
+                                        "history": [{"test_accuracy": 0.5}]})
+    return train
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_bp_wide_matches_sal_parameter_count(depth):
+    width = matched_width(64, 10, {"depth": depth, "width": 256})
+    sal = build_model(64, 10, make_config("sal", depth=depth).model).parameter_counts()["params_total"]
+    dense = build_model(64, 10, make_config("bp", depth=depth, width=width).model).parameter_counts()["params_total"]
+    assert abs(dense - sal) / sal < 0.01
+
+
+def test_unknown_preset_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="unknown preset 'sgd'"):
+        Bench("tuned", ["wine"], ["sgd"], [0], tmp_path)
