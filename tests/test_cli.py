@@ -29,40 +29,133 @@ def test_train_writes_metrics(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def bad_files(tmp_path_factory):
+def bad(tmp_path_factory):
+    """One folder per kind of bad input."""
+    from test_datasets import image_tree, write_idx_set
+
     d = tmp_path_factory.mktemp("bad")
     (d / "nolabel.csv").write_text("only\n1\n2\n3\n")
     (d / "nan.csv").write_text("a,b,label\n1,2,0\nNaN,3,1\n4,5,0\n")
+    (d / "empty.csv").write_text("a,b,label\n")
+    (d / "folder.csv").mkdir()
     np.savez(d / "mismatch.npz", x=np.zeros((5, 2)), y=np.zeros(4))
+    np.savez(d / "empty.npz", x=np.zeros((0, 2)), y=np.zeros(0))
+    (d / "notnpz.npz").write_bytes(b"garbage")
+    for name in ("magic", "trunc", "gz", "labels"):
+        write_idx_set(d / name / "mnist", gz=name == "gz")
+    images = d / "magic/mnist/train-images-idx3-ubyte"
+    images.write_bytes(b"\x01\x02" + images.read_bytes()[2:])
+    images = d / "trunc/mnist/train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:-100])
+    images = d / "gz/mnist/train-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[:100])
+    labels = d / "labels/mnist/t10k-labels-idx1-ubyte"
+    labels.write_bytes(labels.read_bytes()[:-1] + bytes([12]))
+    image_tree(d / "size", sizes={("train", "a", 1): (9, 8)})
+    image_tree(d / "img")
+    (d / "img/cifar10/test/b/0.png").write_bytes(b"not an image")
+    (d / "tar").mkdir()
+    image_tree(d / "tar" / "cifar10.tar.gz")
+    (d / "tar/cifar10.tar.gz").write_bytes((d / "tar/cifar10.tar.gz").read_bytes()[:300])
+    (d / "empty-dir").mkdir()
+    (d / "unknown.toml").write_text('rule = "sal"\nlearning_rate = 0.1\n')
+    (d / "type.yaml").write_text("epochs: ten\n")
+    (d / "syntax.toml").write_text("epochs = = 3\n")
+    (d / "list.yaml").write_text("- 1\n- 2\n")
+    (d / "norun").mkdir()
     return d
+
+
+MISTAKES = {
+    # data
+    "unknown dataset": (["--dataset", "nope"], "unknown dataset 'nope'"),
+    "csv without label column": (["--dataset", "csv:{d}/nolabel.csv"], "expected feature columns and a label column"),
+    "csv with NaN": (["--dataset", "csv:{d}/nan.csv"], "missing value ('NaN') in column 'a', line 3"),
+    "empty csv": (["--dataset", "csv:{d}/empty.csv"], "no data rows after the header"),
+    "folder as file": (["--dataset", "csv:{d}/folder.csv"], "it is a folder, not a file"),
+    "missing file": (["--dataset", "csv:{d}/absent.csv"], "no such file"),
+    "npz length mismatch": (["--dataset", "npz:{d}/mismatch.npz"], "x has 5 samples but y has 4"),
+    "empty npz": (["--dataset", "npz:{d}/empty.npz"], "x is empty"),
+    "corrupt npz": (["--dataset", "npz:{d}/notnpz.npz"], "unreadable"),
+    "IDX bad magic": (["--dataset", "mnist", "--data-dir", "{d}/magic"], "not an IDX file (bad magic number)"),
+    "IDX truncated": (["--dataset", "mnist", "--data-dir", "{d}/trunc"], "the file is truncated or corrupt"),
+    "gzip truncated": (["--dataset", "mnist", "--data-dir", "{d}/gz"], "unreadable or truncated gzip"),
+    "labels out of range": (["--dataset", "mnist", "--data-dir", "{d}/labels"], "labels must lie in [0, 10)"),
+    "dataset not found": (["--dataset", "mnist", "--data-dir", "{d}/empty-dir"], "dataset 'mnist' not found"),
+    "wrong image size": (["--dataset", "cifar10", "--data-dir", "{d}/size"], "is 9x8, the others are 8x8"),
+    "corrupt image": (["--dataset", "cifar10", "--data-dir", "{d}/img"], "0.png: not a readable image"),
+    "truncated archive": (["--dataset", "cifar10", "--data-dir", "{d}/tar"], "unreadable or truncated archive"),
+    # flags out of range
+    "areas 0": (["--areas", "0"], "--areas must be >= 1, got 0"),
+    "depth 0": (["--depth", "0"], "--depth must be >= 1, got 0"),
+    "width 0": (["--width", "0"], "--width must be >= 1, got 0"),
+    "epochs 0": (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    "batch 0": (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    "routing dim 0": (["--routing-dim", "0"], "--routing-dim must be >= 1, got 0"),
+    "negative lr": (["--lr", "-1"], "--lr must be > 0"),
+    "non-numeric lr": (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
+    "negative momentum": (["--optimizer", "sgd", "--momentum", "-1"], "--momentum must be >= 0"),
+    "negative weight decay": (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
+    "max steps 0": (["--max-steps", "0"], "--max-steps must be >= 1, got 0"),
+    "threads 0": (["--threads", "0"], "--threads must be >= 1, got 0"),
+    "checkpoint every 0": (["--checkpoint-every", "0"], "--checkpoint-every must be >= 1, got 0"),
+    "unknown rule": (["--rule", "xyz"], "argument --rule: invalid choice: 'xyz'"),
+    "unknown option": (["--learning-rate", "0.1"], "unrecognized arguments: --learning-rate"),
+    "huge model": (["--width", "3000000", "--depth", "3"], "reduce --width, --depth or --areas"),
+    "no cuda": (["--device", "cuda:0"], "CUDA is not available"),
+    # contradictory flags
+    "momentum with adam": (["--optimizer", "adam", "--momentum", "0.9"], "--momentum applies to --optimizer sgd"),
+    "resume with new settings": (["--resume", "{d}/norun", "--lr", "0.1"], "drop --lr"),
+    "resume without checkpoint": (["--resume", "{d}/norun"], "no checkpoint.pt there"),
+    # config files
+    "config unknown key": (["--config", "{d}/unknown.toml"], "unknown key 'learning_rate'"),
+    "config wrong type": (["--config", "{d}/type.yaml"], "setting 'epochs' must be an integer, got 'ten'"),
+    "config bad syntax": (["--config", "{d}/syntax.toml"], "not valid TOML"),
+    "config not a mapping": (["--config", "{d}/list.yaml"], "expected a mapping of settings"),
+    "config missing": (["--config", "{d}/absent.toml"], "no such file"),
+}
+
+
+@pytest.mark.parametrize("case", list(MISTAKES))
+def test_bad_input_is_one_clear_line(bad, tmp_path, capsys, case):
+    """Each kind of bad input: exit status 2, one line naming the problem, no traceback, no outputs left."""
+    from torchsal.cli import main
+
+    args, message = MISTAKES[case]
+    if case == "no cuda":
+        import torch
+        if torch.cuda.is_available():
+            pytest.skip("CUDA is available here")
+    out = tmp_path / "out"
+    try:
+        code = main(["train", *[a.format(d=bad) for a in args], "--out", str(out), "--quiet", "--epochs", "1"]
+                    if "--epochs" not in args and "--resume" not in args else
+                    ["train", *[a.format(d=bad) for a in args], "--quiet"])
+    except SystemExit as exc:                     # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1, err
+    assert message in err[0] and err[0].startswith("torchsal")
+    assert not out.exists()                                       # nothing half-written
+
+
+def test_checkpoints_need_an_output_folder(capsys):
+    from torchsal.cli import main
+
+    assert main(["train", "--checkpoint-every", "5", "--quiet"]) == 2
+    assert "--checkpoint-every needs --out DIR" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args,message", [
     (["--rule", "xyz"], "argument --rule: invalid choice: 'xyz'"),
     (["--dataset", "nope"], "unknown dataset 'nope'"),
-    (["--dataset", "csv:{d}/nolabel.csv"], "expected feature columns and a label column"),
-    (["--dataset", "csv:{d}/nan.csv"], "missing value ('NaN') in column 'a', line 3"),
-    (["--dataset", "npz:{d}/mismatch.npz"], "x has 5 samples but y has 4"),
-    (["--dataset", "csv:{d}/absent.csv"], "no such file"),
-    (["--areas", "0"], "--areas must be >= 1, got 0"),
-    (["--depth", "0"], "--depth must be >= 1, got 0"),
     (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
-    (["--lr", "-1"], "--lr must be > 0"),
-    (["--optimizer", "adam", "--momentum", "0.9"], "--momentum applies to --optimizer sgd only"),
-    (["--device", "cuda:0"], "CUDA is not available"),
 ])
-def test_user_mistakes_are_one_line(bad_files, tmp_path, args, message):
-    if args == ["--device", "cuda:0"]:
-        import torch
-        if torch.cuda.is_available():
-            pytest.skip("CUDA is available here")
-    res = run("train", *[a.format(d=bad_files) for a in args], "--out", str(tmp_path / "out"), "--quiet")
-    assert res.returncode == 2
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1, res.stderr
-    assert message in lines[0] and lines[0].startswith("torchsal")
-    assert "Traceback" not in res.stderr
-    assert not (tmp_path / "out").exists()                        # nothing half-written
+def test_user_mistakes_are_one_line_in_a_real_process(args, message):
+    res = run("train", *args)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()] and message in res.stderr
 
 
 def test_debug_shows_the_traceback():

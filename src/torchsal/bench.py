@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from torchsal.config import ConfigError, RunConfig, make_config
 from torchsal.data import load_dataset, make_splits
-from torchsal.models import build_model
+from torchsal.models import count_parameters
 from torchsal.storage import write_bytes_atomic, write_json_atomic
 from torchsal.train import train
 
@@ -92,7 +92,7 @@ RECIPES: dict[str, Recipe] = {
 def matched_width(in_features: int, num_classes: int, settings: dict[str, Any]) -> int:
     """Dense width whose total parameters equal those of SAL's routed model with the same settings."""
     sal = make_config("sal", **{k: v for k, v in settings.items() if k != "rule"})
-    target = build_model(in_features, num_classes, sal.model).parameter_counts()["params_total"]
+    target = count_parameters(in_features, num_classes, sal.model)
     depth = sal.model.depth
     # total(w) = (d+1)w + (depth-1)(w^2+w) + (w+1)C ; solve for the dense width w (quadratic when depth > 1)
     a, b, c = depth - 1, in_features + 1 + (depth - 1) + num_classes, num_classes - target

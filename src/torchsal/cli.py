@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import torch
 
-from torchsal.config import RECIPES, RULE_DEFAULTS, make_config
+from torchsal.config import RECIPES, RULE_DEFAULTS, make_config, read_config_file
 from torchsal.errors import ConfigError, TorchsalError
 
 log = logging.getLogger("torchsal")
@@ -28,10 +29,13 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     # Unset flags are None: the rule's measured defaults and the recipe then apply (see config.RULE_DEFAULTS).
-    p.add_argument("--rule", default="sal", choices=sorted(RULE_DEFAULTS), help="learning rule (default: sal)")
-    p.add_argument("--dataset", default="digits", help="registered name, csv:PATH or npz:PATH (default: digits)")
-    p.add_argument("--recipe", default="default", choices=sorted(RECIPES),
+    p.add_argument("--rule", choices=sorted(RULE_DEFAULTS), help="learning rule (default: sal)")
+    p.add_argument("--dataset", help="registered name, csv:PATH or npz:PATH (default: digits)")
+    p.add_argument("--recipe", choices=sorted(RECIPES),
                    help="default: each rule's measured best settings; paper: the paper's setup")
+    p.add_argument("--config", help="TOML or YAML file of settings; flags given on the command line win")
+    p.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoint is in DIR")
+    p.add_argument("--checkpoint-every", type=int, metavar="N", help="write DIR/checkpoint.pt every N steps")
     p.add_argument("--data-dir", help="folder holding dataset files (else $TORCHSAL_DATA, then ./data)")
     p.add_argument("--grayscale", action=argparse.BooleanOptionalAction, default=None,
                    help="colour images as one luma channel (the paper's CIFAR-10 setting)")
@@ -70,6 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
     train_p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     _add_train_flags(train_p)
 
+    eval_p = sub.add_parser("eval", help="evaluate a trained model (DIR/model.pt) on a dataset")
+    eval_p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    eval_p.add_argument("--model", required=True, help="DIR or DIR/model.pt written by train --out DIR")
+    eval_p.add_argument("--dataset", help="default: the dataset the model was trained on")
+    eval_p.add_argument("--data-dir", help="folder holding dataset files")
+    eval_p.add_argument("--split", choices=["test", "val", "train"], default="test")
+    eval_p.add_argument("--out", help="write the result as JSON to this file")
+    report_p = sub.add_parser("report", help="a run's per-epoch metrics as a table and a plot")
+    report_p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    report_p.add_argument("run_dir", metavar="DIR", help="folder of a run (train --out DIR)")
+    info_p = sub.add_parser("info", help="versions, threads, devices and the datasets found")
+    info_p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    info_p.add_argument("--data-dir", help="folder holding dataset files")
+
     from torchsal.bench import PRESETS, RECIPES, TEN_DATASETS
 
     bench_p = sub.add_parser("bench", help="benchmark presets on datasets over seeds (resumable)")
@@ -85,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_NOT_SETTINGS = {"command", "debug", "quiet", "rule", "recipe"}
+_NOT_SETTINGS = {"command", "debug", "quiet", "rule", "recipe", "config", "resume", "checkpoint_every"}
 
 
 def _summary(m: dict[str, Any]) -> str:
@@ -101,14 +119,66 @@ def _summary(m: dict[str, Any]) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from torchsal.train import train
+    from torchsal.train import Trainer
 
-    settings = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
-    config = make_config(args.rule, args.recipe, **settings)
-    result = train(config, progress=not args.quiet)
+    settings = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS and v is not None}
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        raise ConfigError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
+    if args.resume:
+        extra = sorted(set(settings) - {"threads"}) + [f for f in ("rule", "recipe", "config") if getattr(args, f)]
+        if extra:
+            raise ConfigError(f"--resume continues the saved run exactly as configured; drop "
+                              f"--{extra[0].replace('_', '-')} (or start a new run with --out)")
+        trainer = Trainer.resume(args.resume)
+    else:
+        from_file = read_config_file(args.config) if args.config else {}
+        rule = args.rule or from_file.pop("rule", "sal")
+        recipe = args.recipe or from_file.pop("recipe", "default")
+        trainer = Trainer(make_config(rule, recipe, **{**from_file, **settings}))
+    if args.checkpoint_every and not trainer.out:
+        raise ConfigError("--checkpoint-every needs --out DIR to write checkpoints into")
+    result = trainer.fit(progress=not args.quiet, checkpoint_every=args.checkpoint_every)
     print(_summary(result.metrics))
-    if config.train.out:
-        print(f"metrics: {config.train.out}/metrics.json")
+    if trainer.out:
+        print(f"run: {trainer.out}/ (metrics.json, metrics.csv, config.json, model.pt"
+              f"{', checkpoint.pt' if args.checkpoint_every else ''})")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from torchsal.data import load_dataset, make_splits
+    from torchsal.storage import write_json_atomic
+    from torchsal.train import evaluate, load_model
+
+    model, info = load_model(args.model)
+    cfg = info["config"]
+    dataset = args.dataset or cfg["dataset"]
+    data = load_dataset(dataset, args.data_dir or cfg["data_dir"], cfg["grayscale"])
+    splits = make_splits(data, cfg["seed"], scaling=(info["mean"].numpy(), info["std"].numpy()))
+    if splits.in_features != info["in_features"] or splits.classes != info["classes"]:
+        raise ConfigError(f"dataset {dataset!r} does not match the model: {splits.in_features} features and "
+                          f"{len(splits.classes)} classes, the model has {info['in_features']} and "
+                          f"{len(info['classes'])}")
+    x, y = getattr(splits, f"x_{args.split}"), getattr(splits, f"y_{args.split}")
+    accuracy = evaluate(model, x, y)
+    print(f"{cfg['rule']} model on {dataset} ({args.split}, {len(y)} samples): accuracy {accuracy:.4f}")
+    if args.out:
+        write_json_atomic(args.out, {"model": str(args.model), "dataset": dataset, "split": args.split,
+                                     "samples": len(y), "accuracy": accuracy})
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from torchsal.report import report
+
+    print(report(args.run_dir))
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from torchsal.report import info
+
+    print(info(args.data_dir))
     return 0
 
 
@@ -138,7 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
-        return {"train": _train, "bench": _bench}[args.command](args)
+        commands = {"train": _train, "bench": _bench, "eval": _eval, "report": _report, "info": _info}
+        return commands[args.command](args)
     except TorchsalError as exc:
         if args.debug:
             raise
@@ -147,3 +218,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("torchsal: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:                     # output piped into `head` and the like: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

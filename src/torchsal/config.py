@@ -9,7 +9,10 @@ the CLI and config files produce) and ``RunConfig.to_dict`` is flat too.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torchsal.errors import ConfigError
@@ -158,6 +161,70 @@ KNOWN_FIELDS: frozenset[str] = frozenset().union(
     *(_fields(c) for c in (RoutingConfig, ModelConfig, RuleConfig, TrainConfig))) - {"routing_config"}
 
 
+def _field_types() -> dict[str, tuple[type, ...]]:
+    out: dict[str, tuple[type, ...]] = {}
+    for cls in (RoutingConfig, ModelConfig, RuleConfig, TrainConfig):
+        for name, hint in typing.get_type_hints(cls).items():
+            args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+            out[name] = tuple(args)
+    return out
+
+
+FIELD_TYPES = _field_types()
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+
+
+def check_type(name: str, value: Any) -> Any:
+    """``value`` converted to the setting's type (int -> float), or a ConfigError naming the setting."""
+    expected = FIELD_TYPES[name]
+    if isinstance(value, bool) and bool not in expected:
+        pass                                    # True is an int in Python, never a valid number here
+    elif isinstance(value, int) and float in expected and int not in expected:
+        return float(value)
+    elif any(isinstance(value, t) and not (t is int and isinstance(value, bool)) for t in expected):
+        return value
+    wanted = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in expected)
+    raise ConfigError(f"setting {name!r} must be {wanted}, got {value!r} ({type(value).__name__})")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Settings from a TOML or YAML file: flat ``name = value`` pairs (``-`` or ``_`` in names), optionally
+    grouped in sections whose names are ignored (``[model]``, ``[train]``); ``rule`` and ``recipe`` allowed.
+    Unknown keys and wrong types are rejected with a message naming the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+            raw = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+            raw = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"--config {path}: use a .toml, .yaml or .yml file")
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (tomllib and yaml raise their own parse errors)
+        raise ConfigError(f"--config {path}: not valid {path.suffix[1:].upper()} ({exc})".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of settings, got {type(raw).__name__}")
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        items = value.items() if isinstance(value, dict) else [(key, value)]
+        for name, v in items:
+            name = str(name).replace("-", "_")
+            if name not in KNOWN_FIELDS | {"rule", "recipe"}:
+                raise ConfigError(f"--config {path}: unknown key {name!r}; known keys: "
+                                  f"{', '.join(sorted(KNOWN_FIELDS | {'recipe'}))}")
+            try:
+                flat[name] = v if name == "recipe" else check_type(name, v)
+            except ConfigError as exc:
+                raise ConfigError(f"--config {path}: {exc}") from None
+    return flat
+
+
 def make_config(rule: str = "sal", recipe: str = "default", **overrides: Any) -> RunConfig:
     """Resolve a run's configuration: dataclass defaults < rule defaults < recipe < ``overrides``.
 
@@ -173,7 +240,7 @@ def make_config(rule: str = "sal", recipe: str = "default", **overrides: Any) ->
     values: dict[str, Any] = {"rule": rule}
     values.update(RULE_DEFAULTS[rule])
     values.update(RECIPES[recipe])
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    values.update({k: check_type(k, v) for k, v in overrides.items() if v is not None})
 
     def build(cls: type, **extra: Any) -> Any:
         return cls(**{k: values[k] for k in _fields(cls) if k in values}, **extra)

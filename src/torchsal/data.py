@@ -76,6 +76,8 @@ class Splits:
     x_test: Tensor
     y_test: Tensor
     classes: list[str]
+    mean: np.ndarray        # the input scaling, from the training part: x_std = (x - mean) / std
+    std: np.ndarray
 
     @property
     def in_features(self) -> int:
@@ -88,22 +90,30 @@ class Splits:
 
 @dataclass(frozen=True)
 class DataRequest:
-    """What a named loader gets: where to look, and options."""
+    """What a named loader gets besides its files: options."""
 
-    dirs: tuple[Path, ...]
     grayscale: bool = False
 
-    def locate(self, dataset: str, candidates: list[str], how_to_get: str,
-               extra_dirs: tuple[Path, ...] = ()) -> Path:
-        """The first existing ``dir/candidate``; else one message naming every place tried and the fix."""
-        dirs = self.dirs + extra_dirs
-        for d in dirs:
-            for c in candidates:
+
+@dataclass(frozen=True)
+class DataFiles:
+    """Where a dataset's files may be: paths relative to each data folder, tried in order."""
+
+    candidates: tuple[str, ...]
+    how_to_get: str
+    extra_dirs: tuple[Path, ...] = ()       # system locations searched after the data folders
+
+    def find(self, dirs: tuple[Path, ...]) -> Path | None:
+        for d in dirs + self.extra_dirs:
+            for c in self.candidates:
                 if (d / c).exists():
                     return d / c
-        raise DataError(f"dataset {dataset!r} not found: looked for {' or '.join(candidates)} in "
-                        f"{', '.join(str(d) for d in dirs) or '(no folder)'}; {how_to_get}, then pass "
-                        "--data-dir DIR or set TORCHSAL_DATA")
+        return None
+
+    def missing(self, name: str, dirs: tuple[Path, ...]) -> DataError:
+        where = ", ".join(str(d) for d in dirs + self.extra_dirs)
+        return DataError(f"dataset {name!r} not found: looked for {' or '.join(self.candidates)} in {where}; "
+                         f"{self.how_to_get}, then pass --data-dir DIR or set TORCHSAL_DATA")
 
 
 def search_dirs(data_dir: str | Path | None) -> tuple[Path, ...]:
@@ -135,17 +145,33 @@ def cached_arrays(source: Path, tag: str, build: Callable[[], dict[str, np.ndarr
     return arrays
 
 
-Loader = Callable[[DataRequest], Dataset]
-DATASETS: dict[str, Loader] = {}
+Loader = Callable[[DataRequest, Path | None], Dataset]     # (options, located files or None) -> Dataset
+DATASETS: dict[str, tuple[Loader, DataFiles | None]] = {}
 
 
-def register_dataset(name: str) -> Callable[[Loader], Loader]:
+def register_dataset(name: str, files: DataFiles | None = None) -> Callable[[Loader], Loader]:
+    """Register a loader; ``files`` says where its files are (None: it needs no files)."""
     def register(fn: Loader) -> Loader:
         if name in DATASETS:
             raise ValueError(f"dataset {name!r} is registered twice")
-        DATASETS[name] = fn
+        DATASETS[name] = (fn, files)
         return fn
     return register
+
+
+def locate_dataset(name: str, data_dir: str | Path | None = None) -> Path | None:
+    """Where a registered dataset's files are (None when it needs none); DataError when they are missing."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(sorted(DATASETS))}, "
+                        "or csv:PATH / npz:PATH for your own data")
+    files = DATASETS[name][1]
+    if files is None:
+        return None
+    dirs = search_dirs(data_dir)
+    found = files.find(dirs)
+    if found is None:
+        raise files.missing(name, dirs)
+    return found
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None, grayscale: bool = False) -> Dataset:
@@ -153,10 +179,8 @@ def load_dataset(name: str, data_dir: str | Path | None = None, grayscale: bool 
     kind, _, path = name.partition(":")
     if path and kind in FILE_FORMATS:
         return FILE_FORMATS[kind](Path(path).expanduser())
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(sorted(DATASETS))}, "
-                        "or csv:PATH / npz:PATH for your own data")
-    return DATASETS[name](DataRequest(search_dirs(data_dir), grayscale))
+    source = locate_dataset(name, data_dir)
+    return DATASETS[name][0](DataRequest(grayscale), source)
 
 
 def encode_labels(raw: np.ndarray | list, source: str) -> tuple[np.ndarray, list[str]]:
@@ -218,24 +242,30 @@ def _split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     return np.sort(keep), np.sort(held)
 
 
-def make_splits(ds: Dataset, seed: int) -> Splits:
-    """Seeded train/validation/test split with features standardised on the training part."""
+def make_splits(ds: Dataset, seed: int, scaling: tuple[np.ndarray, np.ndarray] | None = None) -> Splits:
+    """Seeded train/validation/test split with features standardised on the training part (or with a saved
+    ``scaling`` = (mean, std), as when evaluating a trained model)."""
     if ds.x_test is not None:
         x, y, x_test, y_test = ds.x, ds.y, ds.x_test, ds.y_test
     else:
         keep, test = _split(ds.y, TEST_FRACTION, seed)
         x, y, x_test, y_test = ds.x[keep], ds.y[keep], ds.x[test], ds.y[test]
     train, val = _split(y, VAL_FRACTION, seed)
-    axis = None if ds.images else 0
-    mean = x[train].mean(axis=axis, dtype=np.float64)
-    std = np.atleast_1d(x[train].std(axis=axis, dtype=np.float64))
-    std[std < 1e-8] = 1.0
-    mean, std = np.float32(mean) if axis is None else mean.astype(np.float32), std.astype(np.float32)
+    if scaling is None:
+        axis = None if ds.images else 0
+        mean = np.atleast_1d(x[train].mean(axis=axis, dtype=np.float64)).astype(np.float32)
+        std = np.atleast_1d(x[train].std(axis=axis, dtype=np.float64)).astype(np.float32)
+        std[std < 1e-8] = 1.0
+    else:
+        mean, std = (np.asarray(a, dtype=np.float32) for a in scaling)
+        if mean.size not in (1, x.shape[1]):
+            raise DataError(f"dataset {ds.name!r} has {x.shape[1]} features; the model was trained on {mean.size}")
 
     def tensors(a: np.ndarray, b: np.ndarray) -> tuple[Tensor, Tensor]:
         return torch.from_numpy(((a - mean) / std).astype(np.float32)), torch.from_numpy(b.astype(np.int64))
 
-    return Splits(*tensors(x[train], y[train]), *tensors(x[val], y[val]), *tensors(x_test, y_test), ds.classes)
+    return Splits(*tensors(x[train], y[train]), *tensors(x[val], y[val]), *tensors(x_test, y_test), ds.classes,
+                  mean, std)
 
 
 from torchsal import datasets as _datasets  # noqa: E402,F401  (registers the named datasets)

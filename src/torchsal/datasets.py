@@ -1,5 +1,5 @@
-"""Named datasets. Each loader finds its standard files (``DataRequest.locate``) and reads them with
-``formats``; a missing dataset is one message saying which files were expected where and how to get them."""
+"""Named datasets. Each registration says where its standard files may be (``DataFiles``); the loader reads the
+located files with ``formats``. A missing dataset is one message: which files were expected where, how to get them."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from torchsal.data import DataRequest, Dataset, cached_arrays, encode_labels, register_dataset
+from torchsal.data import DataFiles, DataRequest, Dataset, cached_arrays, encode_labels, register_dataset
 from torchsal.errors import DataError
 from torchsal.formats import (
     read_cifar_batches,
@@ -41,7 +41,7 @@ def _color(images: np.ndarray, request: DataRequest) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------ scikit-learn
 def _sklearn(name: str, fn_name: str) -> None:
-    def load(request: DataRequest) -> Dataset:
+    def load(request: DataRequest, source: Path | None) -> Dataset:
         import sklearn.datasets
 
         bunch = getattr(sklearn.datasets, fn_name)()
@@ -63,8 +63,7 @@ IDX_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-
 
 
 def _idx_dataset(name: str, classes: list[str], how_to_get: str, extra_dirs: tuple[Path, ...] = ()) -> None:
-    def load(request: DataRequest) -> Dataset:
-        folder = request.locate(name, [name], how_to_get, extra_dirs)
+    def load(request: DataRequest, folder: Path) -> Dataset:
         paths = []
         for base in IDX_FILES:
             found = [folder / f for f in (base + ".gz", base) if (folder / f).is_file()]
@@ -80,7 +79,7 @@ def _idx_dataset(name: str, classes: list[str], how_to_get: str, extra_dirs: tup
                        images=True)
 
     load.__doc__ = f"{name}: the four standard IDX files (gzip or plain) in a folder named {name}/."
-    register_dataset(name)(load)
+    register_dataset(name, DataFiles((name,), how_to_get, extra_dirs))(load)
 
 
 _idx_dataset("mnist", MNIST_CLASSES, "get MNIST's four IDX files (yann.lecun.com/exdb/mnist) into DIR/mnist/")
@@ -97,11 +96,10 @@ CIFAR10_HOW = ("put CIFAR-10 in DIR as an image-folder tree cifar10/{train,test}
                "cifar-10-batches-py/ (www.cs.toronto.edu/~kriz/cifar.html)")
 
 
-@register_dataset("cifar10")
-def load_cifar10(request: DataRequest) -> Dataset:
+@register_dataset("cifar10", DataFiles(("cifar-10-batches-py", "cifar10", "cifar10-jpeg.tar.xz", "cifar10.tar.xz",
+                                        "cifar10.tar.gz", "cifar10.tar"), CIFAR10_HOW))
+def load_cifar10(request: DataRequest, source: Path) -> Dataset:
     """CIFAR-10 (50,000/10,000, 32x32 RGB; ``grayscale`` as in the paper): image tree, archive or pickles."""
-    source = request.locate("cifar10", ["cifar-10-batches-py", "cifar10", "cifar10-jpeg.tar.xz",
-                                        "cifar10.tar.xz", "cifar10.tar.gz", "cifar10.tar"], CIFAR10_HOW)
     if source.name == "cifar-10-batches-py":
         x, y = read_cifar_batches([source / f"data_batch_{i}" for i in range(1, 6)], "labels")
         x_test, y_test = read_cifar_batches([source / "test_batch"], "labels")
@@ -121,47 +119,43 @@ def _tree_arrays(source: Path) -> dict[str, np.ndarray]:
     return {"x": x, "y": y, "x_test": x_test, "y_test": y_test, "classes": np.array(classes)}
 
 
-@register_dataset("cifar100")
-def load_cifar100(request: DataRequest) -> Dataset:
+@register_dataset("cifar100", DataFiles(("cifar-100-python",), "get cifar-100-python.tar.gz "
+                                        "(www.cs.toronto.edu/~kriz/cifar.html) and unpack it in DIR"))
+def load_cifar100(request: DataRequest, folder: Path) -> Dataset:
     """CIFAR-100 python batches (``cifar-100-python/{train,test,meta}``), 100 fine classes."""
-    folder = request.locate("cifar100", ["cifar-100-python"],
-                            "get cifar-100-python.tar.gz (www.cs.toronto.edu/~kriz/cifar.html) and unpack it in DIR")
     x, y = read_cifar_batches([folder / "train"], "fine_labels")
     x_test, y_test = read_cifar_batches([folder / "test"], "fine_labels")
     classes = read_cifar_names(folder / "meta", "fine_label_names")
     return Dataset("cifar100", _color(x, request), y, classes, _color(x_test, request), y_test, images=True)
 
 
-@register_dataset("svhn")
-def load_svhn(request: DataRequest) -> Dataset:
+@register_dataset("svhn", DataFiles(("svhn",), "get train_32x32.mat and test_32x32.mat "
+                                    "(ufldl.stanford.edu/housenumbers) into DIR/svhn/"))
+def load_svhn(request: DataRequest, folder: Path) -> Dataset:
     """SVHN cropped digits (``svhn/{train,test}_32x32.mat``); label 10 means digit 0."""
-    folder = request.locate("svhn", ["svhn"], "get train_32x32.mat and test_32x32.mat "
-                            "(ufldl.stanford.edu/housenumbers) into DIR/svhn/")
     x, y = read_svhn_mat(folder / "train_32x32.mat")
     x_test, y_test = read_svhn_mat(folder / "test_32x32.mat")
     return Dataset("svhn", _color(x, request), y, MNIST_CLASSES, _color(x_test, request), y_test, images=True)
 
 
-@register_dataset("semeion")
-def load_semeion(request: DataRequest) -> Dataset:
+@register_dataset("semeion", DataFiles(("semeion/semeion.data", "semeion.data"),
+                                       "get semeion.data (archive.ics.uci.edu, Semeion Handwritten Digit) into DIR/"))
+def load_semeion(request: DataRequest, path: Path) -> Dataset:
     """Semeion handwritten digits (``semeion.data``: 16x16 binary pixels + one-hot label); no official split."""
-    path = request.locate("semeion", ["semeion/semeion.data", "semeion.data"],
-                          "get semeion.data (archive.ics.uci.edu, Semeion Handwritten Digit) into DIR/semeion/")
     x, y = read_semeion(path)
     return Dataset("semeion", x, y, MNIST_CLASSES, images=True)
 
 
 # --------------------------------------------------------------------------------------------- UCI csv
 def _uci(name: str, how_to_get: str) -> None:
-    def load(request: DataRequest) -> Dataset:
-        path = request.locate(name, [f"uci/{name}.csv.gz", f"uci/{name}.csv", f"{name}.csv.gz", f"{name}.csv"],
-                              how_to_get)
+    def load(request: DataRequest, path: Path) -> Dataset:
         x, labels = read_csv(path)
         y, classes = encode_labels(labels, f"csv {path}")
         return Dataset(name, x, y, classes)
 
     load.__doc__ = f"UCI {name} as CSV (header, label last) in DIR/uci/{name}.csv.gz; no official split."
-    register_dataset(name)(load)
+    candidates = (f"uci/{name}.csv.gz", f"uci/{name}.csv", f"{name}.csv.gz", f"{name}.csv")
+    register_dataset(name, DataFiles(candidates, how_to_get))(load)
 
 
 _uci("letter", "get UCI Letter Recognition as a CSV with the letter last (e.g. R's mlbench LetterRecognition)")
@@ -171,7 +165,7 @@ _uci("dna", "get Statlog DNA splice junctions as a CSV with the class last (e.g.
 
 # ----------------------------------------------------------------------------------------------- MNIST-1D
 @register_dataset("mnist1d")
-def load_mnist1d(request: DataRequest) -> Dataset:
+def load_mnist1d(request: DataRequest, source: None) -> Dataset:
     """MNIST-1D (Greydanus 2020): the standard 4,000/1,000 split, generated locally by the mnist1d package."""
     try:
         from mnist1d.data import get_dataset_args, make_dataset

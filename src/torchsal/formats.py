@@ -26,13 +26,19 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm")
 
 def open_maybe_gzip(path: Path, mode: str = "rb") -> io.IOBase:
     """Open ``path``, transparently decompressing gzip (detected by its magic bytes, not the name)."""
-    if not path.is_file():
-        raise DataError(f"cannot read {path}: no such file")
+    check_file(path)
     with open(path, "rb") as f:
         gzipped = f.read(2) == b"\x1f\x8b"
     if gzipped:
         return gzip.open(path, mode, newline="") if "t" in mode else gzip.open(path, mode)
     return open(path, mode, newline="") if "t" in mode else open(path, mode)  # noqa: SIM115
+
+
+def check_file(path: Path) -> None:
+    if path.is_dir():
+        raise DataError(f"cannot read {path}: it is a folder, not a file")
+    if not path.is_file():
+        raise DataError(f"cannot read {path}: no such file")
 
 
 # ---------------------------------------------------------------------------------------------------- IDX
@@ -120,8 +126,7 @@ def as_floats(values: list[str]) -> list[float] | None:
 def read_npz(path: Path) -> dict[str, np.ndarray]:
     """NumPy ``.npz`` with arrays ``x`` and ``y`` (optionally ``x_test``, ``y_test``)."""
     source = f"npz {path}"
-    if not path.is_file():
-        raise DataError(f"cannot read {path}: no such file")
+    check_file(path)
     try:
         with np.load(path, allow_pickle=False) as arrays:
             data = {k: arrays[k] for k in arrays.files}
@@ -137,6 +142,8 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
         if len(data[xk]) != len(data[yk]):
             raise DataError(f"{source}: {xk} has {len(data[xk])} samples but {yk} has {len(data[yk])}; "
                             "they must have the same length")
+        if len(data[xk]) == 0:
+            raise DataError(f"{source}: {xk} is empty")
     return {k: data[k] for pair in pairs for k in pair}
 
 
@@ -228,8 +235,7 @@ def read_cifar_names(path: Path, key: str) -> list[str]:
 
 
 def _unpickle(path: Path) -> dict:
-    if not path.is_file():
-        raise DataError(f"cannot read {path}: no such file")
+    check_file(path)
     try:
         with open(path, "rb") as f:
             # NOTE: pickle runs code from the file; CIFAR ships only as pickles. Load files you trust.
@@ -243,8 +249,7 @@ def read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """SVHN cropped digits ``*_32x32.mat``: X (32, 32, 3, N), y (N, 1) with 10 standing for digit 0."""
     from scipy.io import loadmat
 
-    if not path.is_file():
-        raise DataError(f"cannot read {path}: no such file")
+    check_file(path)
     try:
         mat = loadmat(path)
     except (ValueError, OSError, TypeError) as exc:

@@ -103,3 +103,15 @@ class AreaMLP(nn.Module):
 def build_model(in_features: int, num_classes: int, config: ModelConfig, seed: int = 0) -> AreaMLP:
     """The model for a run, initialised from its own seeded generator."""
     return AreaMLP(in_features, num_classes, config, torch.Generator().manual_seed(seed))
+
+
+def count_parameters(in_features: int, num_classes: int, config: ModelConfig) -> int:
+    """Total parameters of the model ``config`` describes, without allocating it (for memory checks and for
+    matching a dense model's size to a routed one)."""
+    rc, k = config.routing_config, config.routing_config.areas
+    sizes = [in_features] + [config.width] * config.depth + [num_classes]
+    layers = sum((k + config.shared) * a * b + k * b for a, b in zip(sizes, sizes[1:]))
+    if k == 1:
+        return layers
+    router_inputs = sizes[:1] if rc.routing == "input" else sizes[:-1]
+    return layers + sum((a + 1) * rc.routing_dim for a in router_inputs)

@@ -3,6 +3,9 @@ optimizer steps. Metrics are returned as a dict and, with ``out`` set, written t
 
 from __future__ import annotations
 
+import csv
+import io
+import logging
 import math
 import platform
 import subprocess
@@ -17,14 +20,18 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 import torchsal
-from torchsal.config import RunConfig, TrainConfig
+from torchsal.config import RunConfig, TrainConfig, make_config
 from torchsal.data import Splits, load_dataset, make_splits
 from torchsal.errors import ConfigError, DivergenceError
-from torchsal.models import AreaMLP, build_model
+from torchsal.models import AreaMLP, build_model, count_parameters
 from torchsal.rules import LearningRule, build_rule
-from torchsal.storage import write_json_atomic
+from torchsal.storage import write_bytes_atomic, write_json_atomic
+
+log = logging.getLogger(__name__)
 
 EVAL_BATCH = 4096
+CHECKPOINT = "checkpoint.pt"
+MODEL = "model.pt"
 
 
 @dataclass
@@ -90,75 +97,251 @@ def _environment() -> dict[str, Any]:
             "threads": torch.get_num_threads()}
 
 
-def train(config: RunConfig, splits: Splits | None = None, progress: bool = True) -> TrainResult:
+class Trainer:
+    """One run: model, rule, optimizer, schedule and loop position. ``state_dict()`` holds everything needed to
+    continue bit-identically (weights, optimizer and scheduler state, RNG states, the current epoch's shuffle
+    and the position in it), so a run killed at any step resumes as if it had never stopped.
+
+    Usage::
+
+        trainer = Trainer(make_config("sal", out="runs/a"))
+        result = trainer.fit(checkpoint_every=500)          # writes runs/a/checkpoint.pt atomically
+        ...
+        trainer = Trainer.resume("runs/a")                   # after a crash
+        result = trainer.fit(checkpoint_every=500)
+    """
+
+    def __init__(self, config: RunConfig, splits: Splits | None = None) -> None:
+        cfg = config.train
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {cfg.device} requested but CUDA is not available; use --device cpu")
+        self.config, self.device = config, torch.device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        if splits is None:
+            splits = make_splits(load_dataset(cfg.dataset, cfg.data_dir, cfg.grayscale), cfg.seed)
+        self.splits = splits
+        check_sizes(config, splits)
+        self.model = build_model(splits.in_features, splits.num_classes, config.model, cfg.seed).to(self.device)
+        self.rule = build_rule(self.model, config.rule, cfg.seed).to(self.device)
+        self.x_train, self.y_train = splits.x_train.to(self.device), splits.y_train.to(self.device)
+        steps_per_epoch = math.ceil(len(self.y_train) / cfg.batch_size)
+        self.total_steps = int(min(cfg.max_steps or math.inf, cfg.epochs * steps_per_epoch))
+        self.optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg)
+        self.scheduler = make_scheduler(self.optimizer, cfg, self.total_steps)
+        self.shuffle = torch.Generator().manual_seed(cfg.seed)
+        # Loop position: the epoch being trained (1-based), its shuffle, the next batch in it, running sums.
+        self.epoch, self.batch, self.step = 1, 0, 0
+        self.order: Tensor | None = None
+        self.sums = {"loss": 0.0, "correct": 0, "seen": 0}
+        self.history: list[dict[str, Any]] = []
+        self.elapsed = 0.0
+
+    @property
+    def out(self) -> Path | None:
+        return Path(self.config.train.out) if self.config.train.out else None
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "model": self.model.state_dict(), "rule": self.rule.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "shuffle": self.shuffle.get_state(), "torch_rng": torch.get_rng_state(),
+                "epoch": self.epoch, "batch": self.batch, "step": self.step, "order": self.order,
+                "sums": dict(self.sums), "history": list(self.history), "elapsed": self.elapsed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.rule.load_state_dict(state["rule"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.shuffle.set_state(state["shuffle"])
+        torch.set_rng_state(state["torch_rng"])
+        self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
+        self.order = None if state["order"] is None else state["order"].to(self.device)
+        self.sums, self.history, self.elapsed = dict(state["sums"]), list(state["history"]), state["elapsed"]
+
+    def save_checkpoint(self) -> Path:
+        """Write ``out/checkpoint.pt`` atomically; never over a good checkpoint with non-finite weights."""
+        check_finite(self.model, self.config, self.step)
+        path = self.out / CHECKPOINT
+        buffer = io.BytesIO()
+        torch.save(self.state_dict(), buffer)
+        write_bytes_atomic(path, buffer.getvalue())
+        return path
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, splits: Splits | None = None) -> Trainer:
+        """Continue the run whose checkpoint is in ``run_dir``, with the configuration saved in it."""
+        path = Path(run_dir) / CHECKPOINT
+        for stale in Path(run_dir).glob(f".{CHECKPOINT}.*.tmp"):    # left by a crash in the middle of a write
+            stale.unlink()
+        if not path.is_file():
+            raise ConfigError(f"--resume {run_dir}: no {CHECKPOINT} there; train with --out DIR "
+                              "--checkpoint-every N to write one")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001  (any unpickling failure means the same thing)
+            raise ConfigError(f"--resume {run_dir}: {CHECKPOINT} is unreadable ({exc})") from None
+        saved = dict(state["config"])
+        trainer = cls(make_config(saved.pop("rule"), **{**saved, "out": str(run_dir)}), splits)
+        trainer.load_state_dict(state)
+        return trainer
+
+    # ---------------------------------------------------------------------------------------------- the loop
+    def fit(self, progress: bool = True, checkpoint_every: int | None = None) -> TrainResult:
+        """Train to the end of the budget; with ``checkpoint_every`` (steps) keep ``out/checkpoint.pt`` current."""
+        cfg, rule_name = self.config.train, self.config.rule.rule
+        if checkpoint_every and self.out is None:
+            raise ConfigError("--checkpoint-every needs --out DIR to write checkpoints into")
+        if self.out:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.out / "config.json", self.config.to_dict())
+        start = time.perf_counter() - self.elapsed
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{rule_name} {cfg.dataset}", unit="step",
+                   disable=not progress, leave=False)
+        self.model.train()
+        while self.step < self.total_steps:
+            if self.order is None:
+                self.order = torch.randperm(len(self.y_train), generator=self.shuffle).to(self.device)
+            batches = self.order.split(cfg.batch_size)
+            while self.batch < len(batches) and self.step < self.total_steps:
+                self._train_step(batches[self.batch])
+                self.batch += 1
+                self.step += 1
+                bar.update()
+                if checkpoint_every and self.step % checkpoint_every == 0:
+                    self.elapsed = time.perf_counter() - start
+                    self.save_checkpoint()
+            self._end_epoch(start)
+            bar.set_postfix(val=f"{self.history[-1]['val_accuracy']:.3f}",
+                            loss=f"{self.history[-1]['train_loss']:.3f}")
+        bar.close()
+        self.elapsed = time.perf_counter() - start
+        check_finite(self.model, self.config, self.step)
+        metrics = self.metrics()
+        if self.out:
+            if checkpoint_every:
+                self.save_checkpoint()
+            write_json_atomic(self.out / "metrics.json", metrics)
+            save_model(self.out / MODEL, self.model, self.config, self.splits)
+        return TrainResult(self.model, self.rule, metrics)
+
+    def _train_step(self, batch: Tensor) -> None:
+        x, y = self.x_train[batch], self.y_train[batch]
+        out = self.rule(self.model, x, y)
+        if not torch.isfinite(out.loss):
+            raise DivergenceError(
+                f"rule {self.config.rule.rule}: loss became {out.loss.item()} at step {self.step + 1} "
+                f"(epoch {self.epoch}); lower --lr (now {self.config.train.lr}) or use --schedule cosine"
+                + (f"; the last good checkpoint is kept in {self.out / CHECKPOINT}"
+                   if self.out and (self.out / CHECKPOINT).is_file() else ""))
+        self.optimizer.zero_grad(set_to_none=True)   # None, not zero: untouched areas stay untouched
+        out.loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.sums["loss"] += out.task_loss.item() * len(y)
+        self.sums["correct"] += int((out.logits.argmax(1) == y).sum())
+        self.sums["seen"] += len(y)
+
+    def _end_epoch(self, start: float) -> None:
+        s, d = self.sums, self.device
+        self.history.append({
+            "epoch": self.epoch, "step": self.step, "train_loss": s["loss"] / s["seen"],
+            "train_accuracy": s["correct"] / s["seen"],
+            "val_accuracy": evaluate(self.model, self.splits.x_val.to(d), self.splits.y_val.to(d)),
+            "test_accuracy": evaluate(self.model, self.splits.x_test.to(d), self.splits.y_test.to(d)),
+            "seconds": time.perf_counter() - start})
+        self.epoch, self.batch, self.order = self.epoch + 1, 0, None
+        self.sums = {"loss": 0.0, "correct": 0, "seen": 0}
+        if self.out:
+            write_history_csv(self.out / "metrics.csv", self.history)
+
+    def metrics(self) -> dict[str, Any]:
+        last = self.history[-1]
+        return {
+            "rule": self.config.rule.rule, "dataset": self.config.train.dataset,
+            "test_accuracy": last["test_accuracy"],    # final epoch; never selected on test
+            "val_accuracy": last["val_accuracy"],
+            "epochs": last["epoch"], "steps": self.step, "train_seconds": self.elapsed,
+            **self.model.parameter_counts(),
+            "area_shares": area_shares(self.model, self.x_train),
+            "n_train": len(self.y_train), "n_val": len(self.splits.y_val), "n_test": len(self.splits.y_test),
+            "history": self.history, "config": self.config.to_dict(), "environment": _environment(),
+        }
+
+
+def train(config: RunConfig, splits: Splits | None = None, progress: bool = True,
+          checkpoint_every: int | None = None) -> TrainResult:
     """Train one model with one rule; returns the model, the rule and the run's metrics."""
-    cfg = config.train
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {cfg.device} requested but CUDA is not available; use --device cpu")
-    device = torch.device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    if splits is None:
-        splits = make_splits(load_dataset(cfg.dataset, cfg.data_dir, cfg.grayscale), cfg.seed)
-    model = build_model(splits.in_features, splits.num_classes, config.model, cfg.seed).to(device)
-    rule = build_rule(model, config.rule, cfg.seed).to(device)
-    x_train, y_train = splits.x_train.to(device), splits.y_train.to(device)
-    n = len(y_train)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total_steps = min(cfg.max_steps or math.inf, cfg.epochs * steps_per_epoch)
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
-    scheduler = make_scheduler(optimizer, cfg, int(total_steps))
-    shuffle = torch.Generator().manual_seed(cfg.seed)
+    return Trainer(config, splits).fit(progress, checkpoint_every)
 
-    history: list[dict[str, Any]] = []
-    step, start = 0, time.perf_counter()
-    bar = tqdm(total=int(total_steps), desc=f"{config.rule.rule} {cfg.dataset}", unit="step",
-               disable=not progress, leave=False)
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        order = torch.randperm(n, generator=shuffle).to(device)
-        loss_sum, correct = 0.0, 0
-        seen = 0
-        for batch in order.split(cfg.batch_size):
-            x, y = x_train[batch], y_train[batch]
-            out = rule(model, x, y)
-            if not torch.isfinite(out.loss):
-                raise DivergenceError(
-                    f"rule {config.rule.rule}: loss became {out.loss.item()} at step {step + 1} (epoch {epoch}); "
-                    f"lower --lr (now {cfg.lr}) or use --schedule cosine")
-            optimizer.zero_grad(set_to_none=True)   # None, not zero: untouched areas stay untouched
-            out.loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum += out.task_loss.item() * len(y)
-            correct += int((out.logits.argmax(1) == y).sum())
-            seen += len(y)
-            step += 1
-            bar.update()
-            if step >= total_steps:
-                break
-        row = {"epoch": epoch, "step": step, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
-               "val_accuracy": evaluate(model, splits.x_val.to(device), splits.y_val.to(device)),
-               "test_accuracy": evaluate(model, splits.x_test.to(device), splits.y_test.to(device)),
-               "seconds": time.perf_counter() - start}
-        history.append(row)
-        bar.set_postfix(val=f"{row['val_accuracy']:.3f}", loss=f"{row['train_loss']:.3f}")
-        if step >= total_steps:
-            break
-    bar.close()
-    train_seconds = time.perf_counter() - start
 
-    metrics: dict[str, Any] = {
-        "rule": config.rule.rule, "dataset": cfg.dataset,
-        "test_accuracy": history[-1]["test_accuracy"],    # final epoch; never selected on test
-        "val_accuracy": history[-1]["val_accuracy"],
-        "epochs": history[-1]["epoch"], "steps": step, "train_seconds": train_seconds,
-        **model.parameter_counts(),
-        "area_shares": area_shares(model, x_train),
-        "n_train": n, "n_val": len(splits.y_val), "n_test": len(splits.y_test),
-        "history": history, "config": config.to_dict(), "environment": _environment(),
-    }
-    if cfg.out:
-        write_json_atomic(Path(cfg.out) / "metrics.json", metrics)
-    return TrainResult(model, rule, metrics)
+def check_sizes(config: RunConfig, splits: Splits) -> None:
+    """Refuse what cannot work; warn about what probably will not work well."""
+    areas, n = config.model.routing_config.areas, len(splits.y_train)
+    if areas > n:
+        log.warning("%d areas for %d training samples: some areas will never see a sample", areas, n)
+    counts = count_parameters(splits.in_features, splits.num_classes, config.model)
+    # fp32 weights + gradients + up to two optimizer moments (Adam), plus the data itself.
+    need = 4 * counts * 4 + splits.x_train.numel() * 4
+    available = _available_memory()
+    if available and need > available:
+        raise ConfigError(f"the model needs about {need / 2**30:.1f} GiB ({counts:,} parameters with gradients and "
+                          f"optimizer state) but only {available / 2**30:.1f} GiB is available; reduce --width, "
+                          "--depth or --areas")
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_finite(model: AreaMLP, config: RunConfig, step: int) -> None:
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise DivergenceError(f"rule {config.rule.rule}: non-finite weights in {name} after step {step}; "
+                                  f"lower --lr (now {config.train.lr}) or use --schedule cosine")
+
+
+def write_history_csv(path: Path, history: list[dict[str, Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    write_bytes_atomic(path, buffer.getvalue().encode())
+
+
+# ------------------------------------------------------------------------------------------------ export
+def save_model(path: Path, model: AreaMLP, config: RunConfig, splits: Splits) -> None:
+    """A trained model for ``torchsal eval`` / ``load_model``: weights, config, classes and the input scaling."""
+    buffer = io.BytesIO()
+    torch.save({"format": "torchsal-model-1", "config": config.to_dict(), "model": model.state_dict(),
+                "in_features": splits.in_features, "classes": splits.classes,
+                "mean": torch.as_tensor(splits.mean), "std": torch.as_tensor(splits.std)}, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def load_model(path: str | Path) -> tuple[AreaMLP, dict[str, Any]]:
+    """Load a model saved by training (``DIR/model.pt`` or ``DIR``). Returns ``(model, info)``; ``info`` has the
+    config, classes and the input ``mean``/``std`` to apply to raw features."""
+    path = Path(path)
+    path = path / MODEL if path.is_dir() else path
+    if not path.is_file():
+        raise ConfigError(f"no trained model at {path}; train with --out DIR to write DIR/{MODEL}")
+    try:
+        info = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"{path} is unreadable ({exc})") from None
+    if not isinstance(info, dict) or info.get("format") != "torchsal-model-1":
+        raise ConfigError(f"{path} is not a torchsal model file")
+    saved = dict(info["config"])
+    config = make_config(saved.pop("rule"), **saved)
+    model = build_model(info["in_features"], len(info["classes"]), config.model)
+    model.load_state_dict(info["model"])
+    model.eval()
+    return model, info
