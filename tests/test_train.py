@@ -49,5 +49,22 @@ def test_max_steps_stops_early_and_history_is_per_epoch(digits):
 def test_divergence_stops_with_a_clear_message(digits):
     from torchsal.errors import DivergenceError
 
-    with pytest.raises(DivergenceError, match=r"rule bp: loss became (nan|inf) at step \d+.*lower --lr"):
+    with pytest.raises(DivergenceError, match=r"rule bp: (loss became (nan|inf)|non-finite weights in layers\.\d\.\w+) "
+                                              r"at step \d+ \(epoch 1\); lower --lr \(now 1e\+30\)"):
         train(make_config("bp", optimizer="sgd", lr=1e30, epochs=2), splits=digits, progress=False)
+
+
+def test_divergence_keeps_the_last_good_checkpoint(digits, tmp_path):
+    from torchsal.errors import DivergenceError
+    from torchsal.train import Trainer
+
+    trainer = Trainer(make_config("sal", epochs=1, areas=4, out=str(tmp_path)), splits=digits)
+    trainer.fit(progress=False, checkpoint_every=5)
+    good = (tmp_path / "checkpoint.pt").read_bytes()
+    with torch.no_grad():
+        trainer.model.layers[1].shared.fill_(float("nan"))          # corrupt the weights, as a blow-up would
+    trainer.total_steps += 10
+    with pytest.raises(DivergenceError, match=r"non-finite weights in layers\.1\.shared at step .*last good "
+                                              r"checkpoint is kept in"):
+        trainer.fit(progress=False, checkpoint_every=5)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == good

@@ -163,7 +163,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Write ``out/checkpoint.pt`` atomically; never over a good checkpoint with non-finite weights."""
-        check_finite(self.model, self.config, self.step)
+        self._check_finite()
         path = self.out / CHECKPOINT
         buffer = io.BytesIO()
         torch.save(self.state_dict(), buffer)
@@ -218,7 +218,7 @@ class Trainer:
                             loss=f"{self.history[-1]['train_loss']:.3f}")
         bar.close()
         self.elapsed = time.perf_counter() - start
-        check_finite(self.model, self.config, self.step)
+        self._check_finite()
         metrics = self.metrics()
         if self.out:
             if checkpoint_every:
@@ -231,11 +231,8 @@ class Trainer:
         x, y = self.x_train[batch], self.y_train[batch]
         out = self.rule(self.model, x, y)
         if not torch.isfinite(out.loss):
-            raise DivergenceError(
-                f"rule {self.config.rule.rule}: loss became {out.loss.item()} at step {self.step + 1} "
-                f"(epoch {self.epoch}); lower --lr (now {self.config.train.lr}) or use --schedule cosine"
-                + (f"; the last good checkpoint is kept in {self.out / CHECKPOINT}"
-                   if self.out and (self.out / CHECKPOINT).is_file() else ""))
+            bad = next((name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()), None)
+            raise self._diverged(f"non-finite weights in {bad}" if bad else f"loss became {out.loss.item()}")
         self.optimizer.zero_grad(set_to_none=True)   # None, not zero: untouched areas stay untouched
         out.loss.backward()
         self.optimizer.step()
@@ -243,6 +240,19 @@ class Trainer:
         self.sums["loss"] += out.task_loss.item() * len(y)
         self.sums["correct"] += int((out.logits.argmax(1) == y).sum())
         self.sums["seen"] += len(y)
+
+    def _check_finite(self) -> None:
+        """Never save or report non-finite weights; name the first tensor that went bad."""
+        for name, p in self.model.named_parameters():
+            if not torch.isfinite(p).all():
+                raise self._diverged(f"non-finite weights in {name}")
+
+    def _diverged(self, what: str) -> DivergenceError:
+        kept = self.out and (self.out / CHECKPOINT).is_file()
+        return DivergenceError(
+            f"rule {self.config.rule.rule}: {what} at step {self.step + 1} (epoch {self.epoch}); lower --lr "
+            f"(now {self.config.train.lr}) or use --schedule cosine"
+            + (f"; the last good checkpoint is kept in {self.out / CHECKPOINT}" if kept else ""))
 
     def _end_epoch(self, start: float) -> None:
         s, d = self.sums, self.device
@@ -299,13 +309,6 @@ def _available_memory() -> int | None:
         return int(info["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return None
-
-
-def check_finite(model: AreaMLP, config: RunConfig, step: int) -> None:
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            raise DivergenceError(f"rule {config.rule.rule}: non-finite weights in {name} after step {step}; "
-                                  f"lower --lr (now {config.train.lr}) or use --schedule cosine")
 
 
 def write_history_csv(path: Path, history: list[dict[str, Any]]) -> None:
