@@ -68,3 +68,13 @@ def test_divergence_keeps_the_last_good_checkpoint(digits, tmp_path):
                                               r"checkpoint is kept in"):
         trainer.fit(progress=False, checkpoint_every=5)
     assert (tmp_path / "checkpoint.pt").read_bytes() == good
+
+
+def test_tensorboard_logs_every_epoch(digits, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(make_config("bp", epochs=2, out=str(tmp_path), tensorboard=True), splits=digits, progress=False)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val_accuracy")] == [1, 2]

@@ -99,6 +99,8 @@ class TrainConfig:
     threads: int | None = None
     data_dir: str | None = None
     out: str | None = None
+    # Also log per-epoch scalars for TensorBoard into out/tensorboard (needs the tensorboard package).
+    tensorboard: bool = False
 
     def __post_init__(self) -> None:
         _positive("epochs", self.epochs)
@@ -114,6 +116,8 @@ class TrainConfig:
             _positive("threads", self.threads)
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"unknown device {self.device!r}; use cpu, cuda or cuda:N")
+        if self.tensorboard and not self.out:
+            raise ConfigError("--tensorboard needs --out DIR to write its logs into")
         if self.momentum and self.optimizer != "sgd":
             raise ConfigError(f"--momentum applies to --optimizer sgd only (got {self.optimizer}); "
                               "Adam's betas play that role")

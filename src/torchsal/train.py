@@ -266,6 +266,18 @@ class Trainer:
         self.sums = {"loss": 0.0, "correct": 0, "seen": 0}
         if self.out:
             write_history_csv(self.out / "metrics.csv", self.history)
+        if self.config.train.tensorboard:
+            self._log_tensorboard(self.history[-1])
+
+    def _log_tensorboard(self, row: dict[str, Any]) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+        with SummaryWriter(str(self.out / "tensorboard")) as writer:
+            for key, value in row.items():
+                if key not in ("epoch", "step"):
+                    writer.add_scalar(key, value, row["epoch"])
 
     def metrics(self) -> dict[str, Any]:
         last = self.history[-1]
