@@ -51,7 +51,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--routing-dim", type=int, help="dimension of the routing space")
     g.add_argument("--routing", choices=["input", "layer"], help="route once from the input, or per layer")
     g.add_argument("--router", choices=["learned", "frozen", "random"], help="routing projection (ablations)")
+    g.add_argument("--block", choices=["plain", "residual"], help="hidden layers after the first")
+    g.add_argument("--norm", choices=["none", "layer", "rms"], help="pre-norm in residual blocks and before the head")
     g.add_argument("--signal", choices=["direct", "local", "both"], help="SAL's hidden-layer signal")
+    g.add_argument("--readout", choices=["per-layer", "shared"], help="local readouts: one per layer or one shared")
+    g.add_argument("--memory", choices=["standard", "lean"],
+                   help="lean: update each layer right after its forward step (sal, local signal)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int)

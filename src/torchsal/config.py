@@ -59,11 +59,18 @@ class ModelConfig:
     width: int = 256
     # Always-on shared path beside the selective areas (our reading of the paper's dual path).
     shared: bool = False
+    # Hidden layers after the first: "plain" (h = f(W h)) or "residual" (h = h + f(W norm(h)), branch weights
+    # initialised at 1/sqrt(depth) scale); see docs/depth.md.
+    block: str = "plain"
+    # Pre-norm inside residual blocks and a final norm before the head: "none", "layer" or "rms".
+    norm: str = "none"
     routing_config: RoutingConfig = field(default_factory=RoutingConfig)
 
     def __post_init__(self) -> None:
         _positive("depth", self.depth)
         _positive("width", self.width)
+        _choice("block", self.block, ("plain", "residual"))
+        _choice("norm", self.norm, ("none", "layer", "rms"))
 
 
 @dataclass(frozen=True)
@@ -72,12 +79,22 @@ class RuleConfig:
     # SAL's hidden-layer signal: "direct" (fixed random projection of the output error), "local" (layer-local
     # alignment objective through a fixed random readout) or "both" (their sum).
     signal: str = "local"
+    # Fixed random readouts of the local signal: one per hidden layer, or one shared by all of them.
+    readout: str = "per-layer"
+    # "lean": each hidden layer updates as soon as its own forward step is done, so no earlier layer's
+    # activations are kept (needs layer-local signals: --rule sal --signal local).
+    memory: str = "standard"
 
     def __post_init__(self) -> None:
         from torchsal.rules import RULES  # late: rules import the model, which imports this module
 
         _choice("rule", self.rule, tuple(sorted(RULES)))
         _choice("signal", self.signal, ("direct", "local", "both"))
+        _choice("readout", self.readout, ("per-layer", "shared"))
+        _choice("memory", self.memory, ("standard", "lean"))
+        if self.memory == "lean" and (self.rule != "sal" or self.signal != "local"):
+            raise ConfigError("--memory lean needs layer-local signals (--rule sal --signal local): other rules "
+                              "need the output error before any hidden layer can update")
 
 
 @dataclass(frozen=True)

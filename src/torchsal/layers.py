@@ -35,13 +35,14 @@ class AreaLinear(nn.Module):
         areas: K, the number of mutually exclusive parameter areas.
         shared: add an always-on shared weight ``S`` used by every sample.
         generator: explicit generator for the (Kaiming-uniform) initialisation.
+        gain: scale of the initialisation (residual branches of deep models start smaller).
     """
 
     def __init__(self, in_features: int, out_features: int, areas: int = 1, shared: bool = False,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, gain: float = 1.0) -> None:
         super().__init__()
         self.in_features, self.out_features, self.areas = in_features, out_features, areas
-        bound = math.sqrt(6 / in_features)    # Kaiming-uniform for ReLU
+        bound = gain * math.sqrt(6 / in_features)    # Kaiming-uniform for ReLU, times ``gain``
 
         def uniform(*shape: int) -> nn.Parameter:
             return nn.Parameter((torch.rand(*shape, generator=generator) * 2 - 1) * bound)

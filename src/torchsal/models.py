@@ -1,11 +1,14 @@
 """Model builders. One model class, the routed area MLP; every learning rule trains it unchanged.
 
-``AreaMLP`` with ``areas=1, shared=False`` is the plain dense MLP (Linear-ReLU-...-Linear).
+``AreaMLP`` with ``areas=1, shared=False`` is the plain dense MLP (Linear-ReLU-...-Linear). For depth, hidden
+layers after the first can be pre-norm residual blocks, ``h = h + relu(W norm(h))`` (one block counts as one
+hidden layer), with a final norm before the head.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,8 +52,17 @@ class AreaMLP(nn.Module):
         self.config = config
         rc = config.routing_config
         sizes = [in_features] + [config.width] * config.depth + [num_classes]
+        # Residual blocks: hidden layers 2..depth. Their branches start small (1/sqrt(depth)) so that the sum of
+        # 128 branches does not swamp the signal at initialisation.
+        self.residual = [config.block == "residual" and 0 < i < config.depth for i in range(len(sizes) - 1)]
         self.layers = nn.ModuleList(
-            AreaLinear(n_in, n_out, rc.areas, config.shared, generator) for n_in, n_out in zip(sizes, sizes[1:]))
+            AreaLinear(n_in, n_out, rc.areas, config.shared, generator,
+                       gain=1 / math.sqrt(config.depth) if res else 1.0)
+            for n_in, n_out, res in zip(sizes, sizes[1:], self.residual))
+        # Pre-norm of each residual block, and the final norm before the head.
+        normed = [*self.residual[:-1], config.norm != "none"]
+        self.norms = nn.ModuleList(_norm(config.norm, n) if on and config.norm != "none" else nn.Identity()
+                                   for n, on in zip(sizes[:-1], normed))
         self.activation = nn.ReLU()
         routed_inputs = [] if rc.areas == 1 else sizes[:1] if rc.routing == "input" else sizes[:-1]
         self.routers = nn.ModuleList(Router(n, rc, generator) for n in routed_inputs)
@@ -62,14 +74,16 @@ class AreaMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.trace(x).logits
 
-    def trace(self, x: Tensor, *, detach: bool = False,
-              feedback: Sequence[Tensor | None] | None = None) -> Trace:
+    def trace(self, x: Tensor, *, detach: bool = False, feedback: Sequence[Tensor | None] | None = None,
+              on_hidden: Callable[[int, Tensor], None] | None = None) -> Trace:
         """Forward pass recording what rules need.
 
         Args:
             detach: cut the graph at every layer input, so each layer's graph holds only its own parameters.
             feedback: per linear layer, a fixed (out, in) matrix that replaces the transposed weights on the
                 way back to that layer's input (feedback alignment), or None.
+            on_hidden: called with (layer index, h_l) as soon as hidden layer l is computed; the hidden outputs
+                are then not kept in the trace (lean memory: a layer may update and free its graph at once).
         """
         self._check_input(x)
         routing_loss = x.new_zeros(())
@@ -82,11 +96,14 @@ class AreaMLP(nn.Module):
                 area, loss = self.routers[i](h_in)
                 routing_loss = routing_loss + loss
             areas.append(area)
-            a = layer(h_in, area, None if feedback is None else feedback[i])
+            a = layer(self.norms[i](h_in), area, None if feedback is None else feedback[i])
             if i == len(self.layers) - 1:
                 return Trace(a, hidden, areas, routing_loss)
-            h = self.activation(a)
-            hidden.append(h)
+            h = h_in + self.activation(a) if self.residual[i] else self.activation(a)
+            if on_hidden is None:
+                hidden.append(h)
+            else:
+                on_hidden(i, h)
         raise AssertionError("unreachable: the model has at least one layer")
 
     def _check_input(self, x: Tensor) -> None:
@@ -100,6 +117,10 @@ class AreaMLP(nn.Module):
                 "params_active_per_sample": router + sum(layer.active_parameters() for layer in self.layers)}
 
 
+def _norm(kind: str, features: int) -> nn.Module:
+    return nn.LayerNorm(features) if kind == "layer" else nn.RMSNorm(features)
+
+
 def build_model(in_features: int, num_classes: int, config: ModelConfig, seed: int = 0) -> AreaMLP:
     """The model for a run, initialised from its own seeded generator."""
     return AreaMLP(in_features, num_classes, config, torch.Generator().manual_seed(seed))
@@ -111,6 +132,9 @@ def count_parameters(in_features: int, num_classes: int, config: ModelConfig) ->
     rc, k = config.routing_config, config.routing_config.areas
     sizes = [in_features] + [config.width] * config.depth + [num_classes]
     layers = sum((k + config.shared) * a * b + k * b for a, b in zip(sizes, sizes[1:]))
+    if config.norm != "none":
+        blocks = (config.depth - 1 if config.block == "residual" else 0) + 1          # pre-norms + final norm
+        layers += blocks * config.width * (2 if config.norm == "layer" else 1)
     if k == 1:
         return layers
     router_inputs = sizes[:1] if rc.routing == "input" else sizes[:-1]

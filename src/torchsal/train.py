@@ -229,17 +229,27 @@ class Trainer:
 
     def _train_step(self, batch: Tensor) -> None:
         x, y = self.x_train[batch], self.y_train[batch]
-        out = self.rule(self.model, x, y)
-        if not torch.isfinite(out.loss):
-            bad = next((name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()), None)
-            raise self._diverged(f"non-finite weights in {bad}" if bad else f"loss became {out.loss.item()}")
         self.optimizer.zero_grad(set_to_none=True)   # None, not zero: untouched areas stay untouched
+        out = self.rule(self.model, x, y)              # (a lean rule already fills hidden layers' .grad here)
+        if not torch.isfinite(out.loss):
+            raise self._diverged(self._first_non_finite(x) or f"loss became {out.loss.item()}")
         out.loss.backward()
         self.optimizer.step()
         self.scheduler.step()
         self.sums["loss"] += out.task_loss.item() * len(y)
         self.sums["correct"] += int((out.logits.argmax(1) == y).sum())
         self.sums["seen"] += len(y)
+
+    @torch.no_grad()
+    def _first_non_finite(self, x: Tensor) -> str | None:
+        """Name where NaN/Inf first appears: a weight tensor, else the first layer whose output is non-finite."""
+        bad = next((name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()), None)
+        if bad:
+            return f"non-finite weights in {bad}"
+        trace = self.model.trace(x)
+        outputs = [*trace.hidden, trace.logits]
+        layer = next((i for i, h in enumerate(outputs) if not torch.isfinite(h).all()), None)
+        return None if layer is None else f"non-finite activations out of layer {layer} (of {len(outputs)})"
 
     def _check_finite(self) -> None:
         """Never save or report non-finite weights; name the first tensor that went bad."""

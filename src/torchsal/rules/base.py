@@ -50,8 +50,8 @@ class LearningRule(nn.Module):
     Usage::
 
         rule = build_rule(model, RuleConfig(rule="sal"))
-        out = rule(model, x, y)
         optimizer.zero_grad()       # set_to_none (the default) keeps untouched areas' .grad None
+        out = rule(model, x, y)     # zero_grad first: a lean rule fills hidden layers' .grad already here
         out.loss.backward()
         optimizer.step()
     """

@@ -38,29 +38,41 @@ class LocalSignalRule(LearningRule):
         super().__init__(model, config, generator)
         widths, classes = model.sizes[1:-1], model.sizes[-1]
         # Both kinds stand in for a (C, width) output weight and are initialised like one.
-        for kind in self.signals():
-            self._register_matrices(kind, [random_matrix(classes, w, w, generator) for w in widths])
+        if "direct" in self.signals():
+            self._register_matrices("direct", [random_matrix(classes, w, w, generator) for w in widths])
+        if "local" in self.signals():
+            readouts = widths[:1] if config.readout == "shared" else widths
+            self._register_matrices("local", [random_matrix(classes, w, w, generator) for w in readouts])
 
     @torch.no_grad()
-    def hidden_signals(self, hidden: list[Tensor], error: Tensor, onehot: Tensor) -> list[Tensor]:
-        """g_l for every hidden layer, from detached activations."""
-        out = [torch.zeros_like(h) for h in hidden]
+    def signal(self, layer: int, h: Tensor, error: Tensor | None, onehot: Tensor) -> Tensor:
+        """g_l (B, width) for hidden layer ``layer`` from its detached output ``h``."""
+        g = torch.zeros_like(h)
         if "direct" in self.signals():
-            for g, b in zip(out, self._matrices("direct")):
-                g.add_(error @ b)
+            g.add_(error @ self._matrices("direct")[layer])
         if "local" in self.signals():
-            for g, h, readout in zip(out, hidden, self._matrices("local")):
-                g.add_((torch.softmax(h @ readout.T, dim=1) - onehot) @ readout)
-        return out
+            readouts = self._matrices("local")
+            readout = readouts[0] if self.config.readout == "shared" else readouts[layer]
+            g.add_((torch.softmax(h @ readout.T, dim=1) - onehot) @ readout)
+        return g
 
     def forward(self, model: AreaMLP, x: Tensor, y: Tensor) -> StepOutput:
+        batch = x.shape[0]
+        onehot = F.one_hot(y, model.sizes[-1]).to(x.dtype)
+        if self.config.memory == "lean":
+            # Update each layer from its local signal as soon as it is computed; its graph is freed at once.
+            def update(i: int, h: Tensor) -> None:
+                ((h * self.signal(i, h.detach(), None, onehot)).sum() / batch).backward()
+
+            trace = model.trace(x, detach=True, on_hidden=update)
+            task = F.cross_entropy(trace.logits, y)
+            return StepOutput(task + trace.routing_loss, trace.logits.detach(), task.detach())
         trace = model.trace(x, detach=True)
         task = F.cross_entropy(trace.logits, y)       # the output layer's own local gradient
-        onehot = F.one_hot(y, trace.logits.shape[1]).to(trace.logits.dtype)
         error = torch.softmax(trace.logits.detach(), dim=1) - onehot
-        signals = self.hidden_signals(trace.hidden, error, onehot)
-        surrogate = sum(((h * g).sum() for h, g in zip(trace.hidden, signals)), x.new_zeros(()))
-        loss = task + surrogate / x.shape[0] + trace.routing_loss
+        surrogate = sum(((h * self.signal(i, h.detach(), error, onehot)).sum() for i, h in enumerate(trace.hidden)),
+                        x.new_zeros(()))
+        loss = task + surrogate / batch + trace.routing_loss
         return StepOutput(loss, trace.logits.detach(), task.detach())
 
 
