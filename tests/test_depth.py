@@ -84,3 +84,32 @@ def test_nan_guard_names_the_layer():
         trainer.model.layers[2].area_weights[0].fill_(3e38)
     with pytest.raises(DivergenceError, match=r"rule sal: non-finite activations out of layer 2 \(of 5\) at step 1"):
         trainer.fit(progress=False)
+
+
+def test_activation_meter_counts_saved_tensors_once():
+    from torchsal.diagnostics import ActivationMeter
+
+    w = torch.nn.Parameter(torch.randn(100))
+    meter = ActivationMeter(torch.nn.ParameterList([w]))
+    x = torch.randn(100, requires_grad=True)
+    with meter.measure():
+        e = x.exp()                                   # saves its output e: 400 bytes
+        (e * w).sum().backward()                      # saves e (again: counted once) and w (a parameter: excluded)
+    assert meter.peak_bytes == 400 and meter.current_bytes == 0
+
+
+def test_lean_activation_memory_does_not_grow_with_depth():
+    from torchsal.diagnostics import ActivationMeter
+
+    def peak(depth, **rule):
+        config = make_config(depth=depth, width=16, block="residual", norm="layer", areas=4, **rule)
+        model = build_model(20, 10, config.model)
+        rule_ = build_rule(model, config.rule)
+        meter = ActivationMeter(model)
+        with meter.measure():
+            rule_(model, torch.randn(32, 20), torch.arange(32) % 10).loss.backward()
+        return meter.peak_bytes
+
+    assert peak(128, rule="sal", signal="local", memory="lean") <= 1.5 * peak(8, rule="sal", signal="local",
+                                                                             memory="lean")
+    assert peak(128, rule="bp") > 8 * peak(8, rule="bp")

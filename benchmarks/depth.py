@@ -1,0 +1,132 @@
+"""Depth benchmark: accuracy, time per epoch and peak activation memory against depth.
+
+    python benchmarks/depth.py memory   --depths 8,32,128 --out docs/depth        # minutes
+    python benchmarks/depth.py accuracy --depths 2,8,32,128 --datasets mnist,fashion-mnist \\
+        --rules bp,dfa,sal-direct,sal-local --seeds 0,1,2 --epochs 3 --data-dir ../shared/data --out docs/depth
+
+Models: residual pre-norm blocks (LayerNorm) of a fixed width, one area set per layer (16 areas, shared path) for
+the SAL presets and the dense model for bp/dfa, as in docs/depth.md.
+
+Peak activation memory: the peak bytes of tensors that autograd holds for backward during one training step
+(``torchsal.diagnostics.ActivationMeter``), parameters excluded: exactly what a step needs beyond parameters,
+gradients and optimizer state. We first tried process RSS (a fresh process per depth, high-water mark reset after
+a warm-up step) and dropped it: the allocator reuses freed gradient blocks, so RSS hid most of the growth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+PRESETS = {
+    "bp": {"rule": "bp", "areas": 1, "shared": False},
+    "dfa": {"rule": "dfa", "areas": 1, "shared": False},
+    "sal-direct": {"rule": "sal", "signal": "direct"},
+    "sal-local": {"rule": "sal", "signal": "local", "readout": "shared"},
+    "sal-lean": {"rule": "sal", "signal": "local", "readout": "shared", "memory": "lean"},
+}
+DEEP = {"block": "residual", "norm": "layer"}
+
+
+def measure_memory(preset: str, depth: int, width: int, batch: int) -> dict:
+    """Peak activation bytes of one training step (``torchsal.diagnostics.ActivationMeter``)."""
+    import torch
+
+    from torchsal import build_model, build_rule, make_config
+    from torchsal.diagnostics import ActivationMeter
+
+    settings = {**DEEP, **PRESETS[preset], "depth": depth, "width": width, "batch_size": batch}
+    config = make_config(settings.pop("rule"), **settings)
+    model = build_model(784, 10, config.model)
+    rule = build_rule(model, config.rule)
+    x, y = torch.randn(batch, 784, generator=torch.Generator().manual_seed(0)), torch.arange(batch) % 10
+    meter = ActivationMeter(model)
+    with meter.measure():
+        rule(model, x, y).loss.backward()
+    return {"preset": preset, "depth": depth, "width": width, "batch": batch,
+            "params": sum(p.numel() for p in model.parameters()), "activation_mib": meter.peak_bytes / 2**20}
+
+
+def memory(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for preset in args.rules.split(","):
+        for depth in map(int, args.depths.split(",")):
+            rows.append(measure_memory(preset, depth, args.width, args.batch))
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def accuracy(args: argparse.Namespace) -> list[dict]:
+    from torchsal import load_dataset, make_config, make_splits, train
+
+    rows = []
+    for dataset in args.datasets.split(","):
+        data = load_dataset(dataset, args.data_dir)
+        for seed in map(int, args.seeds.split(",")):
+            splits = make_splits(data, seed)
+            for preset in args.rules.split(","):
+                for depth in map(int, args.depths.split(",")):
+                    settings = {**DEEP, **PRESETS[preset], "depth": depth, "width": args.width, "seed": seed,
+                                "epochs": args.epochs, "batch_size": args.batch, "threads": args.threads}
+                    m = train(make_config(settings.pop("rule"), **settings), splits=splits, progress=False).metrics
+                    rows.append({"dataset": dataset, "preset": preset, "depth": depth, "seed": seed,
+                                 "test_accuracy": m["test_accuracy"], "val_accuracy": m["val_accuracy"],
+                                 "seconds_per_epoch": m["train_seconds"] / m["epochs"], "epochs": m["epochs"]})
+                    print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def plot(rows: list[dict], key: str, ylabel: str, path: Path, group: str = "preset") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for name in dict.fromkeys(r[group] for r in rows):
+        depths = sorted({r["depth"] for r in rows if r[group] == name})
+        means = [statistics.mean(r[key] for r in rows if r[group] == name and r["depth"] == d) for d in depths]
+        ax.plot(depths, means, marker="o", label=name)
+    ax.set(xscale="log", xlabel="hidden layers (depth)", ylabel=ylabel)
+    ax.set_xticks(sorted({r["depth"] for r in rows}), [str(d) for d in sorted({r["depth"] for r in rows})])
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="depth benchmark")
+    parser.add_argument("part", choices=["memory", "accuracy"])
+    parser.add_argument("--depths", default="2,8,32,128")
+    parser.add_argument("--rules", default="bp,dfa,sal-direct,sal-local,sal-lean")
+    parser.add_argument("--datasets", default="mnist,fashion-mnist")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--data-dir")
+    parser.add_argument("--out", default="docs/depth")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = memory(args) if args.part == "memory" else accuracy(args)
+    (out / f"{args.part}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    if args.part == "memory":
+        plot(rows, "activation_mib", "peak activation memory (MiB)", out / "memory.png")
+        print("\n| preset | " + " | ".join(f"depth {d}" for d in sorted({r['depth'] for r in rows})) + " |")
+        for preset in dict.fromkeys(r["preset"] for r in rows):
+            cells = [f"{r['activation_mib']:.1f}" for r in sorted(rows, key=lambda r: r["depth"])
+                     if r["preset"] == preset]
+            print(f"| {preset} | " + " | ".join(cells) + " |")
+    else:
+        for dataset in dict.fromkeys(r["dataset"] for r in rows):
+            subset = [r for r in rows if r["dataset"] == dataset]
+            plot(subset, "test_accuracy", f"test accuracy ({dataset})", out / f"accuracy-{dataset}.png")
+
+
+if __name__ == "__main__":
+    main()
