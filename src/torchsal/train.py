@@ -134,7 +134,7 @@ class Trainer:
         # Loop position: the epoch being trained (1-based), its shuffle, the next batch in it, running sums.
         self.epoch, self.batch, self.step = 1, 0, 0
         self.order: Tensor | None = None
-        self.sums = {"loss": 0.0, "correct": 0, "seen": 0}
+        self.sums: dict[str, Any] = {"loss": 0.0, "correct": 0, "seen": 0, "steps": 0}
         self.history: list[dict[str, Any]] = []
         self.elapsed = 0.0
 
@@ -239,6 +239,11 @@ class Trainer:
         self.sums["loss"] += out.task_loss.item() * len(y)
         self.sums["correct"] += int((out.logits.argmax(1) == y).sum())
         self.sums["seen"] += len(y)
+        self.sums["steps"] += 1
+        for key in ("activation_rms", "signal_rms"):      # per-layer diagnostics, averaged over the epoch
+            value = getattr(out, key)
+            if value is not None:
+                self.sums[key] = value if self.sums.get(key) is None else self.sums[key] + value
 
     @torch.no_grad()
     def _first_non_finite(self, x: Tensor) -> str | None:
@@ -271,9 +276,10 @@ class Trainer:
             "train_accuracy": s["correct"] / s["seen"],
             "val_accuracy": evaluate(self.model, self.splits.x_val.to(d), self.splits.y_val.to(d)),
             "test_accuracy": evaluate(self.model, self.splits.x_test.to(d), self.splits.y_test.to(d)),
-            "seconds": time.perf_counter() - start})
+            "seconds": time.perf_counter() - start,
+            **{key: (s[key] / s["steps"]).tolist() for key in ("activation_rms", "signal_rms") if key in s}})
         self.epoch, self.batch, self.order = self.epoch + 1, 0, None
-        self.sums = {"loss": 0.0, "correct": 0, "seen": 0}
+        self.sums = {"loss": 0.0, "correct": 0, "seen": 0, "steps": 0}
         if self.out:
             write_history_csv(self.out / "metrics.csv", self.history)
         if self.config.train.tensorboard:
@@ -334,8 +340,10 @@ def _available_memory() -> int | None:
 
 
 def write_history_csv(path: Path, history: list[dict[str, Any]]) -> None:
+    """One row per epoch; the per-layer lists (activation and signal RMS) stay in metrics.json."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, list(history[0]))
+    writer = csv.DictWriter(buffer, [k for k, v in history[0].items() if not isinstance(v, list)],
+                            extrasaction="ignore")
     writer.writeheader()
     writer.writerows(history)
     write_bytes_atomic(path, buffer.getvalue().encode())

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchsal.config import RuleConfig
 from torchsal.errors import ConfigError
-from torchsal.models import AreaMLP
+from torchsal.models import AreaMLP, Trace
 
 RULES: dict[str, type[LearningRule]] = {}
 
@@ -39,9 +40,25 @@ def get_rule(name: str) -> type[LearningRule]:
 
 @dataclass
 class StepOutput:
-    loss: Tensor        # call .backward() on it: fills .grad with the rule's update
-    logits: Tensor      # (B, C), detached
-    task_loss: Tensor   # cross-entropy of the logits, detached (what to log)
+    loss: Tensor                        # call .backward() on it: fills .grad with the rule's update
+    logits: Tensor                      # (B, C), detached
+    task_loss: Tensor                   # cross-entropy of the logits, detached (what to log)
+    activation_rms: Tensor | None = None  # (L,) RMS of each hidden layer's output (diagnostics)
+    signal_rms: Tensor | None = None      # (L,) RMS of each hidden layer's learning signal, where it has one
+
+
+def rms(tensors: list[Tensor]) -> Tensor | None:
+    """(L,) root-mean-square of each tensor, detached; None for an empty list."""
+    return torch.stack([t.detach().pow(2).mean() for t in tensors]).sqrt() if tensors else None
+
+
+def output_step(trace: Trace, y: Tensor, hidden_loss: Tensor | None = None, activation_rms: Tensor | None = None,
+                signal_rms: Tensor | None = None) -> StepOutput:
+    """The output layer's cross-entropy plus the routers' objective (and the hidden layers' surrogate, if any)."""
+    task = F.cross_entropy(trace.logits, y)
+    loss = task + trace.routing_loss if hidden_loss is None else task + hidden_loss + trace.routing_loss
+    return StepOutput(loss, trace.logits.detach(), task.detach(),
+                      rms(trace.hidden) if activation_rms is None else activation_rms, signal_rms)
 
 
 class LearningRule(nn.Module):

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from torchsal.models import AreaMLP
-from torchsal.rules.base import LearningRule, StepOutput, register_rule
+from torchsal.rules.base import LearningRule, StepOutput, output_step, register_rule
 
 
 @register_rule("bp")
 class Backprop(LearningRule):
     def forward(self, model: AreaMLP, x: Tensor, y: Tensor) -> StepOutput:
-        trace = model.trace(x)
-        task = F.cross_entropy(trace.logits, y)
-        return StepOutput(task + trace.routing_loss, trace.logits.detach(), task.detach())
+        return output_step(model.trace(x), y)

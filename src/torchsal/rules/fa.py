@@ -9,13 +9,12 @@ matrices B_l that replace W_l^T, so no layer ever reads another layer's forward 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from torchsal.config import RuleConfig
 from torchsal.feedback import random_matrix
 from torchsal.models import AreaMLP
-from torchsal.rules.base import LearningRule, StepOutput, register_rule
+from torchsal.rules.base import LearningRule, StepOutput, output_step, register_rule
 
 
 @register_rule("fa")
@@ -28,6 +27,4 @@ class FeedbackAlignment(LearningRule):
                                              for n_in, n_out in zip(sizes[1:-1], sizes[2:])])
 
     def forward(self, model: AreaMLP, x: Tensor, y: Tensor) -> StepOutput:
-        trace = model.trace(x, feedback=[None, *self._matrices("feedback")])
-        task = F.cross_entropy(trace.logits, y)
-        return StepOutput(task + trace.routing_loss, trace.logits.detach(), task.detach())
+        return output_step(model.trace(x, feedback=[None, *self._matrices("feedback")]), y)

@@ -23,7 +23,7 @@ from torch import Tensor
 from torchsal.config import RuleConfig
 from torchsal.feedback import random_matrix
 from torchsal.models import AreaMLP
-from torchsal.rules.base import LearningRule, StepOutput, register_rule
+from torchsal.rules.base import LearningRule, StepOutput, output_step, register_rule, rms
 
 SIGNALS = {"direct": ("direct",), "local": ("local",), "both": ("direct", "local")}
 
@@ -60,20 +60,23 @@ class LocalSignalRule(LearningRule):
         batch = x.shape[0]
         onehot = F.one_hot(y, model.sizes[-1]).to(x.dtype)
         if self.config.memory == "lean":
-            # Update each layer from its local signal as soon as it is computed; its graph is freed at once.
+            # Update each layer from its local signal as soon as it is computed; its graph is freed at once and
+            # only two scalars per layer (for diagnostics) outlive it.
+            mean_squares: list[Tensor] = []
+
             def update(i: int, h: Tensor) -> None:
-                ((h * self.signal(i, h.detach(), None, onehot)).sum() / batch).backward()
+                g = self.signal(i, h.detach(), None, onehot)
+                ((h * g).sum() / batch).backward()
+                mean_squares.append(torch.stack([h.detach().pow(2).mean(), g.pow(2).mean()]))
 
             trace = model.trace(x, detach=True, on_hidden=update)
-            task = F.cross_entropy(trace.logits, y)
-            return StepOutput(task + trace.routing_loss, trace.logits.detach(), task.detach())
+            activation_rms, signal_rms = torch.stack(mean_squares).sqrt().T if mean_squares else (None, None)
+            return output_step(trace, y, activation_rms=activation_rms, signal_rms=signal_rms)
         trace = model.trace(x, detach=True)
-        task = F.cross_entropy(trace.logits, y)       # the output layer's own local gradient
         error = torch.softmax(trace.logits.detach(), dim=1) - onehot
-        surrogate = sum(((h * self.signal(i, h.detach(), error, onehot)).sum() for i, h in enumerate(trace.hidden)),
-                        x.new_zeros(()))
-        loss = task + surrogate / batch + trace.routing_loss
-        return StepOutput(loss, trace.logits.detach(), task.detach())
+        signals = [self.signal(i, h.detach(), error, onehot) for i, h in enumerate(trace.hidden)]
+        surrogate = sum(((h * g).sum() for h, g in zip(trace.hidden, signals)), x.new_zeros(()))
+        return output_step(trace, y, surrogate / batch, signal_rms=rms(signals))
 
 
 @register_rule("dfa")
