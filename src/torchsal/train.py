@@ -292,7 +292,10 @@ class Trainer:
             raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
         with SummaryWriter(str(self.out / "tensorboard")) as writer:
             for key, value in row.items():
-                if key not in ("epoch", "step"):
+                if isinstance(value, list):                       # per-layer diagnostics
+                    for layer, v in enumerate(value):
+                        writer.add_scalar(f"{key}/layer{layer:03d}", v, row["epoch"])
+                elif key not in ("epoch", "step"):
                     writer.add_scalar(key, value, row["epoch"])
 
     def metrics(self) -> dict[str, Any]:
