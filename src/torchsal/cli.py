@@ -37,6 +37,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoint is in DIR")
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="write DIR/checkpoint.pt every N steps")
     p.add_argument("--data-dir", help="folder holding dataset files (else $TORCHSAL_DATA, then ./data)")
+    p.add_argument("--diagnostics", action="store_true", default=None,
+                   help="per epoch: alignment with the true gradient, class interference, area statistics")
     p.add_argument("--tensorboard", action="store_true", default=None,
                    help="also log per-epoch scalars to DIR/tensorboard (pip install tensorboard)")
     p.add_argument("--grayscale", action=argparse.BooleanOptionalAction, default=None,

@@ -116,6 +116,8 @@ class TrainConfig:
     threads: int | None = None
     data_dir: str | None = None
     out: str | None = None
+    # Per epoch: angle between each layer's update and the true gradient, class interference, area statistics.
+    diagnostics: bool = False
     # Also log per-epoch scalars for TensorBoard into out/tensorboard (needs the tensorboard package).
     tensorboard: bool = False
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 import torchsal
 from torchsal.config import RunConfig, TrainConfig, make_config
 from torchsal.data import Splits, load_dataset, make_splits
+from torchsal.diagnostics import alignment, area_statistics, interference
 from torchsal.errors import ConfigError, DivergenceError
 from torchsal.models import AreaMLP, build_model, count_parameters
 from torchsal.rules import LearningRule, build_rule
@@ -30,6 +31,7 @@ from torchsal.storage import write_bytes_atomic, write_json_atomic
 log = logging.getLogger(__name__)
 
 EVAL_BATCH = 4096
+PROBE = 512                    # samples of the fixed batch on which --diagnostics measures alignment
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
 
@@ -72,17 +74,23 @@ def evaluate(model: AreaMLP, x: Tensor, y: Tensor) -> float:
 
 
 @torch.no_grad()
-def area_shares(model: AreaMLP, x: Tensor) -> list[float] | list[list[float]]:
-    """Fraction of ``x`` routed to each area: one list (input routing) or one list per layer."""
+def route_all(model: AreaMLP, x: Tensor) -> list[Tensor]:
+    """The area of every sample of ``x`` (eval mode): one tensor per router (input routing: one)."""
+    if not model.routers:
+        return [torch.zeros(len(x), dtype=torch.long, device=x.device)]
     was_training = model.training
     model.eval()
-    areas = [model.trace(xb).areas for xb in x.split(EVAL_BATCH)]
+    per_batch = [model.trace(xb).areas for xb in x.split(EVAL_BATCH)]
     model.train(was_training)
+    per_layer = [torch.cat(parts) for parts in zip(*per_batch)]
+    return per_layer[:len(model.routers)] if len(model.routers) > 1 else per_layer[:1]
+
+
+def area_shares(model: AreaMLP, x: Tensor) -> list[float] | list[list[float]]:
+    """Fraction of ``x`` routed to each area: one list (input routing) or one list per layer."""
     k = model.config.routing_config.areas
-    per_layer = [[] if a is None else torch.bincount(torch.cat(parts), minlength=k) / len(x)
-                 for a, parts in zip(areas[0], zip(*areas))]
-    shares = [[1.0] if isinstance(s, list) else s.tolist() for s in per_layer]
-    return shares if len(model.routers) > 1 else shares[0]
+    shares = [(torch.bincount(a, minlength=k) / len(x)).tolist() for a in route_all(model, x)]
+    return shares if len(shares) > 1 else shares[0]
 
 
 def _environment() -> dict[str, Any]:
@@ -279,11 +287,24 @@ class Trainer:
             "seconds": time.perf_counter() - start,
             **{key: (s[key] / s["steps"]).tolist() for key in ("activation_rms", "signal_rms") if key in s}})
         self.epoch, self.batch, self.order = self.epoch + 1, 0, None
-        self.sums = {"loss": 0.0, "correct": 0, "seen": 0, "steps": 0}
+        self.sums = {"loss": 0.0, "correct": 0, "seen": 0, "steps": 0, "areas": self.sums.get("areas")}
+        if self.config.train.diagnostics:
+            self.history[-1]["diagnostics"] = self._diagnostics()
         if self.out:
             write_history_csv(self.out / "metrics.csv", self.history)
         if self.config.train.tensorboard:
             self._log_tensorboard(self.history[-1])
+
+    def _diagnostics(self) -> dict[str, Any]:
+        """Alignment and interference per layer on a fixed probe batch; area statistics on the training split."""
+        probe_x, probe_y = self.x_train[:PROBE], self.y_train[:PROBE]
+        areas = route_all(self.model, self.x_train)
+        previous = self.sums.get("areas") or [None] * len(areas)
+        self.sums["areas"] = areas          # kept across epochs (and in checkpoints) for routing stability
+        k = self.config.model.routing_config.areas
+        return {"alignment_degrees": [a["degrees"] for a in alignment(self.model, self.rule, probe_x, probe_y)],
+                "interference": interference(self.model, self.rule, probe_x, probe_y),
+                "areas": [area_statistics(a, k, self.y_train, p) for a, p in zip(areas, previous)]}
 
     def _log_tensorboard(self, row: dict[str, Any]) -> None:
         try:
@@ -292,7 +313,10 @@ class Trainer:
             raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
         with SummaryWriter(str(self.out / "tensorboard")) as writer:
             for key, value in row.items():
-                if isinstance(value, list):                       # per-layer diagnostics
+                if key == "diagnostics":
+                    for layer, v in enumerate(value["alignment_degrees"]):
+                        writer.add_scalar(f"alignment_degrees/layer{layer:03d}", v, row["epoch"])
+                elif isinstance(value, list):                     # per-layer norms
                     for layer, v in enumerate(value):
                         writer.add_scalar(f"{key}/layer{layer:03d}", v, row["epoch"])
                 elif key not in ("epoch", "step"):
