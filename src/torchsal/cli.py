@@ -36,6 +36,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML or YAML file of settings; flags given on the command line win")
     p.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoint is in DIR")
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="write DIR/checkpoint.pt every N steps")
+    p.add_argument("--dist-timeout", type=float, default=120.0, metavar="S",
+                   help="under torchrun: seconds a collective waits for a peer before the run stops (default 120)")
     p.add_argument("--data-dir", help="folder holding dataset files (else $TORCHSAL_DATA, then ./data)")
     p.add_argument("--diagnostics", action="store_true", default=None,
                    help="per epoch: alignment with the true gradient, class interference, area statistics")
@@ -112,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_NOT_SETTINGS = {"command", "debug", "quiet", "rule", "recipe", "config", "resume", "checkpoint_every"}
+_NOT_SETTINGS = {"command", "debug", "quiet", "rule", "recipe", "config", "resume", "checkpoint_every", "dist_timeout"}
 
 
 def _summary(m: dict[str, Any]) -> str:
@@ -128,8 +130,10 @@ def _summary(m: dict[str, Any]) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from torchsal import distributed
     from torchsal.train import Trainer
 
+    ctx = distributed.init_from_env(args.device or "cpu", args.dist_timeout)
     settings = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS and v is not None}
     if args.checkpoint_every is not None and args.checkpoint_every < 1:
         raise ConfigError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
@@ -144,9 +148,11 @@ def _train(args: argparse.Namespace) -> int:
         rule = args.rule or from_file.pop("rule", "sal")
         recipe = args.recipe or from_file.pop("recipe", "default")
         trainer = Trainer(make_config(rule, recipe, **{**from_file, **settings}))
-    if args.checkpoint_every and not trainer.out:
+    if args.checkpoint_every and not trainer.config.train.out:
         raise ConfigError("--checkpoint-every needs --out DIR to write checkpoints into")
     result = trainer.fit(progress=not args.quiet, checkpoint_every=args.checkpoint_every)
+    if not ctx.is_main:
+        return 0
     print(_summary(result.metrics))
     if trainer.out:
         print(f"run: {trainer.out}/ (metrics.json, metrics.csv, config.json, model.pt"

@@ -15,3 +15,7 @@ class DataError(TorchsalError, ValueError):
 
 class DivergenceError(TorchsalError, RuntimeError):
     """Training produced NaN or Inf."""
+
+
+class DistributedError(TorchsalError, RuntimeError):
+    """A peer process of a distributed run stopped or could not be reached."""

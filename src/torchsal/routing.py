@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchsal.config import RoutingConfig
+from torchsal.distributed import all_gather_rows
 
 
 def route(z: Tensor, prototypes: Tensor) -> tuple[Tensor, Tensor]:
@@ -43,8 +44,10 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3) -> Tens
 
 
 def routing_loss(scores: Tensor, temperature: float) -> Tensor:
-    """Local routing objective: CE between ``softmax(scores / T)`` and the batch's balanced assignment."""
-    target = sinkhorn(scores.detach())
+    """Local routing objective: CE between ``softmax(scores / T)`` and the batch's balanced assignment. In a
+    data-parallel run the balanced assignment is computed over the global batch (every rank's scores)."""
+    everyone, offset = all_gather_rows(scores.detach())
+    target = sinkhorn(everyone)[offset: offset + scores.shape[0]]
     return -(target * F.log_softmax(scores / temperature, dim=1)).sum(dim=1).mean()
 
 

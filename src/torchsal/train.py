@@ -20,6 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 import torchsal
+from torchsal import distributed
 from torchsal.config import RunConfig, TrainConfig, make_config
 from torchsal.data import Splits, load_dataset, make_splits
 from torchsal.diagnostics import alignment, area_statistics, interference
@@ -126,6 +127,7 @@ class Trainer:
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"--device {cfg.device} requested but CUDA is not available; use --device cpu")
         self.config, self.device = config, torch.device(cfg.device)
+        self.ctx = distributed.current()
         torch.manual_seed(cfg.seed)
         if splits is None:
             splits = make_splits(load_dataset(cfg.dataset, cfg.data_dir, cfg.grayscale), cfg.seed)
@@ -148,7 +150,8 @@ class Trainer:
 
     @property
     def out(self) -> Path | None:
-        return Path(self.config.train.out) if self.config.train.out else None
+        """Where this process writes: the run folder on rank 0, nowhere on the other ranks."""
+        return Path(self.config.train.out) if self.config.train.out and self.ctx.is_main else None
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -200,14 +203,14 @@ class Trainer:
     def fit(self, progress: bool = True, checkpoint_every: int | None = None) -> TrainResult:
         """Train to the end of the budget; with ``checkpoint_every`` (steps) keep ``out/checkpoint.pt`` current."""
         cfg, rule_name = self.config.train, self.config.rule.rule
-        if checkpoint_every and self.out is None:
+        if checkpoint_every and not self.config.train.out:
             raise ConfigError("--checkpoint-every needs --out DIR to write checkpoints into")
         if self.out:
             self.out.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.out / "config.json", self.config.to_dict())
         start = time.perf_counter() - self.elapsed
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{rule_name} {cfg.dataset}", unit="step",
-                   disable=not progress, leave=False)
+                   disable=not (progress and self.ctx.is_main), leave=False)
         self.model.train()
         while self.step < self.total_steps:
             if self.order is None:
@@ -218,7 +221,7 @@ class Trainer:
                 self.batch += 1
                 self.step += 1
                 bar.update()
-                if checkpoint_every and self.step % checkpoint_every == 0:
+                if checkpoint_every and self.step % checkpoint_every == 0 and self.out:
                     self.elapsed = time.perf_counter() - start
                     self.save_checkpoint()
             self._end_epoch(start)
@@ -236,12 +239,14 @@ class Trainer:
         return TrainResult(self.model, self.rule, metrics)
 
     def _train_step(self, batch: Tensor) -> None:
-        x, y = self.x_train[batch], self.y_train[batch]
+        local = distributed.shard(batch, self.ctx)     # this rank's share of the global batch
+        x, y = self.x_train[local], self.y_train[local]
         self.optimizer.zero_grad(set_to_none=True)   # None, not zero: untouched areas stay untouched
         out = self.rule(self.model, x, y)              # (a lean rule already fills hidden layers' .grad here)
         if not torch.isfinite(out.loss):
             raise self._diverged(self._first_non_finite(x) or f"loss became {out.loss.item()}")
         out.loss.backward()
+        distributed.sync_gradients(self.model, len(local), len(batch))
         self.optimizer.step()
         self.scheduler.step()
         self.sums["loss"] += out.task_loss.item() * len(y)
@@ -279,9 +284,9 @@ class Trainer:
 
     def _end_epoch(self, start: float) -> None:
         s, d = self.sums, self.device
+        loss, correct, seen = distributed.all_reduce_sums([s["loss"], s["correct"], s["seen"]])
         self.history.append({
-            "epoch": self.epoch, "step": self.step, "train_loss": s["loss"] / s["seen"],
-            "train_accuracy": s["correct"] / s["seen"],
+            "epoch": self.epoch, "step": self.step, "train_loss": loss / seen, "train_accuracy": correct / seen,
             "val_accuracy": evaluate(self.model, self.splits.x_val.to(d), self.splits.y_val.to(d)),
             "test_accuracy": evaluate(self.model, self.splits.x_test.to(d), self.splits.y_test.to(d)),
             "seconds": time.perf_counter() - start,

@@ -1,0 +1,119 @@
+"""Data-parallel training on ``torch.distributed`` (gloo on CPU, NCCL on GPU).
+
+Launch the same command on every process, e.g. ``torchrun --nproc-per-node 2 -m torchsal train ...``. Each
+optimizer step consumes one *global* batch of ``--batch-size`` rows, split into contiguous shards, one per rank.
+After the backward pass ``sync_gradients`` makes every rank hold the gradient a single process would have computed
+on the global batch, so weights stay identical on all ranks:
+
+    grad = sum over ranks of (local rows / global rows) * local batch-mean gradient
+
+An area that some rank's samples used gets a gradient on every rank (zeros where unused, then the sum); an area no
+rank used keeps ``.grad = None`` everywhere, so the untouched-area invariant holds across processes. The only
+batch-coupled computation, the routing objective's balanced (Sinkhorn) assignment, gathers the routing scores of the
+whole global batch (``all_gather_rows``). Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from torchsal.errors import ConfigError, DistributedError
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_from_env(device: str = "cpu", timeout_s: float = 120.0) -> Context:
+    """Join the process group described by torchrun's environment (WORLD_SIZE, RANK, MASTER_ADDR, ...).
+
+    ``timeout_s`` bounds how long a collective waits for a rank that died: the survivors then stop with an error
+    instead of hanging.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Context()
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        try:
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        except (RuntimeError, ValueError) as exc:
+            raise ConfigError(f"could not join the process group ({exc}); launch with torchrun") from None
+    return Context(dist.get_rank(), dist.get_world_size())
+
+
+def current() -> Context:
+    return Context(dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else Context()
+
+
+def shard(batch: Tensor, ctx: Context) -> Tensor:
+    """This rank's contiguous share of a global batch of indices."""
+    return batch.tensor_split(ctx.world)[ctx.rank] if ctx.world > 1 else batch
+
+
+def all_gather_rows(t: Tensor) -> tuple[Tensor, int]:
+    """Concatenate the rows of ``t`` from every rank in rank order (shards may differ in length by one row).
+    Returns ``(all rows, offset of this rank's rows)``."""
+    ctx = current()
+    if ctx.world == 1:
+        return t, 0
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(ctx.world)]
+    _collective(dist.all_gather, sizes, torch.tensor([t.shape[0]]))
+    sizes = [int(s) for s in sizes]
+    padded = t.new_zeros(max(sizes), *t.shape[1:])
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(ctx.world)]
+    _collective(dist.all_gather, parts, padded)
+    rows = torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
+    return rows, sum(sizes[: ctx.rank])
+
+
+def sync_gradients(model: nn.Module, local_rows: int, global_rows: int) -> None:
+    """Make every rank's ``.grad`` the global-batch gradient (see the module docstring)."""
+    ctx = current()
+    if ctx.world == 1:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    touched = torch.tensor([float(p.grad is not None) for p in params])
+    _collective(dist.all_reduce, touched)
+    active = [p for p, t in zip(params, touched.tolist(), strict=True) if t > 0]
+    scale = local_rows / global_rows
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in active]) * scale
+    _collective(dist.all_reduce, flat)
+    offset = 0
+    for p in active:
+        n = p.numel()
+        p.grad = flat[offset: offset + n].view_as(p).clone()
+        offset += n
+
+
+def all_reduce_sums(values: list[float]) -> list[float]:
+    ctx = current()
+    if ctx.world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    _collective(dist.all_reduce, t)
+    return t.tolist()
+
+
+def _collective(fn, *args) -> None:  # noqa: ANN001
+    """Run a collective; a dead or unreachable peer becomes one clear error instead of a gloo traceback."""
+    try:
+        fn(*args)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DistributedError(f"rank {current().rank}: a peer process stopped or is unreachable ({first[:160]}); "
+                               "the run stops. Continue from the last checkpoint with --resume DIR (any number "
+                               "of processes)") from None
