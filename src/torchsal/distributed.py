@@ -58,6 +58,13 @@ def current() -> Context:
     return Context(dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else Context()
 
 
+def device_for(device: str, ctx: Context) -> torch.device:
+    """``cuda`` under torchrun means this process's own GPU (LOCAL_RANK); everything else is taken as given."""
+    if device == "cuda" and ctx.world > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", ctx.rank)))
+    return torch.device(device)
+
+
 def shard(batch: Tensor, ctx: Context) -> Tensor:
     """This rank's contiguous share of a global batch of indices."""
     return batch.tensor_split(ctx.world)[ctx.rank] if ctx.world > 1 else batch

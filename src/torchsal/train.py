@@ -126,8 +126,8 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"--device {cfg.device} requested but CUDA is not available; use --device cpu")
-        self.config, self.device = config, torch.device(cfg.device)
         self.ctx = distributed.current()
+        self.config, self.device = config, distributed.device_for(cfg.device, self.ctx)
         torch.manual_seed(cfg.seed)
         if splits is None:
             splits = make_splits(load_dataset(cfg.dataset, cfg.data_dir, cfg.grayscale), cfg.seed)

@@ -1,0 +1,63 @@
+"""The CUDA path: same updates as on CPU, untouched areas untouched with fused optimizers. Skipped without CUDA."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny
+
+from torchsal.config import TrainConfig
+from torchsal.train import make_optimizer
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("rule", ["bp", "fa", "dfa", "sal"])
+def test_cuda_steps_match_cpu(rule):
+    x = torch.randn(64, 5, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(64) % 3
+    results = []
+    for device in ("cpu", "cuda"):
+        model, learning_rule = tiny(rule, areas=4, shared=True)
+        model, learning_rule = model.to(device), learning_rule.to(device)
+        optimizer = make_optimizer(list(model.parameters()), TrainConfig(optimizer="sgd", lr=0.05, momentum=0.9))
+        for _ in range(5):
+            optimizer.zero_grad()
+            learning_rule(model, x.to(device), y.to(device)).loss.backward()
+            optimizer.step()
+        results.append({k: v.cpu() for k, v in model.state_dict().items()})
+    for k in results[0]:
+        torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adam", "adamw"])
+def test_untouched_areas_on_cuda(opt):
+    model, rule = tiny("sal", areas=4, shared=True)
+    model, rule = model.cuda(), rule.cuda()
+    cfg = TrainConfig(optimizer=opt, lr=0.01, weight_decay=0.1, momentum=0.9 if opt == "sgd" else 0.0)
+    optimizer = make_optimizer(list(model.parameters()), cfg)
+    x, y = torch.randn(256, 5, device="cuda"), torch.randint(3, (256,), device="cuda")
+    for _ in range(2):
+        optimizer.zero_grad()
+        rule(model, x, y).loss.backward()
+        optimizer.step()
+    area, _ = model.routers[0](x)
+    skipped = int(area[0])
+    params = [p for layer in model.layers for p in (layer.area_weights[skipped], layer.area_biases[skipped])]
+    before = [p.detach().clone() for p in params] + [v.clone() for p in params for v in optimizer.state[p].values()
+                                                     if torch.is_tensor(v)]
+    keep = area != skipped
+    optimizer.zero_grad()
+    rule(model, x[keep], y[keep]).loss.backward()
+    optimizer.step()
+    after = [p.detach() for p in params] + [v for p in params for v in optimizer.state[p].values() if torch.is_tensor(v)]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_cli_trains_on_cuda(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "torchsal", "train", "--device", "cuda", "--epochs", "5", "--quiet",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    import json
+    assert json.loads((tmp_path / "metrics.json").read_text())["test_accuracy"] > 0.8
