@@ -45,14 +45,16 @@ def test_untouched_areas_on_cuda(opt):
     area, _ = model.routers[0](x)
     skipped = int(area[0])
     params = [p for layer in model.layers for p in (layer.area_weights[skipped], layer.area_biases[skipped])]
-    before = [p.detach().clone() for p in params] + [v.clone() for p in params for v in optimizer.state[p].values()
-                                                     if torch.is_tensor(v)]
+    def snapshot():
+        state = [v.clone() for p in params for v in optimizer.state[p].values() if torch.is_tensor(v)]
+        return [p.detach().clone() for p in params] + state
+
+    before = snapshot()
     keep = area != skipped
     optimizer.zero_grad()
     rule(model, x[keep], y[keep]).loss.backward()
     optimizer.step()
-    after = [p.detach() for p in params] + [v for p in params for v in optimizer.state[p].values() if torch.is_tensor(v)]
-    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(), strict=True))
 
 
 def test_cli_trains_on_cuda(tmp_path):
