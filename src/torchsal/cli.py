@@ -17,8 +17,6 @@ import torch
 from torchsal.config import RECIPES, RULE_DEFAULTS, make_config, read_config_file
 from torchsal.errors import ConfigError, TorchsalError
 
-log = logging.getLogger("torchsal")
-
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line (no usage block) and exit status 2."""
@@ -45,7 +43,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="also log per-epoch scalars to DIR/tensorboard (pip install tensorboard)")
     p.add_argument("--grayscale", action=argparse.BooleanOptionalAction, default=None,
                    help="colour images as one luma channel (the paper's CIFAR-10 setting)")
-    p.add_argument("--out", help="write DIR/metrics.json")
+    p.add_argument("--out", metavar="DIR", help="run folder: config, per-epoch metrics, model, checkpoints")
     g = p.add_argument_group("model")
     g.add_argument("--depth", type=int, help="hidden layers")
     g.add_argument("--width", type=int, help="units per hidden layer")
