@@ -86,3 +86,18 @@ def test_bp_wide_matches_sal_parameter_count(depth):
 def test_unknown_preset_is_rejected(tmp_path):
     with pytest.raises(ConfigError, match="unknown preset 'sgd'"):
         Bench("tuned", ["wine"], ["sgd"], [0], tmp_path)
+
+
+def test_report_only_trains_nothing_and_reports_what_is_finished(tmp_path, monkeypatch):
+    import shutil
+
+    calls = []
+    monkeypatch.setattr(bench, "train", fake_train(calls))
+    records = Bench("tuned", ["wine"], ["bp"], [0, 1, 2], tmp_path).run()
+    last = next(r for r in records if r["chosen"] and r["seed"] == 2)
+    shutil.rmtree(tmp_path / "runs" / last["run"])
+    calls.clear()
+    report = Bench("tuned", ["wine"], ["bp"], [0, 1, 2], tmp_path, report_only=True)
+    report.run()
+    assert calls == []
+    assert report.summary()[0]["seeds"] == 2                        # the missing seed is not invented

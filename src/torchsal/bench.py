@@ -111,7 +111,8 @@ class Bench:
     """Runs (or reloads) every cell of one recipe and writes the tables and plots."""
 
     def __init__(self, recipe: str, datasets: list[str], presets: list[str], seeds: list[int], out: Path,
-                 data_dir: str | None = None, threads: int | None = None, epochs: int | None = None) -> None:
+                 data_dir: str | None = None, threads: int | None = None, epochs: int | None = None,
+                 report_only: bool = False) -> None:
         if recipe not in RECIPES:
             raise ConfigError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
         unknown = [p for p in presets if p not in PRESETS]
@@ -121,6 +122,7 @@ class Bench:
             raise ConfigError("--seeds needs at least one seed")
         self.recipe, self.datasets, self.presets, self.seeds = RECIPES[recipe], datasets, presets, seeds
         self.out, self.data_dir, self.threads, self.epochs = out, data_dir, threads, epochs
+        self.report_only = report_only          # tables from the finished runs only; train nothing
         self.records: list[dict[str, Any]] = []
 
     def run(self) -> list[dict[str, Any]]:
@@ -149,17 +151,22 @@ class Bench:
             settings["width"] = matched_width(s.in_features, s.num_classes, {**base, **trials[0]})
         first, *rest = self.seeds
         tried = [self._run(dataset, preset, {**settings, **t, "seed": first}, trial=t) for t in trials]
+        if any(r is None for r in tried):          # --report-only and the selection is not complete yet
+            return
         best = max(range(len(tried)), key=lambda i: (tried[i]["val_accuracy"], -i))
         tried[best]["chosen"] = True
         for seed in rest:
             self._run(dataset, preset, {**settings, **trials[best], "seed": seed}, trial=trials[best], chosen=True)
 
     def _run(self, dataset: str, preset: str, settings: dict[str, Any], trial: dict[str, Any],
-             chosen: bool = False) -> dict[str, Any]:
+             chosen: bool = False) -> dict[str, Any] | None:
         config = make_config(settings["rule"], **{k: v for k, v in settings.items() if k != "rule"})
         path = self.out / "runs" / _key(config) / "metrics.json"
         if path.is_file():
             metrics = json.loads(path.read_text())
+        elif self.report_only:
+            self.bar.update()
+            return None
         else:
             metrics = train(config, splits=self.splits[settings["seed"]], progress=False).metrics
             write_json_atomic(path, metrics)

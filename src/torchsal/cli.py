@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_p.add_argument("--data-dir", help="folder holding dataset files")
     bench_p.add_argument("--threads", type=int, help="CPU threads for torch")
     bench_p.add_argument("--epochs", type=int, help="override the recipe's epoch budget (quick checks)")
+    bench_p.add_argument("--report-only", action="store_true",
+                         help="write the tables from the runs already finished in --out; train nothing")
     return parser
 
 
@@ -210,7 +212,8 @@ def _bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     bench = Bench(args.recipe, [d for d in args.datasets.split(",") if d], [p for p in args.rules.split(",") if p],
-                  _int_list(args.seeds, "--seeds"), Path(args.out), args.data_dir, args.threads, args.epochs)
+                  _int_list(args.seeds, "--seeds"), Path(args.out), args.data_dir, args.threads, args.epochs,
+                  args.report_only)
     bench.run()
     print((Path(args.out) / "results.md").read_text())
     print(f"results: {args.out}/results.json, results.csv, results.md, convergence-{args.recipe}.png")
