@@ -101,3 +101,15 @@ def test_report_only_trains_nothing_and_reports_what_is_finished(tmp_path, monke
     report.run()
     assert calls == []
     assert report.summary()[0]["seeds"] == 2                        # the missing seed is not invented
+
+
+def test_runs_finished_before_new_settings_existed_are_reused():
+    from torchsal.bench import _field_defaults, _same_run
+
+    wanted = make_config("sal", dataset="wine").to_dict()
+    older = {k: v for k, v in wanted.items() if k not in ("memory", "diagnostics")}   # an older torchsal's config
+    defaults = _field_defaults()
+    assert _same_run(older, wanted, defaults)
+    assert not _same_run(older, {**wanted, "memory": "lean"}, defaults)       # a new setting off its default
+    assert not _same_run({**older, "lr": 0.5}, wanted, defaults)              # a setting that differs
+    assert _same_run({**wanted, "data_dir": "/elsewhere"}, wanted, defaults)   # where data lives is not identity

@@ -11,6 +11,7 @@ so an interrupted bench resumes where it stopped and never redoes a finished run
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -23,7 +24,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from torchsal.config import ConfigError, RunConfig, make_config
+from torchsal.config import ConfigError, ModelConfig, RoutingConfig, RuleConfig, RunConfig, TrainConfig, make_config
 from torchsal.data import load_dataset, make_splits
 from torchsal.models import count_parameters
 from torchsal.storage import write_bytes_atomic, write_json_atomic
@@ -99,12 +100,30 @@ def matched_width(in_features: int, num_classes: int, settings: dict[str, Any]) 
     return round(-c / b) if a == 0 else round((-b + (b * b - 4 * a * c) ** 0.5) / (2 * a))
 
 
+def _identity(config: dict[str, Any]) -> dict[str, Any]:
+    """What makes a run itself: every setting but where its data and outputs live."""
+    return {k: v for k, v in config.items() if k not in ("data_dir", "out")}
+
+
 def _key(config: RunConfig) -> str:
     """Runs are identified by their resolved configuration, so presets that resolve to the same run (``sal`` and
-    ``sal-local`` when local is the default signal) share it. Where data and outputs live is not identity."""
-    identity = {k: v for k, v in config.to_dict().items() if k not in ("data_dir", "out")}
+    ``sal-local`` when local is the default signal) share it."""
+    identity = _identity(config.to_dict())
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
     return f"{identity['dataset']}-{identity['rule']}-s{identity['seed']}-{digest}"
+
+
+def _field_defaults() -> dict[str, Any]:
+    return {f.name: f.default for cls in (RoutingConfig, ModelConfig, RuleConfig, TrainConfig)
+            for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
+def _same_run(stored: dict[str, Any], wanted: dict[str, Any], defaults: dict[str, Any]) -> bool:
+    """A run finished by an older torchsal, whose config lacks settings added since, is the wanted run when it
+    agrees on every setting it has and the wanted run leaves the newer settings at their defaults."""
+    stored, wanted = _identity(stored), _identity(wanted)
+    return (all(wanted.get(k) == v for k, v in stored.items())
+            and all(k in stored or defaults.get(k, object()) == v for k, v in wanted.items()))
 
 
 class Bench:
@@ -123,6 +142,7 @@ class Bench:
         self.recipe, self.datasets, self.presets, self.seeds = RECIPES[recipe], datasets, presets, seeds
         self.out, self.data_dir, self.threads, self.epochs = out, data_dir, threads, epochs
         self.report_only = report_only          # tables from the finished runs only; train nothing
+        self._finished: list[tuple[dict[str, Any], Path]] | None = None
         self.records: list[dict[str, Any]] = []
 
     def run(self) -> list[dict[str, Any]]:
@@ -162,6 +182,7 @@ class Bench:
              chosen: bool = False) -> dict[str, Any] | None:
         config = make_config(settings["rule"], **{k: v for k, v in settings.items() if k != "rule"})
         path = self.out / "runs" / _key(config) / "metrics.json"
+        path = path if path.is_file() else self._older_run(config) or path
         if path.is_file():
             metrics = json.loads(path.read_text())
         elif self.report_only:
@@ -179,6 +200,12 @@ class Bench:
                   "test_curve": [h["test_accuracy"] for h in metrics["history"]], "run": str(path.parent.name)}
         self.records.append(record)
         return record
+
+    def _older_run(self, config: RunConfig) -> Path | None:
+        if self._finished is None:                  # index the finished runs once
+            self._finished = [(json.loads(p.read_text())["config"], p) for p in self.out.glob("runs/*/metrics.json")]
+        wanted, defaults = config.to_dict(), _field_defaults()
+        return next((p for stored, p in self._finished if _same_run(stored, wanted, defaults)), None)
 
     # ------------------------------------------------------------------------------------------------ outputs
     def summary(self) -> list[dict[str, Any]]:
