@@ -20,7 +20,8 @@ def fake_train(calls):
         test = {3e-4: 0.5, 1e-3: 0.6, 3e-3: 0.99}[lr] + config.train.seed / 100
         history = [{"test_accuracy": test, "val_accuracy": val}]
         return SimpleNamespace(metrics={"test_accuracy": test, "val_accuracy": val, "epochs": 1, "train_seconds": 0.1,
-                                        "params_total": 1, "params_active_per_sample": 1, "history": history})
+                                        "params_total": 1, "params_active_per_sample": 1, "history": history,
+                                        "config": config.to_dict()})
     return train
 
 
@@ -71,7 +72,7 @@ def fake_train_any(calls):
         calls.append(config)
         return SimpleNamespace(metrics={"test_accuracy": 0.5, "val_accuracy": config.train.lr, "epochs": 1,
                                         "train_seconds": 0.1, "params_total": 1, "params_active_per_sample": 1,
-                                        "history": [{"test_accuracy": 0.5}]})
+                                        "history": [{"test_accuracy": 0.5}], "config": config.to_dict()})
     return train
 
 
