@@ -46,7 +46,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "sal-local": {"rule": "sal", "signal": "local"},
     "bp-areas": {"rule": "bp", "areas": 16, "shared": True},
     "bp-wide": {"rule": "bp", "width": "matched"},
+    # Ablations of SAL's components (docs/science.md): each changes one thing of the default SAL.
+    "sal-both": {"rule": "sal", "signal": "both"},
+    "sal-k1": {"rule": "sal", "areas": 1, "shared": False},
+    "sal-no-shared": {"rule": "sal", "shared": False},
+    "sal-frozen-router": {"rule": "sal", "router": "frozen"},
+    "sal-random-router": {"rule": "sal", "router": "random"},
+    "sal-layer-routing": {"rule": "sal", "routing": "layer"},
 }
+ABLATIONS = ("sal", "sal-k1", "sal-no-shared", "sal-frozen-router", "sal-random-router", "sal-layer-routing",
+             "sal-direct", "sal-local", "sal-both")
 
 # Published numbers (test accuracy %) from ../shared/paper/REFERENCE-NUMBERS.md: BP (paper recipe) and SAL-16.
 PAPER_NUMBERS: dict[str, tuple[float, float]] = {
@@ -67,9 +76,12 @@ def _paper_trials(preset: str) -> list[dict[str, Any]]:
 
 
 def _tuned_trials(preset: str) -> list[dict[str, Any]]:
-    """Six trials for every preset: three learning rates times one second knob. For ``sal`` that knob is its
-    signal (SAL's extra knob counted inside the same budget); for the others AdamW's weight decay."""
-    second = ([{"signal": "local"}, {"signal": "both"}] if preset == "sal"
+    """Six trials for every preset: three learning rates times one second knob. For SAL presets that leave the
+    signal free, that knob is the signal (SAL's extra knob counted inside the same budget); for the others
+    AdamW's weight decay."""
+    settings = PRESETS.get(preset, {})
+    free_signal = settings.get("rule") == "sal" and "signal" not in settings
+    second = ([{"signal": "local"}, {"signal": "both"}] if free_signal
               else [{"weight_decay": 0.0}, {"weight_decay": 1e-4}])
     return [{"lr": lr, **knob} for lr in (3e-4, 1e-3, 3e-3) for knob in second]
 

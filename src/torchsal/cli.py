@@ -97,12 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     info_p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     info_p.add_argument("--data-dir", help="folder holding dataset files")
 
-    from torchsal.bench import PRESETS, RECIPES, TEN_DATASETS
+    from torchsal.bench import ABLATIONS, PRESETS, RECIPES, TEN_DATASETS
 
     bench_p = sub.add_parser("bench", help="benchmark presets on datasets over seeds (resumable)")
     bench_p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     bench_p.add_argument("--datasets", default=",".join(TEN_DATASETS), help="comma-separated (default: the ten)")
-    bench_p.add_argument("--rules", default=",".join(PRESETS), help=f"presets: {', '.join(PRESETS)}")
+    main_presets = [p for p in PRESETS if p not in ABLATIONS or p in ("sal", "sal-direct", "sal-local")]
+    bench_p.add_argument("--rules", default=",".join(main_presets),
+                         help=f"presets: {', '.join(PRESETS)}; 'ablations' expands to the SAL ablation set")
     bench_p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     bench_p.add_argument("--recipe", default="tuned", choices=sorted(RECIPES))
     bench_p.add_argument("--out", required=True, help="results folder (reused to resume)")
@@ -211,7 +213,10 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    bench = Bench(args.recipe, [d for d in args.datasets.split(",") if d], [p for p in args.rules.split(",") if p],
+    from torchsal.bench import ABLATIONS
+
+    presets = [q for p in args.rules.split(",") if p for q in (ABLATIONS if p == "ablations" else [p])]
+    bench = Bench(args.recipe, [d for d in args.datasets.split(",") if d], list(dict.fromkeys(presets)),
                   _int_list(args.seeds, "--seeds"), Path(args.out), args.data_dir, args.threads, args.epochs,
                   args.report_only)
     bench.run()
