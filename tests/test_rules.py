@@ -154,3 +154,28 @@ def test_unknown_rule_lists_the_valid_names():
     with pytest.raises(ConfigError, match="unknown rule 'xyz'; choose one of: bp, dfa, fa, sal"):
         get_rule("xyz")
     assert set(RULES) == {"bp", "fa", "dfa", "sal"}
+
+
+@pytest.mark.parametrize("signal", ["direct", "local"])
+def test_per_area_feedback_uses_each_samples_own_matrix(batch, signal):
+    """With --feedback per-area, sample i of area k gets its signal through layer l's k-th fixed matrix."""
+    from torchsal.config import ModelConfig, RoutingConfig, RuleConfig
+    from torchsal.models import build_model
+    from torchsal.rules import build_rule
+
+    x, y = batch
+    cfg = ModelConfig(depth=1, width=4, shared=True, routing_config=RoutingConfig(areas=3, routing_dim=4))
+    model = build_model(5, 3, cfg, seed=0)
+    rule = build_rule(model, RuleConfig(rule="sal", signal=signal, feedback="per-area"), 0)
+    mats = rule._matrices(signal)
+    assert len(mats) == 3 and not torch.allclose(mats[0], mats[1])
+    trace = model.trace(x, detach=True)
+    h, area = trace.hidden[0].detach(), trace.areas[0]
+    onehot = F.one_hot(y, 3).float()
+    if signal == "direct":
+        expected = torch.stack([output_error(trace.logits.detach(), y)[i] @ mats[k] for i, k in enumerate(area.tolist())])
+    else:
+        expected = torch.stack([(torch.softmax(mats[k] @ h[i], 0) - onehot[i]) @ mats[k]
+                                for i, k in enumerate(area.tolist())])
+    error = output_error(trace.logits.detach(), y)
+    torch.testing.assert_close(rule.signal(0, h, error, onehot, area), expected)

@@ -53,9 +53,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "sal-frozen-router": {"rule": "sal", "router": "frozen"},
     "sal-random-router": {"rule": "sal", "router": "random"},
     "sal-layer-routing": {"rule": "sal", "routing": "layer"},
+    "sal-per-area-feedback": {"rule": "sal", "feedback": "per-area"},
 }
 ABLATIONS = ("sal", "sal-k1", "sal-no-shared", "sal-frozen-router", "sal-random-router", "sal-layer-routing",
-             "sal-direct", "sal-local", "sal-both")
+             "sal-per-area-feedback", "sal-direct", "sal-local", "sal-both")
 
 # Published numbers (test accuracy %) from ../shared/paper/REFERENCE-NUMBERS.md: BP (paper recipe) and SAL-16.
 PAPER_NUMBERS: dict[str, tuple[float, float]] = {

@@ -57,6 +57,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--norm", choices=["none", "layer", "rms"], help="pre-norm in residual blocks and before the head")
     g.add_argument("--signal", choices=["direct", "local", "both"], help="SAL's hidden-layer signal")
     g.add_argument("--readout", choices=["per-layer", "shared"], help="local readouts: one per layer or one shared")
+    g.add_argument("--feedback", choices=["shared", "per-area"],
+                   help="fixed feedback matrices/readouts: one per layer, or one per area of each layer")
     g.add_argument("--memory", choices=["standard", "lean"],
                    help="lean: update each layer right after its forward step (sal, local signal)")
     g = p.add_argument_group("optimisation")

@@ -81,6 +81,8 @@ class RuleConfig:
     signal: str = "local"
     # Fixed random readouts of the local signal: one per hidden layer, or one shared by all of them.
     readout: str = "per-layer"
+    # Feedback matrices and readouts: one per layer ("shared" by its areas) or one per area of each layer.
+    feedback: str = "shared"
     # "lean": each hidden layer updates as soon as its own forward step is done, so no earlier layer's
     # activations are kept (needs layer-local signals: --rule sal --signal local).
     memory: str = "standard"
@@ -91,6 +93,7 @@ class RuleConfig:
         _choice("rule", self.rule, tuple(sorted(RULES)))
         _choice("signal", self.signal, ("direct", "local", "both"))
         _choice("readout", self.readout, ("per-layer", "shared"))
+        _choice("feedback", self.feedback, ("shared", "per-area"))
         _choice("memory", self.memory, ("standard", "lean"))
         if self.memory == "lean" and (self.rule != "sal" or self.signal != "local"):
             raise ConfigError("--memory lean needs layer-local signals (--rule sal --signal local): other rules "

@@ -75,15 +75,15 @@ class AreaMLP(nn.Module):
         return self.trace(x).logits
 
     def trace(self, x: Tensor, *, detach: bool = False, feedback: Sequence[Tensor | None] | None = None,
-              on_hidden: Callable[[int, Tensor], None] | None = None) -> Trace:
+              on_hidden: Callable[[int, Tensor, Tensor | None], None] | None = None) -> Trace:
         """Forward pass recording what rules need.
 
         Args:
             detach: cut the graph at every layer input, so each layer's graph holds only its own parameters.
             feedback: per linear layer, a fixed (out, in) matrix that replaces the transposed weights on the
                 way back to that layer's input (feedback alignment), or None.
-            on_hidden: called with (layer index, h_l) as soon as hidden layer l is computed; the hidden outputs
-                are then not kept in the trace (lean memory: a layer may update and free its graph at once).
+            on_hidden: called with (layer index, h_l, its samples' areas) as soon as hidden layer l is computed;
+                the hidden outputs are then not kept (lean memory: a layer may update and free its graph at once).
         """
         self._check_input(x)
         routing_loss = x.new_zeros(())
@@ -103,7 +103,7 @@ class AreaMLP(nn.Module):
             if on_hidden is None:
                 hidden.append(h)
             else:
-                on_hidden(i, h)
+                on_hidden(i, h, area)
         raise AssertionError("unreachable: the model has at least one layer")
 
     def _check_input(self, x: Tensor) -> None:

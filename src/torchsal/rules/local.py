@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from torchsal.config import RuleConfig
+from torchsal.dispatch import area_linear
 from torchsal.feedback import random_matrix
 from torchsal.models import AreaMLP
 from torchsal.rules.base import LearningRule, StepOutput, output_step, register_rule, rms
@@ -37,23 +38,34 @@ class LocalSignalRule(LearningRule):
     def __init__(self, model: AreaMLP, config: RuleConfig, generator: torch.Generator) -> None:
         super().__init__(model, config, generator)
         widths, classes = model.sizes[1:-1], model.sizes[-1]
+        # With per-area feedback each layer has one matrix per area (K), otherwise one.
+        self.per_layer = model.config.routing_config.areas if config.feedback == "per-area" else 1
         # Both kinds stand in for a (C, width) output weight and are initialised like one.
         if "direct" in self.signals():
-            self._register_matrices("direct", [random_matrix(classes, w, w, generator) for w in widths])
+            self._register_matrices("direct", [random_matrix(classes, w, w, generator)
+                                               for w in widths for _ in range(self.per_layer)])
         if "local" in self.signals():
             readouts = widths[:1] if config.readout == "shared" else widths
-            self._register_matrices("local", [random_matrix(classes, w, w, generator) for w in readouts])
+            self._register_matrices("local", [random_matrix(classes, w, w, generator)
+                                              for w in readouts for _ in range(self.per_layer)])
+
+    def _layer(self, kind: str, layer: int) -> list[Tensor]:
+        """The fixed matrices of ``kind`` that serve hidden layer ``layer``: one, or one per area."""
+        if kind == "local" and self.config.readout == "shared":
+            layer = 0
+        return self._matrices(kind)[layer * self.per_layer: (layer + 1) * self.per_layer]
 
     @torch.no_grad()
-    def signal(self, layer: int, h: Tensor, error: Tensor | None, onehot: Tensor) -> Tensor:
-        """g_l (B, width) for hidden layer ``layer`` from its detached output ``h``."""
+    def signal(self, layer: int, h: Tensor, error: Tensor | None, onehot: Tensor, area: Tensor | None) -> Tensor:
+        """g_l (B, width) for hidden layer ``layer`` from its detached output ``h`` (and its samples' areas, which
+        pick the feedback matrix of each sample under per-area feedback)."""
         g = torch.zeros_like(h)
-        if "direct" in self.signals():
-            g.add_(error @ self._matrices("direct")[layer])
-        if "local" in self.signals():
-            readouts = self._matrices("local")
-            readout = readouts[0] if self.config.readout == "shared" else readouts[layer]
-            g.add_((torch.softmax(h @ readout.T, dim=1) - onehot) @ readout)
+        if "direct" in self.signals():                   # e B_l[k]
+            g.add_(area_linear(error, area, [b.T for b in self._layer("direct", layer)]))
+        if "local" in self.signals():                    # (softmax(h G^T) - y) G
+            readouts = self._layer("local", layer)
+            logits = area_linear(h, area, readouts)
+            g.add_(area_linear(torch.softmax(logits, dim=1) - onehot, area, [r.T for r in readouts]))
         return g
 
     def forward(self, model: AreaMLP, x: Tensor, y: Tensor) -> StepOutput:
@@ -64,8 +76,8 @@ class LocalSignalRule(LearningRule):
             # only two scalars per layer (for diagnostics) outlive it.
             mean_squares: list[Tensor] = []
 
-            def update(i: int, h: Tensor) -> None:
-                g = self.signal(i, h.detach(), None, onehot)
+            def update(i: int, h: Tensor, area: Tensor | None) -> None:
+                g = self.signal(i, h.detach(), None, onehot, area)
                 ((h * g).sum() / batch).backward()
                 mean_squares.append(torch.stack([h.detach().pow(2).mean(), g.pow(2).mean()]))
 
@@ -74,7 +86,8 @@ class LocalSignalRule(LearningRule):
             return output_step(trace, y, activation_rms=activation_rms, signal_rms=signal_rms)
         trace = model.trace(x, detach=True)
         error = torch.softmax(trace.logits.detach(), dim=1) - onehot
-        signals = [self.signal(i, h.detach(), error, onehot) for i, h in enumerate(trace.hidden)]
+        signals = [self.signal(i, h.detach(), error, onehot, area)
+                   for i, (h, area) in enumerate(zip(trace.hidden, trace.areas))]
         surrogate = sum(((h * g).sum() for h, g in zip(trace.hidden, signals)), x.new_zeros(()))
         return output_step(trace, y, surrogate / batch, signal_rms=rms(signals))
 
