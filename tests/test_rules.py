@@ -172,10 +172,10 @@ def test_per_area_feedback_uses_each_samples_own_matrix(batch, signal):
     trace = model.trace(x, detach=True)
     h, area = trace.hidden[0].detach(), trace.areas[0]
     onehot = F.one_hot(y, 3).float()
+    error = output_error(trace.logits.detach(), y)
     if signal == "direct":
-        expected = torch.stack([output_error(trace.logits.detach(), y)[i] @ mats[k] for i, k in enumerate(area.tolist())])
+        expected = torch.stack([error[i] @ mats[k] for i, k in enumerate(area.tolist())])
     else:
         expected = torch.stack([(torch.softmax(mats[k] @ h[i], 0) - onehot[i]) @ mats[k]
                                 for i, k in enumerate(area.tolist())])
-    error = output_error(trace.logits.detach(), y)
     torch.testing.assert_close(rule.signal(0, h, error, onehot, area), expected)
