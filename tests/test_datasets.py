@@ -223,3 +223,17 @@ def test_images_are_standardised_globally():
     s = make_splits(Dataset("img", x, np.arange(40) % 2, ["a", "b"], images=True), 0)
     constant = s.x_train[:, 1:]                                      # one mean/std for all pixels:
     assert constant.std() < 1e-6 and constant.abs().min() > 0.1     # constant pixels are not zeroed
+
+
+def test_union_of_image_datasets(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHSAL_CACHE", str(tmp_path / "cache"))
+    write_idx_set(tmp_path / "mnist")
+    write_idx_set(tmp_path / "fashion-mnist", n_train=20, n_test=6)
+    image_tree(tmp_path)                                              # cifar10: 8x8 RGB, classes a, b
+    ds = load_dataset("union:mnist,fashion-mnist,cifar10", tmp_path)
+    assert ds.x.shape == (30 + 20 + 8, 64)                            # everything brought to 8x8 grayscale
+    assert len(ds.classes) == 22 and ds.classes[0] == "mnist/0" and ds.classes[-1] == "cifar10/b"
+    assert ds.y[30:50].min() == 10 and ds.y[50:].min() == 20         # labels offset per dataset
+    assert ds.x_test.shape == (10 + 6 + 4, 64)
+    with pytest.raises(DataError, match="union: 'wine' is not a square grayscale image dataset"):
+        load_dataset("union:mnist,wine", tmp_path)

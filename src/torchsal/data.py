@@ -175,12 +175,45 @@ def locate_dataset(name: str, data_dir: str | Path | None = None) -> Path | None
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None, grayscale: bool = False) -> Dataset:
-    """Load a dataset by registered name, or ``csv:PATH`` / ``npz:PATH``."""
+    """Load a dataset by registered name, ``csv:PATH`` / ``npz:PATH``, or ``union:A,B,...`` (several image
+    datasets as one classification problem, see ``union``)."""
     kind, _, path = name.partition(":")
     if path and kind in FILE_FORMATS:
         return FILE_FORMATS[kind](Path(path).expanduser())
+    if path and kind == "union":
+        return union([load_dataset(part, data_dir, grayscale=True) for part in path.split(",") if part])
     source = locate_dataset(name, data_dir)
     return DATASETS[name][0](DataRequest(grayscale), source)
+
+
+def union(parts: list[Dataset]) -> Dataset:
+    """Several grayscale image datasets as one problem with disjoint classes (``mnist/3``, ``cifar10/cat``, ...):
+    images brought to the smallest common square size (antialiased), each dataset's official train/test split
+    kept. The paper's motivating case: divergent patterns that would otherwise share dense weights."""
+    if len(parts) < 2:
+        raise DataError("union: name at least two datasets, e.g. union:mnist,fashion-mnist,cifar10")
+    for ds in parts:
+        side = math.isqrt(ds.x.shape[1])
+        if not ds.images or side * side != ds.x.shape[1] or ds.x_test is None:
+            raise DataError(f"union: {ds.name!r} is not a square grayscale image dataset with an official test "
+                            "split; union takes image datasets such as mnist, fashion-mnist, kmnist, cifar10")
+    side = min(math.isqrt(ds.x.shape[1]) for ds in parts)
+
+    def resize(x: np.ndarray) -> np.ndarray:
+        s = math.isqrt(x.shape[1])
+        if s == side:
+            return x
+        images = torch.from_numpy(x).view(-1, 1, s, s)
+        return torch.nn.functional.interpolate(images, size=(side, side), mode="bilinear", antialias=True,
+                                               align_corners=False).reshape(len(x), -1).numpy()
+
+    offsets = np.cumsum([0] + [len(ds.classes) for ds in parts])
+    return Dataset("+".join(ds.name for ds in parts),
+                   np.concatenate([resize(ds.x) for ds in parts]),
+                   np.concatenate([ds.y + o for ds, o in zip(parts, offsets)]),
+                   [f"{ds.name}/{c}" for ds in parts for c in ds.classes],
+                   np.concatenate([resize(ds.x_test) for ds in parts]),
+                   np.concatenate([ds.y_test + o for ds, o in zip(parts, offsets)]), images=True)
 
 
 def encode_labels(raw: np.ndarray | list, source: str) -> tuple[np.ndarray, list[str]]:
