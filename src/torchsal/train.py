@@ -148,6 +148,17 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.elapsed = 0.0
 
+    def next_task(self, splits: Splits) -> None:
+        """Continue training the same model, rule and optimizer (state kept) on new data for another
+        ``epochs`` (continual learning). The step count runs on; each task's epochs restart at 1."""
+        if splits.in_features != self.splits.in_features or splits.num_classes != self.splits.num_classes:
+            raise ConfigError("every task must have the model's input size and classes")
+        self.splits = splits
+        self.x_train, self.y_train = splits.x_train.to(self.device), splits.y_train.to(self.device)
+        cfg = self.config.train
+        self.total_steps = self.step + cfg.epochs * math.ceil(len(self.y_train) / cfg.batch_size)
+        self.epoch, self.batch, self.order = 1, 0, None
+
     @property
     def out(self) -> Path | None:
         """Where this process writes: the run folder on rank 0, nowhere on the other ranks."""
