@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import logging
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,8 +28,6 @@ from torchsal.data import load_dataset, make_splits
 from torchsal.models import count_parameters
 from torchsal.storage import write_bytes_atomic, write_json_atomic
 from torchsal.train import train
-
-log = logging.getLogger(__name__)
 
 TEN_DATASETS = ("mnist", "fashion-mnist", "cifar10", "mnist1d", "digits", "wine", "breast-cancer", "letter",
                 "satellite", "dna")
