@@ -78,14 +78,17 @@ class LearningRule(nn.Module):
     def __init__(self, model: AreaMLP, config: RuleConfig, generator: torch.Generator) -> None:
         super().__init__()
         self.config = config
+        self._counts: dict[str, int] = {}       # matrices registered per prefix
 
     def _register_matrices(self, prefix: str, matrices: list[Tensor]) -> None:
         for i, m in enumerate(matrices):
             self.register_buffer(f"{prefix}_{i}", m)
+        self._counts[prefix] = len(matrices)
 
     def _matrices(self, prefix: str) -> list[Tensor]:
-        """Fetched by name on every call, so they follow ``.to()`` and ``load_state_dict``."""
-        return [buf for name, buf in self.named_buffers() if name.rsplit("_", 1)[0] == prefix]
+        """Fetched by name on every call, so they follow ``.to()`` and ``load_state_dict``; a direct lookup per
+        matrix, not a scan of all buffers (this runs once per hidden layer per step)."""
+        return [getattr(self, f"{prefix}_{i}") for i in range(self._counts.get(prefix, 0))]
 
     def forward(self, model: AreaMLP, x: Tensor, y: Tensor) -> StepOutput:
         raise NotImplementedError
