@@ -272,7 +272,7 @@ class Trainer:
     @torch.no_grad()
     def _first_non_finite(self, x: Tensor) -> str | None:
         """Name where NaN/Inf first appears: a weight tensor, else the first layer whose output is non-finite."""
-        bad = next((name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()), None)
+        bad = self._non_finite_weight()
         if bad:
             return f"non-finite weights in {bad}"
         trace = self.model.trace(x)
@@ -280,11 +280,14 @@ class Trainer:
         layer = next((i for i, h in enumerate(outputs) if not torch.isfinite(h).all()), None)
         return None if layer is None else f"non-finite activations out of layer {layer} (of {len(outputs)})"
 
+    def _non_finite_weight(self) -> str | None:
+        return next((name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()), None)
+
     def _check_finite(self) -> None:
         """Never save or report non-finite weights; name the first tensor that went bad."""
-        for name, p in self.model.named_parameters():
-            if not torch.isfinite(p).all():
-                raise self._diverged(f"non-finite weights in {name}")
+        bad = self._non_finite_weight()
+        if bad:
+            raise self._diverged(f"non-finite weights in {bad}")
 
     def _diverged(self, what: str) -> DivergenceError:
         kept = self.out and (self.out / CHECKPOINT).is_file()
