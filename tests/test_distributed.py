@@ -83,3 +83,73 @@ def test_a_dead_rank_stops_the_job_and_the_run_resumes_on_one_process(tmp_path):
     res = single(*ARGS, "--rule", "sal", "--out", str(tmp_path / "one"))
     assert res.returncode == 0, res.stderr
     assert_close_weights(weights(run), weights(tmp_path / "one"))
+
+
+@pytest.mark.parametrize("rule, extra", [("sal", []), ("bp", ["--depth", "2", "--optimizer", "sgd", "--lr", "0.05"])])
+def test_area_parallel_matches_one_process(tmp_path, rule, extra):
+    """Each rank holds half of every layer's areas; samples travel to their area's rank and back. The final
+    (gathered) weights equal single-process training. BP also checks input gradients on the way back."""
+    args = [*ARGS, "--rule", rule, "--areas", "16", "--shared", *extra]
+    res = torchrun(*args, "--parallel", "area", "--out", str(tmp_path / "ap"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = single(*args, "--out", str(tmp_path / "one"))
+    assert res.returncode == 0, res.stderr
+    assert_close_weights(weights(tmp_path / "ap"), weights(tmp_path / "one"))
+
+
+AREA_PARALLEL_STEP = textwrap.dedent("""
+    import torch
+    from torchsal import build_model, build_rule, distributed, make_config
+    from torchsal.train import make_optimizer
+
+    ctx = distributed.init_from_env()
+    areas, batch, width, classes, n_in = 8, 48, 16, 3, 20
+    config = make_config("sal", areas=areas, shared=True, depth=2, width=width, routing="layer")
+    owned = distributed.owned_areas(areas, ctx)
+    model = build_model(n_in, classes, config.model, 0, owned)
+    rule = build_rule(model, config.rule)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config.train)
+    g = torch.Generator().manual_seed(0)
+    x_all, y_all = torch.randn(batch, n_in, generator=g), torch.randint(classes, (batch,), generator=g)
+    mine = torch.arange(batch).tensor_split(ctx.world)[ctx.rank]
+    with torch.no_grad():                        # every row's area in every layer (routing is per row)
+        layer_areas = model.trace(x_all).areas
+    owner = lambda a: a // (areas // ctx.world)
+    expected = 0
+    for layer, a in zip(model.layers, layer_areas):
+        leaving = int((owner(a[mine]) != ctx.rank).sum())               # my rows served elsewhere
+        arriving = int((owner(a) == ctx.rank).sum()) - (len(mine) - leaving)   # others' rows served here
+        # rows out (inputs), outputs back to their senders, output gradients out; SAL needs no input gradients
+        expected += 4 * (leaving * (layer.in_features + layer.out_features) + arriving * layer.out_features)
+    distributed.TRAFFIC.clear()
+    optimizer.zero_grad(set_to_none=True)
+    rule(model, x_all[mine], y_all[mine]).loss.backward()
+    distributed.sync_gradients(model.replicated_parameters(), len(mine), batch)
+    optimizer.step()
+    assert distributed.TRAFFIC["all_to_all"] == expected, (distributed.TRAFFIC, expected)
+    # besides the rows: per-area row counts (8 bytes per area and layer) and the routers' scores (B x K floats)
+    routers = len(model.routers)
+    assert distributed.TRAFFIC["all_gather"] <= 8 * areas * len(model.layers) + 4 * routers * len(mine) * areas
+    for layer in model.layers:
+        assert [k for k, _ in layer.area_weights.items()] == list(owned)
+        assert [k for k, _ in layer.area_biases.items()] == list(owned)
+    area_params = {id(p) for layer in model.layers for p in (*layer.area_weights, *layer.area_biases)}
+    held = [p for group in optimizer.param_groups for p in group["params"] if id(p) in area_params]
+    assert len(held) == 2 * len(owned) * len(model.layers)              # the optimizer knows only these areas
+    assert sum(id(p) in area_params for p in optimizer.state) > 0
+    print("rank", ctx.rank, "ok", expected)
+""")
+
+
+def test_area_parallel_holds_only_own_areas_and_sends_only_routed_rows(tmp_path):
+    script = tmp_path / "step.py"
+    script.write_text(AREA_PARALLEL_STEP)
+    res = torchrun(script=str(script))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count(" ok ") == 2
+
+
+def test_area_parallel_needs_areas_divisible_by_processes(tmp_path):
+    res = torchrun(*ARGS, "--rule", "sal", "--areas", "3", "--parallel", "area", "--out", str(tmp_path / "x"))
+    assert res.returncode != 0
+    assert "--areas (3) must be > 1 and divisible by the number of processes (2)" in res.stderr

@@ -34,6 +34,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML or YAML file of settings; flags given on the command line win")
     p.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoint is in DIR")
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="write DIR/checkpoint.pt every N steps")
+    p.add_argument("--parallel", choices=["data", "area"],
+                   help="under torchrun: replicate the model (data, default) or shard each layer's areas (area)")
     p.add_argument("--dist-timeout", type=float, default=120.0, metavar="S",
                    help="under torchrun: seconds a collective waits for a peer before the run stops (default 120)")
     p.add_argument("--data-dir", help="folder holding dataset files (else $TORCHSAL_DATA, then ./data)")

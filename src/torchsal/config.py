@@ -123,6 +123,9 @@ class TrainConfig:
     diagnostics: bool = False
     # Also log per-epoch scalars for TensorBoard into out/tensorboard (needs the tensorboard package).
     tensorboard: bool = False
+    # Under torchrun: "data" replicates the model on every process; "area" shards each layer's areas across
+    # processes and sends every sample to the process holding its area (docs/distributed.md).
+    parallel: str = "data"
 
     def __post_init__(self) -> None:
         _positive("epochs", self.epochs)
@@ -132,6 +135,7 @@ class TrainConfig:
         _positive("momentum", self.momentum, allow_zero=True)
         _positive("weight_decay", self.weight_decay, allow_zero=True)
         _choice("schedule", self.schedule, ("constant", "cosine"))
+        _choice("parallel", self.parallel, ("data", "area"))
         if self.max_steps is not None:
             _positive("max_steps", self.max_steps)
         if self.threads is not None:

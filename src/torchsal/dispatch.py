@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.profiler import record_function
 
 
 def group_by_area(area: Tensor, areas: int) -> tuple[Tensor, Tensor, list[int]]:
@@ -32,8 +33,9 @@ def area_linear(x: Tensor, area: Tensor | None, weights: Sequence[Tensor],
     """
     if len(weights) == 1 or area is None:
         return F.linear(x, weights[0], None if biases is None else biases[0])
-    order, inverse, counts = group_by_area(area, len(weights))
-    pieces = (x[order]).split(counts)
-    outputs = [F.linear(piece, weights[k], None if biases is None else biases[k])
-               for k, piece in enumerate(pieces) if counts[k]]
-    return torch.cat(outputs)[inverse]
+    with record_function("torchsal.dispatch"):     # a named range for profiles (benchmarks/scale.py)
+        order, inverse, counts = group_by_area(area, len(weights))
+        pieces = (x[order]).split(counts)
+        outputs = [F.linear(piece, weights[k], None if biases is None else biases[k])
+                   for k, piece in enumerate(pieces) if counts[k]]
+        return torch.cat(outputs)[inverse]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from torchsal.errors import ConfigError, DistributedError
+
+# Bytes this process has sent, per kind of collective (its own contribution; benchmarks and tests read it).
+TRAFFIC: Counter[str] = Counter()
 
 
 @dataclass(frozen=True)
@@ -83,22 +87,24 @@ def all_gather_rows(t: Tensor) -> tuple[Tensor, int]:
     padded[: t.shape[0]] = t
     parts = [torch.empty_like(padded) for _ in range(ctx.world)]
     _collective(dist.all_gather, parts, padded)
+    TRAFFIC["all_gather"] += padded.numel() * padded.element_size()
     rows = torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
     return rows, sum(sizes[: ctx.rank])
 
 
-def sync_gradients(model: nn.Module, local_rows: int, global_rows: int) -> None:
-    """Make every rank's ``.grad`` the global-batch gradient (see the module docstring)."""
+def sync_gradients(params: list[nn.Parameter], local_rows: int, global_rows: int) -> None:
+    """Make every rank's ``.grad`` of the replicated ``params`` the global-batch gradient (module docstring)."""
     ctx = current()
     if ctx.world == 1:
         return
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in params if p.requires_grad]
     touched = torch.tensor([float(p.grad is not None) for p in params])
     _collective(dist.all_reduce, touched)
     active = [p for p, t in zip(params, touched.tolist(), strict=True) if t > 0]
     scale = local_rows / global_rows
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in active]) * scale
     _collective(dist.all_reduce, flat)
+    TRAFFIC["all_reduce"] += touched.numel() * touched.element_size() + flat.numel() * flat.element_size()
     offset = 0
     for p in active:
         n = p.numel()
@@ -124,3 +130,74 @@ def _collective(fn, *args) -> None:  # noqa: ANN001
         raise DistributedError(f"rank {current().rank}: a peer process stopped or is unreachable ({first[:160]}); "
                                "the run stops. Continue from the last checkpoint with --resume DIR (any number "
                                "of processes)") from None
+
+
+# ------------------------------------------------------------------------------------------------ area parallel
+def owned_areas(areas: int, ctx: Context) -> range:
+    """The contiguous block of areas rank ``ctx.rank`` holds: K / N of them (K divisible by N)."""
+    per = areas // ctx.world
+    return range(ctx.rank * per, (ctx.rank + 1) * per)
+
+
+class _Exchange(torch.autograd.Function):
+    """Differentiable all-to-all of rows: forward sends ``send[r]`` rows to rank r; backward returns the rows'
+    gradients along the reverse route. ``scale_sent`` / ``scale_received`` rescale the backward message before it
+    leaves / after it arrives on this rank (they turn per-rank batch means into the global batch mean)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, send: list[int], receive: list[int], scale_sent: float,  # noqa: ANN001
+                scale_received: float) -> Tensor:
+        ctx.route, ctx.scales = (send, receive), (scale_sent, scale_received)
+        return _all_to_all(x, send, receive)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:  # noqa: ANN001
+        send, receive = ctx.route
+        scale_sent, scale_received = ctx.scales
+        return _all_to_all(grad.contiguous() * scale_sent, receive, send) * scale_received, None, None, None, None
+
+
+def _all_to_all(x: Tensor, send: list[int], receive: list[int]) -> Tensor:
+    out = x.new_empty(sum(receive), *x.shape[1:])
+    _collective(dist.all_to_all_single, out, x.contiguous(), receive, send)
+    row = x[0].numel() * x.element_size() if x.dim() > 1 else x.element_size()
+    TRAFFIC["all_to_all"] += row * (sum(send) - send[current().rank])      # rows that leave this rank
+    return out
+
+
+def area_parallel_linear(x: Tensor, area: Tensor, weights, biases, areas: int) -> Tensor:  # noqa: ANN001
+    """``area_linear`` when each rank holds only its own block of areas (``owned_areas``).
+
+    Rows are sorted by area (hence by owner) and sent to the owner with one all-to-all; the owner runs one matmul
+    per area it holds over the rows every rank sent, and a second all-to-all returns the outputs. Backward retraces
+    the route: output gradients go to the owner (which forms its areas' weight gradients over the whole global
+    batch) and input gradients, where needed, come back. Only per-area row counts are gathered from everyone.
+    """
+    from torchsal.dispatch import area_linear, group_by_area
+
+    ctx = current()
+    order, inverse, counts = group_by_area(area, areas)
+    parts = [torch.tensor(counts) for _ in range(ctx.world)]
+    if ctx.world > 1:
+        _collective(dist.all_gather, parts, parts[ctx.rank])
+        TRAFFIC["all_gather"] += parts[0].numel() * parts[0].element_size()
+    every = torch.stack(parts)                                      # (N, K) rows per (source rank, area)
+    mine = owned_areas(areas, ctx)
+    send = every[ctx.rank].view(ctx.world, -1).sum(1).tolist()       # rows to each owner
+    receive = every[:, mine.start: mine.stop].sum(1).tolist()        # rows from each source
+    share = x.shape[0] / max(int(every.sum()), 1)                    # this rank's part of the global batch
+    rows = _Exchange.apply(x[order], send, receive, 1.0, 1 / share)
+    local = torch.arange(len(mine)).repeat(ctx.world).repeat_interleave(every[:, mine.start: mine.stop].reshape(-1))
+    out = area_linear(rows, local.to(x.device), list(weights), list(biases))
+    return _Exchange.apply(out, receive, send, share, 1.0)[inverse]
+
+
+def gather_state_dict(model: nn.Module) -> dict[str, Tensor] | None:
+    """The full (unsharded) state dict on rank 0, None elsewhere: every rank's areas are sent to rank 0."""
+    ctx = current()
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if ctx.world == 1:
+        return state
+    parts: list[dict[str, Tensor] | None] = [None] * ctx.world if ctx.is_main else None
+    dist.gather_object(state, parts, dst=0)
+    return {k: v for part in parts for k, v in part.items()} if ctx.is_main else None

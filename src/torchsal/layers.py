@@ -12,12 +12,36 @@ bank would need a sparse-aware optimizer for that guarantee; see docs/design.md.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 
 from torchsal.dispatch import area_linear
+from torchsal.distributed import area_parallel_linear
 from torchsal.feedback import feedback_point
+
+
+class AreaParameters(nn.Module):
+    """One parameter per area held here, named by its area index, so state dicts look the same whether a process
+    holds every area or a shard of them. Indexing and iteration give the parameters in area order."""
+
+    def __init__(self, tensors: dict[int, Tensor]) -> None:
+        super().__init__()
+        for k, t in tensors.items():
+            self.register_parameter(str(k), nn.Parameter(t))
+
+    def __getitem__(self, area: int) -> nn.Parameter:
+        return self._parameters[str(area)]
+
+    def __iter__(self) -> Iterator[nn.Parameter]:
+        return iter(self._parameters.values())
+
+    def __len__(self) -> int:
+        return len(self._parameters)
+
+    def items(self) -> Iterator[tuple[int, nn.Parameter]]:
+        return ((int(k), p) for k, p in self._parameters.items())
 
 
 class AreaLinear(nn.Module):
@@ -36,27 +60,40 @@ class AreaLinear(nn.Module):
         shared: add an always-on shared weight ``S`` used by every sample.
         generator: explicit generator for the (Kaiming-uniform) initialisation.
         gain: scale of the initialisation (residual branches of deep models start smaller).
+        owned: the areas this process holds (area parallel); all of them by default.
     """
 
     def __init__(self, in_features: int, out_features: int, areas: int = 1, shared: bool = False,
-                 generator: torch.Generator | None = None, gain: float = 1.0) -> None:
+                 generator: torch.Generator | None = None, gain: float = 1.0, owned: range | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features, self.areas = in_features, out_features, areas
         bound = gain * math.sqrt(6 / in_features)    # Kaiming-uniform for ReLU, times ``gain``
 
-        def uniform(*shape: int) -> nn.Parameter:
-            return nn.Parameter((torch.rand(*shape, generator=generator) * 2 - 1) * bound)
+        def uniform(*shape: int) -> Tensor:    # in place: no transient copies of large weights
+            return torch.rand(*shape, generator=generator).mul_(2).sub_(1).mul_(bound)
 
         # With a shared path the areas start at zero: the model starts as the dense network and each area
         # learns its own correction (measured on digits: +1 point over Kaiming-initialised areas, see docs).
-        area_init = (lambda: nn.Parameter(torch.zeros(out_features, in_features))) if shared else (
-            lambda: uniform(out_features, in_features))
-        self.area_weights = nn.ParameterList(area_init() for _ in range(areas))
-        self.area_biases = nn.ParameterList(nn.Parameter(torch.zeros(out_features)) for _ in range(areas))
-        self.shared = uniform(out_features, in_features) if shared else None
+        self.owned = range(areas) if owned is None else owned
+        weights = {}
+        for k in range(areas):      # every area's draw is made, so a shard's areas start as in the full model
+            weight = None if shared else uniform(out_features, in_features)
+            if k in self.owned:
+                weights[k] = torch.zeros(out_features, in_features) if weight is None else weight
+        self.area_weights = AreaParameters(weights)
+        self.area_biases = AreaParameters({k: torch.zeros(out_features) for k in self.owned})
+        self.shared = nn.Parameter(uniform(out_features, in_features)) if shared else None
+
+    @property
+    def sharded(self) -> bool:
+        """True when this process holds only some of the areas (area parallel, ``torchsal.distributed``)."""
+        return len(self.owned) < self.areas
 
     def affine(self, x: Tensor, area: Tensor | None) -> Tensor:
-        a = area_linear(x, area, list(self.area_weights), list(self.area_biases))
+        if self.sharded:
+            a = area_parallel_linear(x, area, self.area_weights, self.area_biases, self.areas)
+        else:
+            a = area_linear(x, area, list(self.area_weights), list(self.area_biases))
         return a if self.shared is None else a + x @ self.shared.T
 
     def forward(self, x: Tensor, area: Tensor | None, feedback: Tensor | None = None) -> Tensor:

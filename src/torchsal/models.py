@@ -43,10 +43,11 @@ class AreaMLP(nn.Module):
         num_classes: output classes C.
         config: depth, width, shared path and routing.
         generator: explicit generator for every random initialisation (weights, projection, prototypes).
+        owned: the areas of every layer this process holds (area parallel); all of them by default.
     """
 
     def __init__(self, in_features: int, num_classes: int, config: ModelConfig,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, owned: range | None = None) -> None:
         super().__init__()
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.config = config
@@ -57,7 +58,7 @@ class AreaMLP(nn.Module):
         self.residual = [config.block == "residual" and 0 < i < config.depth for i in range(len(sizes) - 1)]
         self.layers = nn.ModuleList(
             AreaLinear(n_in, n_out, rc.areas, config.shared, generator,
-                       gain=1 / math.sqrt(config.depth) if res else 1.0)
+                       gain=1 / math.sqrt(config.depth) if res else 1.0, owned=owned)
             for n_in, n_out, res in zip(sizes, sizes[1:], self.residual))
         # Pre-norm of each residual block, and the final norm before the head.
         normed = [*self.residual[:-1], config.norm != "none"]
@@ -110,6 +111,12 @@ class AreaMLP(nn.Module):
         if x.dim() != 2 or x.shape[1] != self.sizes[0]:
             raise ValueError(f"expected input of shape (batch, {self.sizes[0]}), got {tuple(x.shape)}")
 
+    def replicated_parameters(self) -> list[nn.Parameter]:
+        """Parameters every process holds a copy of: all of them, except the areas of area-parallel layers."""
+        sharded = {id(p) for layer in self.layers if layer.sharded
+                   for p in (*layer.area_weights, *layer.area_biases)}
+        return [p for p in self.parameters() if id(p) not in sharded]
+
     def parameter_counts(self) -> dict[str, int]:
         """Total parameters and parameters used per sample (one area per layer, shared paths, routers)."""
         router = sum(p.numel() for p in self.routers.parameters())
@@ -121,9 +128,11 @@ def _norm(kind: str, features: int) -> nn.Module:
     return nn.LayerNorm(features) if kind == "layer" else nn.RMSNorm(features)
 
 
-def build_model(in_features: int, num_classes: int, config: ModelConfig, seed: int = 0) -> AreaMLP:
-    """The model for a run, initialised from its own seeded generator."""
-    return AreaMLP(in_features, num_classes, config, torch.Generator().manual_seed(seed))
+def build_model(in_features: int, num_classes: int, config: ModelConfig, seed: int = 0,
+                owned: range | None = None) -> AreaMLP:
+    """The model for a run, initialised from its own seeded generator; with ``owned``, only those areas of each
+    layer are held (with the values they have in the full model)."""
+    return AreaMLP(in_features, num_classes, config, torch.Generator().manual_seed(seed), owned)
 
 
 def count_parameters(in_features: int, num_classes: int, config: ModelConfig) -> int:

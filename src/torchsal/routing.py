@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.profiler import record_function
 
 from torchsal.config import RoutingConfig
 from torchsal.distributed import all_gather_rows
@@ -85,6 +86,10 @@ class Router(nn.Module):
         return self.config.areas
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        with record_function("torchsal.route"):      # a named range for profiles (benchmarks/scale.py)
+            return self._route(x)
+
+    def _route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if self.config.router == "random":
             area = torch.randint(self.areas, (x.shape[0],), device=x.device)
             return area, x.new_zeros(())

@@ -133,7 +133,8 @@ class Trainer:
             splits = make_splits(load_dataset(cfg.dataset, cfg.data_dir, cfg.grayscale), cfg.seed)
         self.splits = splits
         check_sizes(config, splits)
-        self.model = build_model(splits.in_features, splits.num_classes, config.model, cfg.seed).to(self.device)
+        self.model = build_model(splits.in_features, splits.num_classes, config.model, cfg.seed,
+                                 self._owned_areas()).to(self.device)
         self.rule = build_rule(self.model, config.rule, cfg.seed).to(self.device)
         self.x_train, self.y_train = splits.x_train.to(self.device), splits.y_train.to(self.device)
         steps_per_epoch = math.ceil(len(self.y_train) / cfg.batch_size)
@@ -147,6 +148,18 @@ class Trainer:
         self.sums: dict[str, Any] = {"loss": 0.0, "correct": 0, "seen": 0, "steps": 0}
         self.history: list[dict[str, Any]] = []
         self.elapsed = 0.0
+
+    def _owned_areas(self) -> range | None:
+        """Under ``--parallel area`` the block of areas this process holds; None (all) otherwise."""
+        cfg, areas = self.config.train, self.config.model.routing_config.areas
+        if cfg.parallel != "area":
+            return None
+        if areas < 2 or areas % self.ctx.world:
+            raise ConfigError(f"--parallel area shards the areas over the processes: --areas ({areas}) must be > 1 "
+                              f"and divisible by the number of processes ({self.ctx.world})")
+        if cfg.diagnostics:
+            raise ConfigError("--diagnostics is not available with --parallel area yet; use --parallel data")
+        return distributed.owned_areas(areas, self.ctx)
 
     def next_task(self, splits: Splits) -> None:
         """Continue training the same model, rule and optimizer (state kept) on new data for another
@@ -216,6 +229,9 @@ class Trainer:
         cfg, rule_name = self.config.train, self.config.rule.rule
         if checkpoint_every and not self.config.train.out:
             raise ConfigError("--checkpoint-every needs --out DIR to write checkpoints into")
+        if checkpoint_every and cfg.parallel == "area":
+            raise ConfigError("--checkpoint-every is not available with --parallel area yet (each process holds "
+                              "only its areas); use --parallel data for resumable runs")
         if self.out:
             self.out.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.out / "config.json", self.config.to_dict())
@@ -242,11 +258,13 @@ class Trainer:
         self.elapsed = time.perf_counter() - start
         self._check_finite()
         metrics = self.metrics()
+        # Area parallel: every process sends its areas to rank 0, which writes one ordinary (unsharded) model.
+        state = distributed.gather_state_dict(self.model) if cfg.parallel == "area" else None
         if self.out:
             if checkpoint_every:
                 self.save_checkpoint()
             write_json_atomic(self.out / "metrics.json", metrics)
-            save_model(self.out / MODEL, self.model, self.config, self.splits)
+            save_model(self.out / MODEL, self.model, self.config, self.splits, state)
         return TrainResult(self.model, self.rule, metrics)
 
     def _train_step(self, batch: Tensor) -> None:
@@ -257,7 +275,7 @@ class Trainer:
         if not torch.isfinite(out.loss):
             raise self._diverged(self._first_non_finite(x) or f"loss became {out.loss.item()}")
         out.loss.backward()
-        distributed.sync_gradients(self.model, len(local), len(batch))
+        distributed.sync_gradients(self.model.replicated_parameters(), len(local), len(batch))
         self.optimizer.step()
         self.scheduler.step()
         self.sums["loss"] += out.task_loss.item() * len(y)
@@ -396,10 +414,13 @@ def write_history_csv(path: Path, history: list[dict[str, Any]]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ export
-def save_model(path: Path, model: AreaMLP, config: RunConfig, splits: Splits) -> None:
-    """A trained model for ``torchsal eval`` / ``load_model``: weights, config, classes and the input scaling."""
+def save_model(path: Path, model: AreaMLP, config: RunConfig, splits: Splits,
+               state: dict[str, Tensor] | None = None) -> None:
+    """A trained model for ``torchsal eval`` / ``load_model``: weights (``state``, if given, else the model's),
+    config, classes and the input scaling."""
     buffer = io.BytesIO()
-    torch.save({"format": "torchsal-model-1", "config": config.to_dict(), "model": model.state_dict(),
+    torch.save({"format": "torchsal-model-1", "config": config.to_dict(),
+                "model": model.state_dict() if state is None else state,
                 "in_features": splits.in_features, "classes": splits.classes,
                 "mean": torch.as_tensor(splits.mean), "std": torch.as_tensor(splits.std)}, buffer)
     write_bytes_atomic(path, buffer.getvalue())

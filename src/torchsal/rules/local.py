@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.profiler import record_function
 
 from torchsal.config import RuleConfig
 from torchsal.dispatch import area_linear
@@ -59,6 +60,10 @@ class LocalSignalRule(LearningRule):
     def signal(self, layer: int, h: Tensor, error: Tensor | None, onehot: Tensor, area: Tensor | None) -> Tensor:
         """g_l (B, width) for hidden layer ``layer`` from its detached output ``h`` (and its samples' areas, which
         pick the feedback matrix of each sample under per-area feedback)."""
+        with record_function("torchsal.signal"):     # a named range for profiles (benchmarks/scale.py)
+            return self._signal(layer, h, error, onehot, area)
+
+    def _signal(self, layer: int, h: Tensor, error: Tensor | None, onehot: Tensor, area: Tensor | None) -> Tensor:
         g = torch.zeros_like(h)
         if "direct" in self.signals():                   # e B_l[k]
             g.add_(area_linear(error, area, [b.T for b in self._layer("direct", layer)]))
