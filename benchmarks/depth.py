@@ -106,9 +106,30 @@ def plot(rows: list[dict], key: str, ylabel: str, path: Path, group: str = "pres
     plt.close(fig)
 
 
+def report(out: Path) -> None:
+    """Table (mean ± std over seeds) and plots from every finished cell in ``OUT/accuracy.jsonl``."""
+    rows = [json.loads(line) for line in (out / "accuracy.jsonl").read_text().splitlines()]
+    depths = sorted({r["depth"] for r in rows})
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+        subset = [r for r in rows if r["dataset"] == dataset]
+        plot(subset, "test_accuracy", f"test accuracy ({dataset})", out / f"accuracy-{dataset}.png")
+        plot(subset, "seconds_per_epoch", f"seconds per epoch ({dataset})", out / f"time-{dataset}.png")
+        print(f"\n{dataset}: test accuracy, mean ± std over seeds (seeds), seconds per epoch\n")
+        print("| preset | " + " | ".join(f"depth {d}" for d in depths) + " |\n|---|" + "---|" * len(depths))
+        for preset in dict.fromkeys(r["preset"] for r in subset):
+            cells = []
+            for d in depths:
+                cell = [r for r in subset if r["preset"] == preset and r["depth"] == d]
+                acc = [r["test_accuracy"] for r in cell]
+                spread = f" ± {statistics.stdev(acc):.4f}" if len(acc) > 1 else ""
+                cells.append(f"{statistics.mean(acc):.4f}{spread} ({len(acc)}), "
+                             f"{statistics.mean(r['seconds_per_epoch'] for r in cell):.0f} s" if cell else "–")
+            print(f"| {preset} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="depth benchmark")
-    parser.add_argument("part", choices=["memory", "accuracy"])
+    parser.add_argument("part", choices=["memory", "accuracy", "report"])
     parser.add_argument("--depths", default="2,8,32,128")
     parser.add_argument("--rules", default="bp,dfa,sal-direct,sal-local,sal-lean")
     parser.add_argument("--datasets", default="mnist,fashion-mnist")
@@ -122,6 +143,9 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.part == "report":
+        report(out)
+        return
     rows = memory(args) if args.part == "memory" else accuracy(args)
     (out / f"{args.part}.json").write_text(json.dumps(rows, indent=2) + "\n")
     if args.part == "memory":

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -100,8 +101,9 @@ def category(event, backward: str) -> str:
 def split_step(model, rule, opt, x, y, wall: float) -> dict[str, float]:
     """Wall-clock seconds per category of one step: profiler self-time shares times the measured step. With
     detached layer inputs (SAL) the backward pass computes weight gradients only."""
+    step(model, rule, opt, x, y)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(3):
+        for _ in range(5):
             step(model, rule, opt, x, y)
     totals: dict[str, float] = defaultdict(float)
     for event in prof.events():
@@ -115,9 +117,11 @@ def touched_elements(model) -> int:
 
 
 def copy_bandwidth() -> float:
-    """Bytes per second of a large tensor copy (read + write), this machine's memory-bound ceiling."""
-    src, dst = torch.randn(64 * 2**20), torch.empty(64 * 2**20)
-    return 2 * src.numel() * 4 / median_seconds(lambda: dst.copy_(src), 10)
+    """Bytes per second (read + write) of the faster of a large copy and a large in-place scale: the ceiling of
+    a memory-bound update on this machine."""
+    src, dst = torch.randn(64 * 2**20), torch.randn(64 * 2**20)
+    seconds = min(median_seconds(lambda: dst.copy_(src), 10), median_seconds(lambda: dst.mul_(1.0), 10))
+    return 2 * src.numel() * 4 / seconds
 
 
 def matmul_flops(n: int = 4096) -> float:
@@ -125,29 +129,46 @@ def matmul_flops(n: int = 4096) -> float:
     return 2 * n**3 / median_seconds(lambda: a @ b, 5)
 
 
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of each function, timed in turns (a, b, c, a, b, c, ...) so that the machine's drift
+    affects all of them alike and their ratios stay meaningful on a noisy machine."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def part_cost(args) -> list[dict]:
     rows, bandwidth = [], copy_bandwidth()
     for optimizer in ("sgd", "adam"):
-        for areas in (1, 4, 16):
-            model, rule, opt, x, y = build("sal", 1024, 2, 1024, optimizer, areas=areas)
-            wall = median_seconds(partial(step, model, rule, opt, x, y), args.repeats)
-            no_opt = median_seconds(partial(step, model, rule, opt, x, y, optimize=False), args.repeats)
+        kind = "sgd-momentum" if optimizer == "sgd" else optimizer
+        setups = {k: build("sal", 1024, 2, 1024, optimizer, areas=k) for k in (1, 4, 16)}
+        fns = {**{("step", k): partial(step, *s) for k, s in setups.items()},
+               **{("no_optimizer", k): partial(step, *s, optimize=False) for k, s in setups.items()}}
+        medians = interleaved(fns, args.repeats)
+        for k, (model, rule, opt, x, y) in setups.items():
             step(model, rule, opt, x, y, optimize=False)              # grads in place, then time the update
             opt_time = median_seconds(opt.step, args.repeats)
-            kind = "sgd-momentum" if optimizer == "sgd" else optimizer
-            rows.append({"optimizer": kind, "areas": areas, "step_s": wall, "no_optimizer_s": no_opt,
-                         "optimizer_s": opt_time, "touched_params": touched_elements(model),
+            rows.append({"optimizer": kind, "areas": k, "step_s": medians[("step", k)],
+                         "no_optimizer_s": medians[("no_optimizer", k)], "optimizer_s": opt_time,
+                         "touched_params": touched_elements(model),
                          "optimizer_bandwidth_fraction": ELEMENT_BYTES[kind] * touched_elements(model)
                          / opt_time / bandwidth,
-                         "split_s": split_step(model, rule, opt, x, y, wall)})
+                         "split_s": split_step(model, rule, opt, x, y, medians[("step", k)])})
             print(json.dumps(rows[-1]), flush=True)
     for row in rows:
         base = next(r for r in rows if r["optimizer"] == row["optimizer"] and r["areas"] == 1)
         row["no_optimizer_vs_k1"] = row["no_optimizer_s"] / base["no_optimizer_s"]
         row["step_vs_k1"] = row["step_s"] / base["step_s"]
-    print(f"\ncopy bandwidth {bandwidth / 1e9:.1f} GB/s\n")
+    print(f"\nstreaming bandwidth {bandwidth / 1e9:.1f} GB/s\n")
     print("| optimizer | K | step ms | step / K=1 | without optimizer ms | / K=1 | optimizer ms "
-          "| optimizer / copy bandwidth |")
+          "| optimizer / bandwidth |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['optimizer']} | {r['areas']} | {1e3 * r['step_s']:.1f} | {r['step_vs_k1']:.2f} "
@@ -159,13 +180,13 @@ def part_cost(args) -> list[dict]:
         print(f"| {r['optimizer']} | {r['areas']} | "
               + " | ".join(f"{1e3 * r['split_s'].get(n, 0):.1f}" for n in names) + " |")
     rows.append({"copy_bandwidth_bytes_per_s": bandwidth})
-    rows.append({"stock_adam_variants": adam_variants(args)})
+    rows.append({"stock_adam_variants": adam_variants(args, bandwidth)})
     return rows
 
 
-def adam_variants(args) -> list[dict]:
+def adam_variants(args, bandwidth: float) -> list[dict]:
     """Stock torch.optim.Adam's three implementations on the K=16 model's touched parameters."""
-    bandwidth, out = copy_bandwidth(), []
+    out = []
     for name, flags in (("foreach (default)", {"foreach": True}), ("for-loop", {"foreach": False}),
                         ("fused", {"fused": True})):
         model, rule, _, x, y = build("sal", 1024, 2, 1024, "adam", areas=16)
@@ -184,13 +205,11 @@ def part_versus(args) -> list[dict]:
                 "sal direct (K=16, shared path)": ("sal", {"signal": "direct"}),
                 "sal local (K=16, no shared path)": ("sal", {"signal": "local", "shared": False}),
                 "sal direct (K=16, no shared path)": ("sal", {"signal": "direct", "shared": False})}
-    rows = []
-    for name, (rule_name, extra) in settings.items():
-        model, rule, opt, x, y = build(rule_name, 1024, 2, 1024, "adam", **extra)
-        rows.append({"model": name, "step_s": median_seconds(partial(step, model, rule, opt, x, y), args.repeats),
-                     "active_params_per_sample": model.parameter_counts()["params_active_per_sample"]})
-    for row in rows:
-        row["vs_bp"] = row["step_s"] / rows[0]["step_s"]
+    setups = {name: build(rule_name, 1024, 2, 1024, "adam", **extra) for name, (rule_name, extra) in settings.items()}
+    medians = interleaved({name: partial(step, *s) for name, s in setups.items()}, args.repeats)
+    rows = [{"model": name, "step_s": medians[name], "vs_bp": medians[name] / medians["bp"],
+             "active_params_per_sample": s[0].parameter_counts()["params_active_per_sample"]}
+            for name, s in setups.items()]
     print("| model (width 1024, 2 hidden layers, batch 1024, Adam) | active params | step ms | / BP |")
     print("|---|---|---|---|")
     for r in rows:
@@ -206,6 +225,17 @@ def useful_flops(model, batch: int) -> float:
     return 2 * 2 * batch * weights
 
 
+def matmul_shapes(width: int = 4096, rows: int = 64) -> dict[str, float]:
+    """FLOP/s of the step's matmul shapes: one area's forward and weight gradient (``rows`` rows) against the
+    dense 1024-row forward: what per-area dispatch costs in kernel efficiency."""
+    x, w, g = torch.randn(rows, width), torch.randn(width, width), torch.randn(rows, width)
+    big = torch.randn(1024, width)
+    return {f"area forward {rows} x {width} -> {width}": 2 * rows * width**2 / median_seconds(lambda: x @ w.T, 10),
+            f"area weight gradient ({width} x {rows}) @ ({rows} x {width})":
+                2 * rows * width**2 / median_seconds(lambda: g.T @ x, 10),
+            f"dense forward 1024 x {width} -> {width}": 2 * 1024 * width**2 / median_seconds(lambda: big @ w.T, 5)}
+
+
 def part_efficiency(args) -> list[dict]:
     peak = matmul_flops()
     rows = []
@@ -219,8 +249,12 @@ def part_efficiency(args) -> list[dict]:
                      "useful_flop": flops, "step_s": wall, "no_optimizer_s": no_opt,
                      "peak_matmul_flops": peak, "efficiency": flops / wall / peak,
                      "efficiency_without_optimizer": flops / no_opt / peak})
+    rows[0]["matmul_shapes_flops"] = shapes = matmul_shapes()
     r = rows[0]
     print(f"peak fp32 matmul (4096^3): {peak / 1e9:.1f} GFLOP/s")
+    print("| matmul shape (rows x in -> out) | GFLOP/s | of peak |\n|---|---|---|")
+    for name, flops in shapes.items():
+        print(f"| {name} | {flops / 1e9:.1f} | {flops / peak:.0%} |")
     print("| step | seconds | useful GFLOP/s | of peak |\n|---|---|---|---|")
     print(f"| whole step (SGD momentum) | {r['step_s']:.3f} | {r['useful_flop'] / r['step_s'] / 1e9:.1f} "
           f"| {r['efficiency']:.0%} |")
@@ -238,7 +272,7 @@ def billion_child(args) -> dict:
     splits = make_splits(load_dataset("mnist", args.data_dir), 0)
     x_all, y_all = splits.x_train, splits.y_train
     start = time.perf_counter()
-    model, rule, opt, _, _ = build("sal", 4096, 5, args.billion_batch, "sgd", areas=16, lr=0.01)
+    model, rule, opt, _, _ = build("sal", 4096, 5, args.billion_batch, "sgd", areas=16, lr=args.billion_lr)
     build_s = time.perf_counter() - start
     counts = model.parameter_counts()
     g = torch.Generator().manual_seed(0)
@@ -249,17 +283,35 @@ def billion_child(args) -> dict:
         losses.append(step(model, rule, opt, x_all[idx], y_all[idx]))
         times.append(time.perf_counter() - start)
     return {"params_total": counts["params_total"], "params_active_per_sample": counts["params_active_per_sample"],
-            "batch": args.billion_batch, "steps": args.steps, "optimizer": "sgd-momentum", "build_s": build_s,
+            "batch": args.billion_batch, "steps": args.steps, "optimizer": "sgd-momentum", "lr": args.billion_lr,
+            "build_s": build_s,
             "seconds_per_step": statistics.median(times), "peak_rss_gb": resource.getrusage(
                 resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, "losses": losses,
             "loss_first5": statistics.mean(losses[:5]), "loss_last5": statistics.mean(losses[-5:])}
 
 
+def plot_losses(losses: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(range(1, len(losses) + 1), losses, marker=".")
+    ax.set(xlabel="step", ylabel="training loss (batch)", title="1.2B-parameter SAL on MNIST")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def part_billion(args) -> list[dict]:
-    command = [sys.executable, __file__, "billion-child", "--steps", str(args.steps),
-               "--billion-batch", str(args.billion_batch)] + (["--data-dir", args.data_dir] if args.data_dir else [])
+    command = [sys.executable, __file__, "billion-child", "--steps", str(args.steps), "--billion-lr",
+               str(args.billion_lr), "--billion-batch", str(args.billion_batch)]
+    command += ["--data-dir", args.data_dir] if args.data_dir else []
     result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
     r = result
+    plot_losses(r["losses"], Path(args.out) / "billion-loss.png")
     print("| total params | active per sample | batch | s / step | peak RSS | loss first 5 -> last 5 steps |")
     print("|---|---|---|---|---|---|")
     print(f"| {r['params_total'] / 1e9:.3f}B | {r['params_active_per_sample'] / 1e6:.1f}M | {r['batch']} "
@@ -277,6 +329,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--billion-batch", type=int, default=256)
+    parser.add_argument("--billion-lr", type=float, default=2e-3)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--data-dir")
     parser.add_argument("--out", default="docs/performance")
