@@ -27,6 +27,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from torchsal import build_model, build_rule, distributed, make_config
+    from torchsal.dispatch import release_gradients
     from torchsal.train import make_optimizer
 
     torch.set_num_threads(1)
@@ -44,7 +45,7 @@ def worker(args: argparse.Namespace) -> None:
         if i == args.warmup:
             distributed.TRAFFIC.clear()
         start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
+        release_gradients(model.parameters())
         rule(model, x[mine], y[mine]).loss.backward()
         distributed.sync_gradients(model.replicated_parameters(), len(mine), args.batch)
         optimizer.step()

@@ -36,6 +36,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from torchsal import build_model, build_rule, make_config
+from torchsal.dispatch import release_gradients
 from torchsal.train import make_optimizer
 
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::_grouped_mm"}
@@ -54,7 +55,7 @@ def build(rule: str, width: int, depth: int, batch: int, optimizer: str, **setti
 
 
 def step(model, rule, opt, x, y, optimize: bool = True) -> float:
-    opt.zero_grad(set_to_none=True)
+    release_gradients(model.parameters())
     out = rule(model, x, y)
     out.loss.backward()
     if optimize:

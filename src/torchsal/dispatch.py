@@ -3,16 +3,45 @@
 All index arithmetic of the library lives here, so layers and rules never touch routing indices themselves.
 No per-sample weight copies are made and no Python loop runs over samples: the loop is over the (at most K)
 non-empty areas, and an area with no row is never read, so its parameters get no gradient at all.
+
+Weight gradients are written into buffers recycled from the previous step (``release_gradients``): a fresh
+gradient per area per step means allocating and first-touching K weight-sized blocks of memory, which made the
+per-area weight-gradient matmul run at a tenth of peak at width 4096 (docs/performance.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import weakref
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.profiler import record_function
+
+# Gradient buffers of parameters whose gradient was released, reused by the next backward pass; keyed by the
+# parameter's id, each entry dropped as soon as its parameter is garbage-collected.
+_SPARE: dict[int, tuple[weakref.ref, Tensor]] = {}
+
+
+def release_gradients(params: Iterable[Tensor]) -> None:
+    """``zero_grad(set_to_none=True)`` that keeps the released buffers for the next step's weight gradients.
+
+    Every ``.grad`` becomes None (so untouched areas stay untouched by any optimizer); the memory is reused
+    instead of being freed and allocated again."""
+    for p in params:
+        if p.grad is not None:
+            key = id(p)
+            _SPARE[key] = (weakref.ref(p, lambda _, key=key: _SPARE.pop(key, None)), p.grad)
+            p.grad = None
+
+
+def _gradient_buffer(p: Tensor) -> Tensor:
+    owner, spare = _SPARE.pop(id(p), (None, None))
+    if owner is not None and owner() is p and spare.shape == p.shape and spare.dtype == p.dtype \
+            and spare.device == p.device:
+        return spare
+    return torch.empty_like(p, memory_format=torch.contiguous_format)
 
 
 def group_by_area(area: Tensor, areas: int) -> tuple[Tensor, Tensor, list[int]]:
@@ -25,6 +54,41 @@ def group_by_area(area: Tensor, areas: int) -> tuple[Tensor, Tensor, list[int]]:
     return order, inverse, counts
 
 
+class _GroupedLinear(torch.autograd.Function):
+    """Per-area linear maps over rows already grouped by area; backward writes each touched area's weight
+    gradient into a recycled buffer and gives untouched areas no gradient at all."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, counts: list[int], has_bias: bool, *params: Tensor) -> Tensor:  # noqa: ANN001
+        k = len(counts)
+        weights, biases = params[:k], (params[k:] if has_bias else (None,) * k)
+        ctx.save_for_backward(x, *weights)
+        ctx.counts, ctx.has_bias, ctx.weights = counts, has_bias, weights
+        return torch.cat([F.linear(piece, weights[i], biases[i])
+                          for i, piece in enumerate(x.split(counts)) if counts[i]])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+        x, *weights = ctx.saved_tensors
+        counts, k = ctx.counts, len(ctx.counts)
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        grad_w: list[Tensor | None] = [None] * k
+        grad_b: list[Tensor | None] = [None] * k
+        start = 0
+        for i, n in enumerate(counts):
+            if not n:
+                continue
+            g, rows = grad[start: start + n], x[start: start + n]
+            if ctx.needs_input_grad[3 + i]:
+                grad_w[i] = torch.mm(g.T, rows, out=_gradient_buffer(ctx.weights[i]))
+            if ctx.has_bias and ctx.needs_input_grad[3 + k + i]:
+                grad_b[i] = g.sum(0)
+            if grad_x is not None:
+                torch.mm(g, weights[i], out=grad_x[start: start + n])
+            start += n
+        return (grad_x, None, None, *grad_w, *(grad_b if ctx.has_bias else ()))
+
+
 def area_linear(x: Tensor, area: Tensor | None, weights: Sequence[Tensor],
                 biases: Sequence[Tensor] | None = None) -> Tensor:
     """``y[i] = x[i] @ weights[area[i]].T + biases[area[i]]`` for x (B, in), weights K x (out, in).
@@ -35,7 +99,10 @@ def area_linear(x: Tensor, area: Tensor | None, weights: Sequence[Tensor],
         return F.linear(x, weights[0], None if biases is None else biases[0])
     with record_function("torchsal.dispatch"):     # a named range for profiles (benchmarks/scale.py)
         order, inverse, counts = group_by_area(area, len(weights))
-        pieces = (x[order]).split(counts)
-        outputs = [F.linear(piece, weights[k], None if biases is None else biases[k])
-                   for k, piece in enumerate(pieces) if counts[k]]
-        return torch.cat(outputs)[inverse]
+        rows = x[order]
+        if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
+            out = _GroupedLinear.apply(rows, counts, biases is not None, *weights, *(biases or ()))
+        else:
+            out = torch.cat([F.linear(piece, weights[k], None if biases is None else biases[k])
+                             for k, piece in enumerate(rows.split(counts)) if counts[k]])
+        return out[inverse]

@@ -24,6 +24,7 @@ from torchsal import distributed
 from torchsal.config import RunConfig, TrainConfig, make_config
 from torchsal.data import Splits, load_dataset, make_splits
 from torchsal.diagnostics import alignment, area_statistics, interference
+from torchsal.dispatch import release_gradients
 from torchsal.errors import ConfigError, DivergenceError
 from torchsal.models import AreaMLP, build_model, count_parameters
 from torchsal.rules import LearningRule, build_rule
@@ -270,7 +271,7 @@ class Trainer:
     def _train_step(self, batch: Tensor) -> None:
         local = distributed.shard(batch, self.ctx)     # this rank's share of the global batch
         x, y = self.x_train[local], self.y_train[local]
-        self.optimizer.zero_grad(set_to_none=True)   # None, not zero: untouched areas stay untouched
+        release_gradients(self.model.parameters())   # .grad None, not zero: untouched areas stay untouched
         out = self.rule(self.model, x, y)              # (a lean rule already fills hidden layers' .grad here)
         if not torch.isfinite(out.loss):
             raise self._diverged(self._first_non_finite(x) or f"loss became {out.loss.item()}")

@@ -67,7 +67,9 @@ class LearningRule(nn.Module):
     Usage::
 
         rule = build_rule(model, RuleConfig(rule="sal"))
-        optimizer.zero_grad()       # set_to_none (the default) keeps untouched areas' .grad None
+        optimizer.zero_grad()       # set_to_none (the default) keeps untouched areas' .grad None;
+                                    # torchsal.dispatch.release_gradients(model.parameters()) does the same and
+                                    # reuses the gradient memory in the next step (faster for large layers)
         out = rule(model, x, y)     # zero_grad first: a lean rule fills hidden layers' .grad already here
         out.loss.backward()
         optimizer.step()
