@@ -273,7 +273,8 @@ def billion_child(args) -> dict:
     splits = make_splits(load_dataset("mnist", args.data_dir), 0)
     x_all, y_all = splits.x_train, splits.y_train
     start = time.perf_counter()
-    model, rule, opt, _, _ = build("sal", 4096, 5, args.billion_batch, "sgd", areas=16, lr=args.billion_lr)
+    model, rule, opt, _, _ = build("sal", 4096, 5, args.billion_batch, args.billion_optimizer, areas=16,
+                                   lr=args.billion_lr, dtype=args.billion_dtype)
     build_s = time.perf_counter() - start
     counts = model.parameter_counts()
     g = torch.Generator().manual_seed(0)
@@ -284,8 +285,8 @@ def billion_child(args) -> dict:
         losses.append(step(model, rule, opt, x_all[idx], y_all[idx]))
         times.append(time.perf_counter() - start)
     return {"params_total": counts["params_total"], "params_active_per_sample": counts["params_active_per_sample"],
-            "batch": args.billion_batch, "steps": args.steps, "optimizer": "sgd-momentum", "lr": args.billion_lr,
-            "build_s": build_s,
+            "batch": args.billion_batch, "steps": args.steps, "optimizer": args.billion_optimizer,
+            "lr": args.billion_lr, "dtype": args.billion_dtype, "build_s": build_s,
             "seconds_per_step": statistics.median(times), "peak_rss_gb": resource.getrusage(
                 resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, "losses": losses,
             "loss_first5": statistics.mean(losses[:5]), "loss_last5": statistics.mean(losses[-5:])}
@@ -308,14 +309,18 @@ def plot_losses(losses: list[float], path: Path) -> None:
 
 def part_billion(args) -> list[dict]:
     command = [sys.executable, __file__, "billion-child", "--steps", str(args.steps), "--billion-lr",
-               str(args.billion_lr), "--billion-batch", str(args.billion_batch)]
+               str(args.billion_lr), "--billion-batch", str(args.billion_batch), "--billion-dtype",
+               args.billion_dtype, "--billion-optimizer", args.billion_optimizer]
     command += ["--data-dir", args.data_dir] if args.data_dir else []
     result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
     r = result
-    plot_losses(r["losses"], Path(args.out) / "billion-loss.png")
-    print("| total params | active per sample | batch | s / step | peak RSS | loss first 5 -> last 5 steps |")
-    print("|---|---|---|---|---|---|")
-    print(f"| {r['params_total'] / 1e9:.3f}B | {r['params_active_per_sample'] / 1e6:.1f}M | {r['batch']} "
+    suffix = "" if args.billion_dtype == "float32" else f"-{args.billion_dtype}"
+    plot_losses(r["losses"], Path(args.out) / f"billion-loss{suffix}.png")
+    print("| weights | optimizer | total params | active per sample | batch | s / step | peak RSS "
+          "| loss first 5 -> last 5 steps |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| {r['dtype']} | {r['optimizer']} | {r['params_total'] / 1e9:.3f}B "
+          f"| {r['params_active_per_sample'] / 1e6:.1f}M | {r['batch']} "
           f"| {r['seconds_per_step']:.2f} | {r['peak_rss_gb']:.1f} GB | {r['loss_first5']:.3f} -> "
           f"{r['loss_last5']:.3f} |")
     return [result]
@@ -331,6 +336,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--billion-batch", type=int, default=256)
     parser.add_argument("--billion-lr", type=float, default=2e-3)
+    parser.add_argument("--billion-dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--billion-optimizer", default="sgd", choices=["sgd", "adam"])
     parser.add_argument("--threads", type=int)
     parser.add_argument("--data-dir")
     parser.add_argument("--out", default="docs/performance")
@@ -346,7 +353,8 @@ def main() -> None:
     for name in PARTS if args.part == "all" else [args.part]:
         print(f"\n## {name}\n", flush=True)
         rows = PARTS[name](args)
-        (out / f"{name}.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+        stem = f"{name}-{args.billion_dtype}" if name == "billion" and args.billion_dtype != "float32" else name
+        (out / f"{stem}.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

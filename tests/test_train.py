@@ -78,3 +78,18 @@ def test_tensorboard_logs_every_epoch(digits, tmp_path):
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("val_accuracy")] == [1, 2]
+
+
+@pytest.mark.parametrize("rule", ["bp", "sal"])
+def test_bfloat16_models_hold_and_train_bfloat16_weights(digits, rule):
+    """--dtype bfloat16: every weight, router and fixed feedback matrix is bfloat16 (half the bytes of float32),
+    float32 data is accepted, and training reaches the float32 model's accuracy within a few points."""
+    runs = {dtype: train(make_config(rule, epochs=3, dtype=dtype), splits=digits, progress=False)
+            for dtype in ("float32", "bfloat16")}
+    half = runs["bfloat16"]
+    assert {t.dtype for t in [*half.model.parameters(), *half.model.buffers(), *half.rule.buffers()]} == {
+        torch.bfloat16}
+    nbytes = {d: sum(p.numel() * p.element_size() for p in r.model.parameters()) for d, r in runs.items()}
+    assert nbytes["bfloat16"] * 2 == nbytes["float32"]
+    assert half.metrics["test_accuracy"] >= runs["float32"].metrics["test_accuracy"] - 0.05
+    assert half.metrics["test_accuracy"] > 0.8

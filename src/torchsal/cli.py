@@ -50,6 +50,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--depth", type=int, help="hidden layers")
     g.add_argument("--width", type=int, help="units per hidden layer")
     g.add_argument("--areas", type=int, help="K areas per layer (1 = dense)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], help="weight type (default float32)")
     g.add_argument("--shared", action=argparse.BooleanOptionalAction, default=None,
                    help="always-on shared path beside the areas (dual path)")
     g.add_argument("--routing-dim", type=int, help="dimension of the routing space")

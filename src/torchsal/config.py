@@ -64,6 +64,8 @@ class ModelConfig:
     block: str = "plain"
     # Pre-norm inside residual blocks and a final norm before the head: "none", "layer" or "rms".
     norm: str = "none"
+    # Weights (and activations) in "float32" or "bfloat16" (half the memory; built in that type, area by area).
+    dtype: str = "float32"
     routing_config: RoutingConfig = field(default_factory=RoutingConfig)
 
     def __post_init__(self) -> None:
@@ -71,6 +73,7 @@ class ModelConfig:
         _positive("width", self.width)
         _choice("block", self.block, ("plain", "residual"))
         _choice("norm", self.norm, ("none", "layer", "rms"))
+        _choice("dtype", self.dtype, ("float32", "bfloat16"))
 
 
 @dataclass(frozen=True)

@@ -61,16 +61,18 @@ class AreaLinear(nn.Module):
         generator: explicit generator for the (Kaiming-uniform) initialisation.
         gain: scale of the initialisation (residual branches of deep models start smaller).
         owned: the areas this process holds (area parallel); all of them by default.
+        dtype: weight type; each tensor is drawn in float32 and converted on its own (no whole-model copy).
     """
 
     def __init__(self, in_features: int, out_features: int, areas: int = 1, shared: bool = False,
-                 generator: torch.Generator | None = None, gain: float = 1.0, owned: range | None = None) -> None:
+                 generator: torch.Generator | None = None, gain: float = 1.0, owned: range | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.in_features, self.out_features, self.areas = in_features, out_features, areas
         bound = gain * math.sqrt(6 / in_features)    # Kaiming-uniform for ReLU, times ``gain``
 
         def uniform(*shape: int) -> Tensor:    # in place: no transient copies of large weights
-            return torch.rand(*shape, generator=generator).mul_(2).sub_(1).mul_(bound)
+            return torch.rand(*shape, generator=generator).mul_(2).sub_(1).mul_(bound).to(dtype)
 
         # With a shared path the areas start at zero: the model starts as the dense network and each area
         # learns its own correction (measured on digits: +1 point over Kaiming-initialised areas, see docs).
@@ -79,9 +81,9 @@ class AreaLinear(nn.Module):
         for k in range(areas):      # every area's draw is made, so a shard's areas start as in the full model
             weight = None if shared else uniform(out_features, in_features)
             if k in self.owned:
-                weights[k] = torch.zeros(out_features, in_features) if weight is None else weight
+                weights[k] = torch.zeros(out_features, in_features, dtype=dtype) if weight is None else weight
         self.area_weights = AreaParameters(weights)
-        self.area_biases = AreaParameters({k: torch.zeros(out_features) for k in self.owned})
+        self.area_biases = AreaParameters({k: torch.zeros(out_features, dtype=dtype) for k in self.owned})
         self.shared = nn.Parameter(uniform(out_features, in_features)) if shared else None
 
     @property

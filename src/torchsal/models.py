@@ -51,6 +51,7 @@ class AreaMLP(nn.Module):
         super().__init__()
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.config = config
+        self.dtype = dtype = getattr(torch, config.dtype)
         rc = config.routing_config
         sizes = [in_features] + [config.width] * config.depth + [num_classes]
         # Residual blocks: hidden layers 2..depth. Their branches start small (1/sqrt(depth)) so that the sum of
@@ -58,15 +59,15 @@ class AreaMLP(nn.Module):
         self.residual = [config.block == "residual" and 0 < i < config.depth for i in range(len(sizes) - 1)]
         self.layers = nn.ModuleList(
             AreaLinear(n_in, n_out, rc.areas, config.shared, generator,
-                       gain=1 / math.sqrt(config.depth) if res else 1.0, owned=owned)
+                       gain=1 / math.sqrt(config.depth) if res else 1.0, owned=owned, dtype=dtype)
             for n_in, n_out, res in zip(sizes, sizes[1:], self.residual))
         # Pre-norm of each residual block, and the final norm before the head.
         normed = [*self.residual[:-1], config.norm != "none"]
-        self.norms = nn.ModuleList(_norm(config.norm, n) if on and config.norm != "none" else nn.Identity()
+        self.norms = nn.ModuleList(_norm(config.norm, n, dtype) if on and config.norm != "none" else nn.Identity()
                                    for n, on in zip(sizes[:-1], normed))
         self.activation = nn.ReLU()
         routed_inputs = [] if rc.areas == 1 else sizes[:1] if rc.routing == "input" else sizes[:-1]
-        self.routers = nn.ModuleList(Router(n, rc, generator) for n in routed_inputs)
+        self.routers = nn.ModuleList(Router(n, rc, generator, dtype) for n in routed_inputs)
 
     @property
     def sizes(self) -> list[int]:
@@ -87,6 +88,7 @@ class AreaMLP(nn.Module):
                 the hidden outputs are then not kept (lean memory: a layer may update and free its graph at once).
         """
         self._check_input(x)
+        x = x.to(self.dtype)                # inputs follow the weights (bfloat16 models take float32 data)
         routing_loss = x.new_zeros(())
         area = None
         hidden, areas = [], []
@@ -124,8 +126,8 @@ class AreaMLP(nn.Module):
                 "params_active_per_sample": router + sum(layer.active_parameters() for layer in self.layers)}
 
 
-def _norm(kind: str, features: int) -> nn.Module:
-    return nn.LayerNorm(features) if kind == "layer" else nn.RMSNorm(features)
+def _norm(kind: str, features: int, dtype: torch.dtype) -> nn.Module:
+    return nn.LayerNorm(features, dtype=dtype) if kind == "layer" else nn.RMSNorm(features, dtype=dtype)
 
 
 def build_model(in_features: int, num_classes: int, config: ModelConfig, seed: int = 0,

@@ -72,14 +72,15 @@ class Router(nn.Module):
     The router sees a detached input: routing is a local module that no other objective trains.
     """
 
-    def __init__(self, in_features: int, config: RoutingConfig, generator: torch.Generator) -> None:
+    def __init__(self, in_features: int, config: RoutingConfig, generator: torch.Generator,
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.config = config
-        self.projection = nn.Linear(in_features, config.routing_dim)
+        self.projection = nn.Linear(in_features, config.routing_dim, dtype=dtype)
         nn.init.normal_(self.projection.weight, std=in_features ** -0.5, generator=generator)
         nn.init.zeros_(self.projection.bias)
         self.projection.requires_grad_(config.router == "learned")
-        self.register_buffer("prototypes", make_prototypes(config.areas, config.routing_dim, generator))
+        self.register_buffer("prototypes", make_prototypes(config.areas, config.routing_dim, generator).to(dtype))
 
     @property
     def areas(self) -> int:

@@ -386,8 +386,8 @@ def check_sizes(config: RunConfig, splits: Splits) -> None:
     if areas > n:
         log.warning("%d areas for %d training samples: some areas will never see a sample", areas, n)
     counts = count_parameters(splits.in_features, splits.num_classes, config.model)
-    # fp32 weights + gradients + up to two optimizer moments (Adam), plus the data itself.
-    need = 4 * counts * 4 + splits.x_train.numel() * 4
+    # Weights + gradients + up to two optimizer moments (Adam), in the model's type, plus the data itself.
+    need = 4 * counts * torch.finfo(getattr(torch, config.model.dtype)).bits // 8 + splits.x_train.numel() * 4
     available = _available_memory()
     if available and need > available:
         raise ConfigError(f"the model needs about {need / 2**30:.1f} GiB ({counts:,} parameters with gradients and "

@@ -99,4 +99,4 @@ class LearningRule(nn.Module):
 def build_rule(model: AreaMLP, config: RuleConfig, seed: int = 0) -> LearningRule:
     """The rule of a run, its feedback drawn from a generator of its own (independent of the model's)."""
     generator = torch.Generator().manual_seed(seed + 1_000_003)
-    return get_rule(config.rule)(model, config, generator)
+    return get_rule(config.rule)(model, config, generator).to(model.dtype)

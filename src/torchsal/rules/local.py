@@ -75,7 +75,7 @@ class LocalSignalRule(LearningRule):
 
     def forward(self, model: AreaMLP, x: Tensor, y: Tensor) -> StepOutput:
         batch = x.shape[0]
-        onehot = F.one_hot(y, model.sizes[-1]).to(x.dtype)
+        onehot = F.one_hot(y, model.sizes[-1]).to(model.dtype)
         if self.config.memory == "lean":
             # Update each layer from its local signal as soon as it is computed; its graph is freed at once and
             # only two scalars per layer (for diagnostics) outlive it.
