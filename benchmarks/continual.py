@@ -28,6 +28,30 @@ PROTOCOLS = {"split-mnist": ("mnist", "split"), "split-fashion-mnist": ("fashion
              "permuted-mnist": ("mnist", "permuted")}
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """Average final accuracy and forgetting per protocol and rule (mean and std over seeds), both evaluations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    protocols, rules = list(dict.fromkeys(r["protocol"] for r in rows)), list(dict.fromkeys(r["rule"] for r in rows))
+    fig, axes = plt.subplots(2, 2, figsize=(9, 5.5), sharex=True)
+    for col, ev in enumerate(("class_incremental", "task_incremental")):
+        for row, key in enumerate(("average", "forgetting")):
+            ax = axes[row][col]
+            for i, rule in enumerate(rules):
+                values = [[r[ev][key] for r in rows if r["protocol"] == p and r["rule"] == rule] for p in protocols]
+                ax.bar([j + 0.25 * i for j in range(len(protocols))], [statistics.mean(v) for v in values], 0.25,
+                       yerr=[spread(v) for v in values], label=rule)
+            ax.set_title(f"{ev.replace('_', '-')}: {key}", fontsize=9)
+            ax.set_xticks([j + 0.25 for j in range(len(protocols))], protocols, fontsize=8)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--protocols", default=",".join(PROTOCOLS))
@@ -38,7 +62,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--out", default="docs/science")
     args = parser.parse_args()
-    rows = []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "continual.jsonl"                 # one line per finished run: an interrupted study resumes
+    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    done = {(r["protocol"], r["rule"], r["seed"], r.get("epochs_per_task")) for r in rows}
     for protocol in args.protocols.split(","):
         dataset, kind = PROTOCOLS[protocol]
         data = load_dataset(dataset, args.data_dir)
@@ -46,15 +74,19 @@ def main() -> None:
             splits = make_splits(data, seed)
             tasks = split_tasks(splits) if kind == "split" else permuted_tasks(splits, 10, seed)
             for rule in args.rules.split(","):
+                if (protocol, rule, seed, args.epochs) in done:
+                    continue
                 width = 256 if rule == "sal" else matched_width(splits.in_features, splits.num_classes, {})
                 config = make_config(rule, epochs=args.epochs, seed=seed, width=width, threads=args.threads)
                 result = run_sequence(config, tasks)
-                rows.append({"protocol": protocol, "rule": rule, "seed": seed, "width": width, **result})
+                rows.append({"protocol": protocol, "rule": rule, "seed": seed, "width": width,
+                             "epochs_per_task": args.epochs, **result})
+                with log.open("a") as f:
+                    f.write(json.dumps(rows[-1]) + "\n")
                 ci = result["class_incremental"]
                 print(f"{protocol} {rule} seed {seed}: average {ci['average']:.4f} forgetting {ci['forgetting']:.4f}",
                       flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    plot(rows, out / "continual.png")
     (out / "continual.json").write_text(json.dumps(rows, indent=2) + "\n")
     print("\n| protocol | rule | evaluation | average accuracy | forgetting |\n|---|---|---|---|---|")
     for protocol in dict.fromkeys(r["protocol"] for r in rows):
