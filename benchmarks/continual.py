@@ -15,6 +15,8 @@ import json
 import statistics
 from pathlib import Path
 
+from runlog import RunLog
+
 from torchsal import load_dataset, make_config, make_splits
 from torchsal.bench import matched_width
 from torchsal.continual import permuted_tasks, run_sequence, split_tasks
@@ -63,10 +65,7 @@ def main() -> None:
     parser.add_argument("--out", default="docs/science")
     args = parser.parse_args()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = out / "continual.jsonl"                 # one line per finished run: an interrupted study resumes
-    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    done = {(r["protocol"], r["rule"], r["seed"], r.get("epochs_per_task")) for r in rows}
+    log = RunLog(out / "continual.jsonl", key=lambda r: (r["protocol"], r["rule"], r["seed"], r["epochs_per_task"]))
     for protocol in args.protocols.split(","):
         dataset, kind = PROTOCOLS[protocol]
         data = load_dataset(dataset, args.data_dir)
@@ -74,18 +73,14 @@ def main() -> None:
             splits = make_splits(data, seed)
             tasks = split_tasks(splits) if kind == "split" else permuted_tasks(splits, 10, seed)
             for rule in args.rules.split(","):
-                if (protocol, rule, seed, args.epochs) in done:
+                if log.done((protocol, rule, seed, args.epochs)):
                     continue
                 width = 256 if rule == "sal" else matched_width(splits.in_features, splits.num_classes, {})
                 config = make_config(rule, epochs=args.epochs, seed=seed, width=width, threads=args.threads)
                 result = run_sequence(config, tasks)
-                rows.append({"protocol": protocol, "rule": rule, "seed": seed, "width": width,
-                             "epochs_per_task": args.epochs, **result})
-                with log.open("a") as f:
-                    f.write(json.dumps(rows[-1]) + "\n")
-                ci = result["class_incremental"]
-                print(f"{protocol} {rule} seed {seed}: average {ci['average']:.4f} forgetting {ci['forgetting']:.4f}",
-                      flush=True)
+                log.add({"protocol": protocol, "rule": rule, "seed": seed, "width": width,
+                         "epochs_per_task": args.epochs, **result})
+    rows = log.rows
     plot(rows, out / "continual.png")
     (out / "continual.json").write_text(json.dumps(rows, indent=2) + "\n")
     print("\n| protocol | rule | evaluation | average accuracy | forgetting |\n|---|---|---|---|---|")

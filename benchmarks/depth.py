@@ -20,6 +20,8 @@ import json
 import statistics
 from pathlib import Path
 
+from runlog import RunLog
+
 PRESETS = {
     "bp": {"rule": "bp", "areas": 1, "shared": False},
     "dfa": {"rule": "dfa", "areas": 1, "shared": False},
@@ -63,28 +65,24 @@ def accuracy(args: argparse.Namespace) -> list[dict]:
     an interrupted run resumes where it stopped and finished cells are not redone."""
     from torchsal import load_dataset, make_config, make_splits, train
 
-    log = Path(args.out) / "accuracy.jsonl"
-    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    done = {(r["dataset"], r["preset"], r["depth"], r["seed"], r["epochs"], r["width"]) for r in rows}
+    log = RunLog(Path(args.out) / "accuracy.jsonl",
+                 key=lambda r: (r["dataset"], r["preset"], r["depth"], r["seed"], r["epochs"], r["width"]))
     for dataset in args.datasets.split(","):
         data = load_dataset(dataset, args.data_dir)
         for seed in map(int, args.seeds.split(",")):
             splits = make_splits(data, seed)
             for preset in args.rules.split(","):
                 for depth in map(int, args.depths.split(",")):
-                    if (dataset, preset, depth, seed, args.epochs, args.width) in done:
+                    if log.done((dataset, preset, depth, seed, args.epochs, args.width)):
                         continue
                     settings = {**DEEP, **PRESETS[preset], "depth": depth, "width": args.width, "seed": seed,
                                 "epochs": args.epochs, "batch_size": args.batch, "threads": args.threads}
                     m = train(make_config(settings.pop("rule"), **settings), splits=splits, progress=False).metrics
-                    rows.append({"dataset": dataset, "preset": preset, "depth": depth, "seed": seed,
-                                 "width": args.width, "batch": args.batch, "epochs": m["epochs"],
-                                 "test_accuracy": m["test_accuracy"], "val_accuracy": m["val_accuracy"],
-                                 "seconds_per_epoch": m["train_seconds"] / m["epochs"]})
-                    with log.open("a") as f:
-                        f.write(json.dumps(rows[-1]) + "\n")
-                    print(json.dumps(rows[-1]), flush=True)
-    return rows
+                    log.add({"dataset": dataset, "preset": preset, "depth": depth, "seed": seed,
+                             "width": args.width, "batch": args.batch, "epochs": m["epochs"],
+                             "test_accuracy": m["test_accuracy"], "val_accuracy": m["val_accuracy"],
+                             "seconds_per_epoch": m["train_seconds"] / m["epochs"]})
+    return log.rows
 
 
 def plot(rows: list[dict], key: str, ylabel: str, path: Path, group: str = "preset") -> None:

@@ -18,11 +18,11 @@ finished run to ``OUT/heterogeneous.jsonl`` (an interrupted study resumes), prin
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
 import torch
+from runlog import RunLog
 
 from torchsal import load_dataset, make_config, make_splits
 from torchsal.bench import PRESETS
@@ -119,23 +119,16 @@ def main() -> None:
     parser.add_argument("--out", default="docs/science")
     args = parser.parse_args()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = out / "heterogeneous.jsonl"
-    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    done = {(r["order"], r["preset"], r["seed"], r["epochs"]) for r in rows}
+    log = RunLog(out / "heterogeneous.jsonl", key=lambda r: (r["order"], r["preset"], r["seed"], r["epochs"]))
     data = load_dataset("union:" + ",".join(DOMAINS), args.data_dir)
     for seed in map(int, args.seeds.split(",")):
         splits = make_splits(data, seed)
         for order in args.orders.split(","):
             for preset in args.rules.split(","):
-                if (order, preset, seed, args.epochs) in done:
-                    continue
-                rows.append({"order": order, "preset": preset, "seed": seed, "epochs": args.epochs,
+                if not log.done((order, preset, seed, args.epochs)):
+                    log.add({"order": order, "preset": preset, "seed": seed, "epochs": args.epochs,
                              **run(preset, order, splits, seed, args)})
-                with log.open("a") as f:
-                    f.write(json.dumps(rows[-1]) + "\n")
-                print(json.dumps(rows[-1]), flush=True)
-    report(rows, out)
+    report(log.rows, out)
 
 
 if __name__ == "__main__":
