@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -49,6 +50,42 @@ def measure_memory(preset: str, depth: int, width: int, batch: int) -> dict:
         rule(model, x, y).loss.backward()
     return {"preset": preset, "depth": depth, "width": width, "batch": batch,
             "params": sum(p.numel() for p in model.parameters()), "activation_mib": meter.peak_bytes / 2**20}
+
+
+def timing(args: argparse.Namespace) -> list[dict]:
+    """Seconds per training step (median of 20 after warm-up) per preset and depth, on MNIST-shaped random
+    batches: a clean time per epoch (54,000 MNIST training rows; the accuracy runs share the machine)."""
+    import time
+
+    import torch
+
+    from torchsal import build_model, build_rule, make_config
+    from torchsal.dispatch import release_gradients
+    from torchsal.train import make_optimizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    x, y = torch.randn(args.batch, 784, generator=torch.Generator().manual_seed(0)), torch.arange(args.batch) % 10
+    for preset in args.rules.split(","):
+        for depth in map(int, args.depths.split(",")):
+            settings = {**DEEP, **PRESETS[preset], "depth": depth, "width": args.width, "batch_size": args.batch}
+            config = make_config(settings.pop("rule"), **settings)
+            model = build_model(784, 10, config.model)
+            rule = build_rule(model, config.rule)
+            optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config.train)
+            times = []
+            for _ in range(23):
+                start = time.perf_counter()
+                release_gradients(model.parameters())
+                rule(model, x, y).loss.backward()
+                optimizer.step()
+                times.append(time.perf_counter() - start)
+            step = statistics.median(times[3:])
+            rows.append({"preset": preset, "depth": depth, "width": args.width, "batch": args.batch,
+                         "seconds_per_step": step, "seconds_per_mnist_epoch": step * math.ceil(54_000 / args.batch)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def memory(args: argparse.Namespace) -> list[dict]:
@@ -127,7 +164,7 @@ def report(out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="depth benchmark")
-    parser.add_argument("part", choices=["memory", "accuracy", "report"])
+    parser.add_argument("part", choices=["memory", "accuracy", "timing", "report"])
     parser.add_argument("--depths", default="2,8,32,128")
     parser.add_argument("--rules", default="bp,dfa,sal-direct,sal-local,sal-lean")
     parser.add_argument("--datasets", default="mnist,fashion-mnist")
@@ -144,7 +181,7 @@ def main() -> None:
     if args.part == "report":
         report(out)
         return
-    rows = memory(args) if args.part == "memory" else accuracy(args)
+    rows = {"memory": memory, "accuracy": accuracy, "timing": timing}[args.part](args)
     (out / f"{args.part}.json").write_text(json.dumps(rows, indent=2) + "\n")
     if args.part == "memory":
         plot(rows, "activation_mib", "peak activation memory (MiB)", out / "memory.png")
@@ -153,7 +190,7 @@ def main() -> None:
             cells = [f"{r['activation_mib']:.1f}" for r in sorted(rows, key=lambda r: r["depth"])
                      if r["preset"] == preset]
             print(f"| {preset} | " + " | ".join(cells) + " |")
-    else:
+    elif args.part == "accuracy":
         for dataset in dict.fromkeys(r["dataset"] for r in rows):
             subset = [r for r in rows if r["dataset"] == dataset]
             plot(subset, "test_accuracy", f"test accuracy ({dataset})", out / f"accuracy-{dataset}.png")
