@@ -33,15 +33,22 @@ PRESETS = {
 DEEP = {"block": "residual", "norm": "layer"}
 
 
+def deep_config(preset: str, depth: int, width: int, batch: int, **extra):  # noqa: ANN201
+    """The run config of ``preset`` on the deep model: ``depth`` residual pre-norm blocks of ``width``."""
+    from torchsal import make_config
+
+    settings = {**DEEP, **PRESETS[preset], "depth": depth, "width": width, "batch_size": batch, **extra}
+    return make_config(settings.pop("rule"), **settings)
+
+
 def measure_memory(preset: str, depth: int, width: int, batch: int) -> dict:
     """Peak activation bytes of one training step (``torchsal.diagnostics.ActivationMeter``)."""
     import torch
 
-    from torchsal import build_model, build_rule, make_config
+    from torchsal import build_model, build_rule
     from torchsal.diagnostics import ActivationMeter
 
-    settings = {**DEEP, **PRESETS[preset], "depth": depth, "width": width, "batch_size": batch}
-    config = make_config(settings.pop("rule"), **settings)
+    config = deep_config(preset, depth, width, batch)
     model = build_model(784, 10, config.model)
     rule = build_rule(model, config.rule)
     x, y = torch.randn(batch, 784, generator=torch.Generator().manual_seed(0)), torch.arange(batch) % 10
@@ -59,7 +66,7 @@ def timing(args: argparse.Namespace) -> list[dict]:
 
     import torch
 
-    from torchsal import build_model, build_rule, make_config
+    from torchsal import build_model, build_rule
     from torchsal.dispatch import release_gradients
     from torchsal.train import make_optimizer
 
@@ -69,8 +76,7 @@ def timing(args: argparse.Namespace) -> list[dict]:
     x, y = torch.randn(args.batch, 784, generator=torch.Generator().manual_seed(0)), torch.arange(args.batch) % 10
     for preset in args.rules.split(","):
         for depth in map(int, args.depths.split(",")):
-            settings = {**DEEP, **PRESETS[preset], "depth": depth, "width": args.width, "batch_size": args.batch}
-            config = make_config(settings.pop("rule"), **settings)
+            config = deep_config(preset, depth, args.width, args.batch)
             model = build_model(784, 10, config.model)
             rule = build_rule(model, config.rule)
             optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config.train)
@@ -100,7 +106,7 @@ def memory(args: argparse.Namespace) -> list[dict]:
 def accuracy(args: argparse.Namespace) -> list[dict]:
     """Train every (dataset, seed, preset, depth) cell; rows are appended to ``accuracy.jsonl`` as they finish, so
     an interrupted run resumes where it stopped and finished cells are not redone."""
-    from torchsal import load_dataset, make_config, make_splits, train
+    from torchsal import load_dataset, make_splits, train
 
     log = RunLog(Path(args.out) / "accuracy.jsonl",
                  key=lambda r: (r["dataset"], r["preset"], r["depth"], r["seed"], r["epochs"], r["width"]))
@@ -112,9 +118,9 @@ def accuracy(args: argparse.Namespace) -> list[dict]:
                 for depth in map(int, args.depths.split(",")):
                     if log.done((dataset, preset, depth, seed, args.epochs, args.width)):
                         continue
-                    settings = {**DEEP, **PRESETS[preset], "depth": depth, "width": args.width, "seed": seed,
-                                "epochs": args.epochs, "batch_size": args.batch, "threads": args.threads}
-                    m = train(make_config(settings.pop("rule"), **settings), splits=splits, progress=False).metrics
+                    config = deep_config(preset, depth, args.width, args.batch, seed=seed, epochs=args.epochs,
+                                         threads=args.threads)
+                    m = train(config, splits=splits, progress=False).metrics
                     log.add({"dataset": dataset, "preset": preset, "depth": depth, "seed": seed,
                              "width": args.width, "batch": args.batch, "epochs": m["epochs"],
                              "test_accuracy": m["test_accuracy"], "val_accuracy": m["val_accuracy"],

@@ -47,7 +47,7 @@ def worker(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         release_gradients(model.parameters())
         rule(model, x[mine], y[mine]).loss.backward()
-        distributed.sync_gradients(model.replicated_parameters(), len(mine), args.batch)
+        distributed.sync_gradients(model, len(mine), args.batch)
         optimizer.step()
         times.append(time.perf_counter() - start)
     if ctx.is_main:

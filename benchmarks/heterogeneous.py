@@ -40,9 +40,9 @@ def domain_of(classes: list[str]) -> torch.Tensor:
 
 
 def evaluate(trainer: Trainer, splits, domains: torch.Tensor) -> dict:
-    d = trainer.device
-    per_domain = {name: accuracy(trainer.model, splits.x_test[domains[splits.y_test] == i].to(d),
-                                 splits.y_test[domains[splits.y_test] == i].to(d))
+    d, test_domain = trainer.device, domains[splits.y_test]
+    per_domain = {name: accuracy(trainer.model, splits.x_test[test_domain == i].to(d),
+                                 splits.y_test[test_domain == i].to(d))
                   for i, name in enumerate(DOMAINS)}
     row = {"test_accuracy": accuracy(trainer.model, splits.x_test.to(d), splits.y_test.to(d)), **per_domain}
     if trainer.model.routers:

@@ -124,7 +124,7 @@ AREA_PARALLEL_STEP = textwrap.dedent("""
     distributed.TRAFFIC.clear()
     optimizer.zero_grad(set_to_none=True)
     rule(model, x_all[mine], y_all[mine]).loss.backward()
-    distributed.sync_gradients(model.replicated_parameters(), len(mine), batch)
+    distributed.sync_gradients(model, len(mine), batch)
     optimizer.step()
     assert distributed.TRAFFIC["all_to_all"] == expected, (distributed.TRAFFIC, expected)
     # besides the rows: per-area row counts (8 bytes per area and layer) and the routers' scores (B x K floats)

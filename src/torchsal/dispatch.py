@@ -54,6 +54,13 @@ def group_by_area(area: Tensor, areas: int) -> tuple[Tensor, Tensor, list[int]]:
     return order, inverse, counts
 
 
+def _per_area_linear(rows: Tensor, counts: list[int], weights: Sequence[Tensor],
+                     biases: Sequence[Tensor | None]) -> Tensor:
+    """One ``F.linear`` per non-empty area over rows already grouped by area."""
+    return torch.cat([F.linear(piece, weights[k], biases[k])
+                      for k, piece in enumerate(rows.split(counts)) if counts[k]])
+
+
 class _GroupedLinear(torch.autograd.Function):
     """Per-area linear maps over rows already grouped by area; backward writes each touched area's weight
     gradient into a recycled buffer and gives untouched areas no gradient at all."""
@@ -64,8 +71,7 @@ class _GroupedLinear(torch.autograd.Function):
         weights, biases = params[:k], (params[k:] if has_bias else (None,) * k)
         ctx.save_for_backward(x, *weights)
         ctx.counts, ctx.has_bias, ctx.weights = counts, has_bias, weights
-        return torch.cat([F.linear(piece, weights[i], biases[i])
-                          for i, piece in enumerate(x.split(counts)) if counts[i]])
+        return _per_area_linear(x, counts, weights, biases)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
@@ -103,6 +109,5 @@ def area_linear(x: Tensor, area: Tensor | None, weights: Sequence[Tensor],
         if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
             out = _GroupedLinear.apply(rows, counts, biases is not None, *weights, *(biases or ()))
         else:
-            out = torch.cat([F.linear(piece, weights[k], None if biases is None else biases[k])
-                             for k, piece in enumerate(rows.split(counts)) if counts[k]])
+            out = _per_area_linear(rows, counts, weights, [None] * len(weights) if biases is None else biases)
         return out[inverse]

@@ -19,12 +19,17 @@ import datetime
 import os
 from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from torchsal.dispatch import area_linear, group_by_area
 from torchsal.errors import ConfigError, DistributedError
+
+if TYPE_CHECKING:
+    from torchsal.models import AreaMLP
 
 # Bytes this process has sent, per kind of collective (its own contribution; benchmarks and tests read it).
 TRAFFIC: Counter[str] = Counter()
@@ -92,12 +97,13 @@ def all_gather_rows(t: Tensor) -> tuple[Tensor, int]:
     return rows, sum(sizes[: ctx.rank])
 
 
-def sync_gradients(params: list[nn.Parameter], local_rows: int, global_rows: int) -> None:
-    """Make every rank's ``.grad`` of the replicated ``params`` the global-batch gradient (module docstring)."""
+def sync_gradients(model: AreaMLP, local_rows: int, global_rows: int) -> None:
+    """Make every rank's ``.grad`` of the model's replicated parameters (all but area-parallel areas) the
+    global-batch gradient (module docstring)."""
     ctx = current()
     if ctx.world == 1:
         return
-    params = [p for p in params if p.requires_grad]
+    params = [p for p in model.replicated_parameters() if p.requires_grad]
     touched = torch.tensor([float(p.grad is not None) for p in params])
     _collective(dist.all_reduce, touched)
     active = [p for p, t in zip(params, touched.tolist(), strict=True) if t > 0]
@@ -173,8 +179,6 @@ def area_parallel_linear(x: Tensor, area: Tensor, weights, biases, areas: int) -
     the route: output gradients go to the owner (which forms its areas' weight gradients over the whole global
     batch) and input gradients, where needed, come back. Only per-area row counts are gathered from everyone.
     """
-    from torchsal.dispatch import area_linear, group_by_area
-
     ctx = current()
     order, inverse, counts = group_by_area(area, areas)
     parts = [torch.tensor(counts) for _ in range(ctx.world)]

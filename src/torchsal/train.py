@@ -276,7 +276,7 @@ class Trainer:
         if not torch.isfinite(out.loss):
             raise self._diverged(self._first_non_finite(x) or f"loss became {out.loss.item()}")
         out.loss.backward()
-        distributed.sync_gradients(self.model.replicated_parameters(), len(local), len(batch))
+        distributed.sync_gradients(self.model, len(local), len(batch))
         self.optimizer.step()
         self.scheduler.step()
         self.sums["loss"] += out.task_loss.item() * len(y)
