@@ -47,6 +47,19 @@ def test_identical_presets_share_runs(tmp_path, monkeypatch):
     assert len(calls) == 4                                        # sal's default signal is local: one grid, not two
 
 
+def test_benches_share_a_runs_folder_and_grayscale_is_part_of_a_run(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, "train", fake_train_any(calls))
+    runs = tmp_path / "runs"
+    Bench("paper", ["wine"], ["sal"], [0], tmp_path / "main", runs=runs).run()
+    assert len(calls) == 4 and not (tmp_path / "main" / "runs").exists()
+    Bench("paper", ["wine"], ["sal-k1", "sal"], [0], tmp_path / "ablations", runs=runs).run()
+    assert len(calls) == 4 + 4                                    # only sal-k1 trains; sal's runs are reused
+    Bench("paper", ["wine"], ["sal"], [0], tmp_path / "colour", runs=runs, grayscale=False).run()
+    assert len(calls) == 4 + 4 + 4                                # another colour setting is another run
+    assert all(c.train.grayscale is False for c in calls[-4:])
+
+
 def test_real_bench_writes_tables_and_plots(tmp_path):
     Bench("tuned", ["wine"], ["bp", "sal"], [0, 1], tmp_path, epochs=2).run()
     for name in ("results.json", "results.csv", "results.md", "convergence-tuned.png"):

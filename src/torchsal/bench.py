@@ -141,7 +141,7 @@ class Bench:
 
     def __init__(self, recipe: str, datasets: list[str], presets: list[str], seeds: list[int], out: Path,
                  data_dir: str | None = None, threads: int | None = None, epochs: int | None = None,
-                 report_only: bool = False) -> None:
+                 report_only: bool = False, grayscale: bool | None = None, runs: Path | None = None) -> None:
         if recipe not in RECIPES:
             raise ConfigError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
         unknown = [p for p in presets if p not in PRESETS]
@@ -152,6 +152,8 @@ class Bench:
         self.recipe, self.datasets, self.presets, self.seeds = RECIPES[recipe], datasets, presets, seeds
         self.out, self.data_dir, self.threads, self.epochs = out, data_dir, threads, epochs
         self.report_only = report_only          # tables from the finished runs only; train nothing
+        self.base = {**self.recipe.base, **({} if grayscale is None else {"grayscale": grayscale})}
+        self.runs = runs or out / "runs"        # finished runs; several benches may share one folder
         self._finished: list[tuple[dict[str, Any], Path]] | None = None
         self.records: list[dict[str, Any]] = []
 
@@ -161,9 +163,9 @@ class Bench:
                                       + len(rows) * len(self.seeds))
         self.bar = tqdm(total=total, desc=f"bench {self.recipe.name}", unit="run")
         for dataset in self.datasets:
-            data = load_dataset(dataset, self.data_dir, self.recipe.base.get("grayscale", False))
+            data = load_dataset(dataset, self.data_dir, self.base.get("grayscale", False))
             self.splits = {seed: make_splits(data, seed) for seed in self.seeds}
-            base = {**self.recipe.base, "dataset": dataset, "data_dir": self.data_dir, "threads": self.threads,
+            base = {**self.base, "dataset": dataset, "data_dir": self.data_dir, "threads": self.threads,
                     "epochs": self.epochs or self.recipe.epochs(len(self.splits[self.seeds[0]].y_train))}
             for preset in self.presets:
                 self._cell(dataset, preset, base, self.recipe.trials(preset))
@@ -191,7 +193,7 @@ class Bench:
     def _run(self, dataset: str, preset: str, settings: dict[str, Any], trial: dict[str, Any],
              chosen: bool = False) -> dict[str, Any] | None:
         config = make_config(settings["rule"], **{k: v for k, v in settings.items() if k != "rule"})
-        path = self.out / "runs" / _key(config) / "metrics.json"
+        path = self.runs / _key(config) / "metrics.json"
         path = path if path.is_file() else self._older_run(config) or path
         if path.is_file():
             metrics = json.loads(path.read_text())
@@ -213,7 +215,7 @@ class Bench:
 
     def _older_run(self, config: RunConfig) -> Path | None:
         if self._finished is None:                  # index the finished runs once
-            self._finished = [(json.loads(p.read_text())["config"], p) for p in self.out.glob("runs/*/metrics.json")]
+            self._finished = [(json.loads(p.read_text())["config"], p) for p in self.runs.glob("*/metrics.json")]
         wanted, defaults = config.to_dict(), _field_defaults()
         return next((p for stored, p in self._finished if _same_run(stored, wanted, defaults)), None)
 

@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_p.add_argument("--epochs", type=int, help="override the recipe's epoch budget (quick checks)")
     bench_p.add_argument("--report-only", action="store_true",
                          help="write the tables from the runs already finished in --out; train nothing")
+    bench_p.add_argument("--grayscale", action=argparse.BooleanOptionalAction, default=None,
+                         help="override the recipe's colour setting (the ablations use grayscale CIFAR-10)")
+    bench_p.add_argument("--runs", help="folder of finished runs, shared between benches (default OUT/runs)")
     return parser
 
 
@@ -222,8 +225,9 @@ def _bench(args: argparse.Namespace) -> int:
 
     presets = [q for p in args.rules.split(",") if p for q in (ABLATIONS if p == "ablations" else [p])]
     bench = Bench(args.recipe, [d for d in args.datasets.split(",") if d], list(dict.fromkeys(presets)),
-                  _int_list(args.seeds, "--seeds"), Path(args.out), args.data_dir, args.threads, args.epochs,
-                  args.report_only)
+                  _int_list(args.seeds, "--seeds"), Path(args.out), data_dir=args.data_dir, threads=args.threads,
+                  epochs=args.epochs, report_only=args.report_only, grayscale=args.grayscale,
+                  runs=Path(args.runs) if args.runs else None)
     bench.run()
     print((Path(args.out) / "results.md").read_text())
     print(f"results: {args.out}/results.json, results.csv, results.md, convergence-{args.recipe}.png")
