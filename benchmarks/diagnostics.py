@@ -1,0 +1,134 @@
+"""Alignment, interference and area statistics over training, several seeds: what `--diagnostics` measures, as tables.
+
+    python benchmarks/diagnostics.py --datasets mnist,fashion-mnist --seeds 0,1,2 --epochs 5 \\
+        --data-dir ../shared/data --threads 1 --out docs/science
+
+Every preset trains the same two-hidden-layer model (width 256; each rule's default settings otherwise) with
+``--diagnostics``, which after every epoch measures on a fixed probe batch of 512 training samples:
+
+- ``alignment``: angle in degrees between the rule's update of each linear layer and the true backprop gradient;
+- ``interference``: mean pairwise cosine between the per-class updates of each linear layer;
+- area statistics of every router over the training split (utilisation, imbalance, entropy, class purity, share
+  of samples that changed area since the previous epoch).
+
+The presets pair up so each question has a control with one difference: areas vs none under the same rule
+(``sal`` vs ``sal-k1``, ``bp-areas`` vs ``bp``) and SAL's signals vs the dense feedback rules (``fa``, ``dfa``).
+Appends one line per finished run to ``OUT/diagnostics.jsonl`` (an interrupted study resumes), prints the tables,
+writes ``OUT/diagnostics.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+from runlog import RunLog
+
+from torchsal import load_dataset, make_config, make_splits
+from torchsal.bench import PRESETS
+from torchsal.train import Trainer
+
+RULES = ("bp", "fa", "dfa", "sal-direct", "sal-local", "sal-k1", "bp-areas")
+
+
+def run(preset: str, dataset: str, splits, seed: int, args) -> dict:
+    settings = {k: v for k, v in PRESETS[preset].items() if k != "rule"}
+    config = make_config(PRESETS[preset]["rule"], **{"depth": 2, "width": 256, **settings}, epochs=args.epochs,
+                         seed=seed, threads=args.threads, dataset=dataset, diagnostics=True)
+    trainer = Trainer(config, splits)
+    metrics = trainer.fit(progress=False).metrics
+    return {"test_accuracy": metrics["test_accuracy"],
+            "per_epoch": [{"epoch": h["epoch"], "test_accuracy": h["test_accuracy"], **h["diagnostics"]}
+                          for h in metrics["history"]]}
+
+
+def _mean_std(values: list[float], digits: int) -> str:
+    if not values:
+        return "–"
+    spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.{digits}f}{spread}"
+
+
+def report(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    groups = {(d, p): [r for r in rows if r["dataset"] == d and r["preset"] == p]
+              for d in datasets for p in RULES if any(r["dataset"] == d and r["preset"] == p for r in rows)}
+
+    def layer_values(sel, key, layer, epoch):
+        return [r["per_epoch"][epoch][key][layer] for r in sel]
+
+    print("\n### Alignment with the true gradient (degrees; hidden 1, hidden 2, head), first and last epoch\n")
+    print("| dataset | preset | test acc. | hidden 1: first -> last | hidden 2: first -> last | head: last | seeds |")
+    print("|---|---|---|---|---|---|---|")
+    for (d, p), sel in groups.items():
+        cells = [f"{_mean_std(layer_values(sel, 'alignment_degrees', i, 0), 1)} -> "
+                 f"{_mean_std(layer_values(sel, 'alignment_degrees', i, -1), 1)}" for i in (0, 1)]
+        print(f"| {d} | {p} | {_mean_std([r['test_accuracy'] for r in sel], 4)} | {cells[0]} | {cells[1]} | "
+              f"{_mean_std(layer_values(sel, 'alignment_degrees', 2, -1), 1)} | {len(sel)} |")
+
+    print("\n### Class interference (mean pairwise cosine of per-class updates), last epoch\n")
+    print("| dataset | preset | hidden 1 | hidden 2 | head |\n|---|---|---|---|---|")
+    for (d, p), sel in groups.items():
+        print(f"| {d} | {p} | " + " | ".join(_mean_std(layer_values(sel, "interference", i, -1), 3)
+                                              for i in range(3)) + " |")
+
+    print("\n### Area statistics of the routed models, last epoch (one input router)\n")
+    print("| dataset | preset | used | imbalance (1 = even) | entropy | class purity | changed in last epoch |")
+    print("|---|---|---|---|---|---|---|")
+    for (d, p), sel in groups.items():
+        stats = [r["per_epoch"][-1]["areas"][0] for r in sel]
+        if stats[0]["used"] == 1 and len(stats[0]["shares"]) == 1:
+            continue                                      # a dense model has one area: nothing to report
+        print(f"| {d} | {p} | " + " | ".join(_mean_std([s[k] for s in stats], 0 if k == "used" else 3)
+                                              for k in ("used", "imbalance", "entropy", "purity", "changed")) + " |")
+
+    fig, axes = plt.subplots(len(datasets), 3, figsize=(12, 3.2 * len(datasets)), squeeze=False)
+    for row, d in enumerate(datasets):
+        for (dd, p), sel in groups.items():
+            if dd != d:
+                continue
+            epochs = [e["epoch"] for e in sel[0]["per_epoch"]]
+            for col, (key, layer, title) in enumerate((("alignment_degrees", 0, "alignment, hidden 1 (deg)"),
+                                                       ("alignment_degrees", 1, "alignment, hidden 2 (deg)"),
+                                                       ("interference", 0, "interference, hidden 1"))):
+                means = [statistics.mean(layer_values(sel, key, layer, e)) for e in range(len(epochs))]
+                axes[row][col].plot(epochs, means, marker="o", ms=3, label=p)
+                axes[row][col].set_title(f"{d}: {title}", fontsize=9)
+                axes[row][col].set_xlabel("epoch", fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "diagnostics.png", dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", default="mnist,fashion-mnist")
+    parser.add_argument("--rules", default=",".join(RULES))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--data-dir")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--out", default="docs/science")
+    args = parser.parse_args()
+    out = Path(args.out)
+    log = RunLog(out / "diagnostics.jsonl", key=lambda r: (r["dataset"], r["preset"], r["seed"], r["epochs"]))
+    for dataset in args.datasets.split(","):
+        data = load_dataset(dataset, args.data_dir)
+        for seed in map(int, args.seeds.split(",")):
+            splits = make_splits(data, seed)
+            for preset in args.rules.split(","):
+                if not log.done((dataset, preset, seed, args.epochs)):
+                    log.add({"dataset": dataset, "preset": preset, "seed": seed, "epochs": args.epochs,
+                             **run(preset, dataset, splits, seed, args)})
+    report([r for r in log.rows if r["epochs"] == args.epochs], out)
+
+
+if __name__ == "__main__":
+    main()
