@@ -10,12 +10,11 @@ identity. See torchsal/continual.py for the definitions.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from pathlib import Path
 
-from runlog import RunLog
+from study import RunLog, mean_std, study_parser
 
 from torchsal import load_dataset, make_config, make_splits
 from torchsal.bench import matched_width
@@ -55,14 +54,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = study_parser(__doc__, rules="bp,dfa,sal", epochs=2, epochs_help="epochs per task")
     parser.add_argument("--protocols", default=",".join(PROTOCOLS))
-    parser.add_argument("--rules", default="bp,dfa,sal")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--epochs", type=int, default=2, help="epochs per task")
-    parser.add_argument("--data-dir")
-    parser.add_argument("--threads", type=int)
-    parser.add_argument("--out", default="docs/science")
     args = parser.parse_args()
     out = Path(args.out)
     log = RunLog(out / "continual.jsonl", key=lambda r: (r["protocol"], r["rule"], r["seed"], r["epochs_per_task"]))
@@ -80,7 +73,7 @@ def main() -> None:
                 result = run_sequence(config, tasks)
                 log.add({"protocol": protocol, "rule": rule, "seed": seed, "width": width,
                          "epochs_per_task": args.epochs, **result})
-    rows = log.rows
+    rows = [r for r in log.rows if r["epochs_per_task"] == args.epochs]     # one budget per table
     plot(rows, out / "continual.png")
     (out / "continual.json").write_text(json.dumps(rows, indent=2) + "\n")
     print("\n| protocol | rule | evaluation | average accuracy | forgetting |\n|---|---|---|---|---|")
@@ -89,8 +82,7 @@ def main() -> None:
             for ev in ("class_incremental", "task_incremental"):
                 sel = [r[ev] for r in rows if r["protocol"] == protocol and r["rule"] == rule]
                 avg, fgt = [s["average"] for s in sel], [s["forgetting"] for s in sel]
-                print(f"| {protocol} | {rule} | {ev.replace('_', '-')} | {statistics.mean(avg):.4f} ± "
-                      f"{spread(avg):.4f} | {statistics.mean(fgt):.4f} ± {spread(fgt):.4f} |")
+                print(f"| {protocol} | {rule} | {ev.replace('_', '-')} | {mean_std(avg)} | {mean_std(fgt)} |")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import math
 import statistics
 from pathlib import Path
 
-from runlog import RunLog
+from study import RunLog, mean_std
 
 PRESETS = {
     "bp": {"rule": "bp", "areas": 1, "shared": False},
@@ -171,9 +171,7 @@ def report(out: Path) -> None:
             cells = []
             for d in depths:
                 cell = [r for r in subset if r["preset"] == preset and r["depth"] == d]
-                acc = [r["test_accuracy"] for r in cell]
-                spread = f" ± {statistics.stdev(acc):.4f}" if len(acc) > 1 else ""
-                cells.append(f"{statistics.mean(acc):.4f}{spread} ({len(acc)})" if cell else "–")
+                cells.append(f"{mean_std([r['test_accuracy'] for r in cell])} ({len(cell)})" if cell else "–")
             print(f"| {preset} | " + " | ".join(cells) + " |")
 
 

@@ -19,11 +19,10 @@ writes ``OUT/diagnostics.png``.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 from pathlib import Path
 
-from runlog import RunLog
+from study import RunLog, mean_std, study_parser
 
 from torchsal import load_dataset, make_config, make_splits
 from torchsal.bench import PRESETS
@@ -43,13 +42,6 @@ def run(preset: str, dataset: str, splits, seed: int, args) -> dict:
                           for h in metrics["history"]]}
 
 
-def _mean_std(values: list[float], digits: int) -> str:
-    if not values:
-        return "–"
-    spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
-    return f"{statistics.mean(values):.{digits}f}{spread}"
-
-
 def report(rows: list[dict], out: Path) -> None:
     import matplotlib
 
@@ -67,15 +59,15 @@ def report(rows: list[dict], out: Path) -> None:
     print("| dataset | preset | test acc. | hidden 1: first -> last | hidden 2: first -> last | head: last | seeds |")
     print("|---|---|---|---|---|---|---|")
     for (d, p), sel in groups.items():
-        cells = [f"{_mean_std(layer_values(sel, 'alignment_degrees', i, 0), 1)} -> "
-                 f"{_mean_std(layer_values(sel, 'alignment_degrees', i, -1), 1)}" for i in (0, 1)]
-        print(f"| {d} | {p} | {_mean_std([r['test_accuracy'] for r in sel], 4)} | {cells[0]} | {cells[1]} | "
-              f"{_mean_std(layer_values(sel, 'alignment_degrees', 2, -1), 1)} | {len(sel)} |")
+        cells = [f"{mean_std(layer_values(sel, 'alignment_degrees', i, 0), 1)} -> "
+                 f"{mean_std(layer_values(sel, 'alignment_degrees', i, -1), 1)}" for i in (0, 1)]
+        print(f"| {d} | {p} | {mean_std([r['test_accuracy'] for r in sel], 4)} | {cells[0]} | {cells[1]} | "
+              f"{mean_std(layer_values(sel, 'alignment_degrees', 2, -1), 1)} | {len(sel)} |")
 
     print("\n### Class interference (mean pairwise cosine of per-class updates), last epoch\n")
     print("| dataset | preset | hidden 1 | hidden 2 | head |\n|---|---|---|---|---|")
     for (d, p), sel in groups.items():
-        print(f"| {d} | {p} | " + " | ".join(_mean_std(layer_values(sel, "interference", i, -1), 3)
+        print(f"| {d} | {p} | " + " | ".join(mean_std(layer_values(sel, "interference", i, -1), 3)
                                               for i in range(3)) + " |")
 
     print("\n### Area statistics of the routed models, last epoch (one input router)\n")
@@ -85,7 +77,7 @@ def report(rows: list[dict], out: Path) -> None:
         stats = [r["per_epoch"][-1]["areas"][0] for r in sel]
         if stats[0]["used"] == 1 and len(stats[0]["shares"]) == 1:
             continue                                      # a dense model has one area: nothing to report
-        print(f"| {d} | {p} | " + " | ".join(_mean_std([s[k] for s in stats], 0 if k == "used" else 3)
+        print(f"| {d} | {p} | " + " | ".join(mean_std([s[k] for s in stats], 0 if k == "used" else 3)
                                               for k in ("used", "imbalance", "entropy", "purity", "changed")) + " |")
 
     fig, axes = plt.subplots(len(datasets), 3, figsize=(12, 3.2 * len(datasets)), squeeze=False)
@@ -108,14 +100,8 @@ def report(rows: list[dict], out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = study_parser(__doc__, rules=",".join(RULES), epochs=5)
     parser.add_argument("--datasets", default="mnist,fashion-mnist")
-    parser.add_argument("--rules", default=",".join(RULES))
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--data-dir")
-    parser.add_argument("--threads", type=int)
-    parser.add_argument("--out", default="docs/science")
     args = parser.parse_args()
     out = Path(args.out)
     log = RunLog(out / "diagnostics.jsonl", key=lambda r: (r["dataset"], r["preset"], r["seed"], r["epochs"]))

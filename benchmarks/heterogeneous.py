@@ -17,12 +17,11 @@ finished run to ``OUT/heterogeneous.jsonl`` (an interrupted study resumes), prin
 
 from __future__ import annotations
 
-import argparse
 import statistics
 from pathlib import Path
 
 import torch
-from runlog import RunLog
+from study import RunLog, mean_std, study_parser
 
 from torchsal import load_dataset, make_config, make_splits
 from torchsal.bench import PRESETS
@@ -88,15 +87,9 @@ def report(rows: list[dict], out: Path) -> None:
         for i, preset in enumerate(presets):
             sel = [r for r in rows if r["preset"] == preset and r["order"] == order]
 
-            def cell(key: str, sel=sel) -> str:
-                values = [r[key] for r in sel if key in r]
-                if not values:
-                    return "–"
-                return f"{statistics.mean(values):.4f}" + (f" ± {statistics.stdev(values):.4f}" if len(values) > 1
-                                                           else "")
-            print(f"| {order} | {preset} | {cell('test_accuracy')} | {cell('mnist')} | {cell('fashion-mnist')} "
-                  f"| {cell('cifar10')} | {cell('forgetting')} | {cell('domain_purity')} | {cell('class_purity')} "
-                  f"| {len(sel)} |")
+            keys = ("test_accuracy", *DOMAINS, "forgetting", "domain_purity", "class_purity")
+            cells = [mean_std([r[k] for r in sel if k in r]) for k in keys]
+            print(f"| {order} | {preset} | " + " | ".join(cells) + f" | {len(sel)} |")
             means = [statistics.mean(r[d] for r in sel) for d in DOMAINS]
             ax.bar([j + 0.2 * i for j in range(3)], means, 0.2, label=preset)
         ax.set_title(order, fontsize=9)
@@ -109,14 +102,9 @@ def report(rows: list[dict], out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rules", default=",".join(RULES))
+    parser = study_parser(__doc__, rules=",".join(RULES), epochs=3,
+                          epochs_help="epochs (interleaved) or epochs per domain (sequence)")
     parser.add_argument("--orders", default="interleaved,sequence")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs (interleaved) or epochs per domain (sequence)")
-    parser.add_argument("--data-dir")
-    parser.add_argument("--threads", type=int)
-    parser.add_argument("--out", default="docs/science")
     args = parser.parse_args()
     out = Path(args.out)
     log = RunLog(out / "heterogeneous.jsonl", key=lambda r: (r["order"], r["preset"], r["seed"], r["epochs"]))
@@ -128,7 +116,7 @@ def main() -> None:
                 if not log.done((order, preset, seed, args.epochs)):
                     log.add({"order": order, "preset": preset, "seed": seed, "epochs": args.epochs,
                              **run(preset, order, splits, seed, args)})
-    report(log.rows, out)
+    report([r for r in log.rows if r["epochs"] == args.epochs], out)      # one budget per table
 
 
 if __name__ == "__main__":
