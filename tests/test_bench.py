@@ -60,6 +60,16 @@ def test_benches_share_a_runs_folder_and_grayscale_is_part_of_a_run(tmp_path, mo
     assert all(c.train.grayscale is False for c in calls[-4:])
 
 
+def test_markdown_marks_differences_to_sal_beyond_the_seed_spread():
+    def row(preset, mean, std, seeds=3):
+        return {"dataset": "wine", "preset": preset, "test_mean": mean, "test_std": std, "seeds": seeds,
+                "val_mean": mean, "epochs": 1, "seconds_mean": 1.0, "chosen": {}, "params_total": 1,
+                "params_active_per_sample": 1}
+    table = bench.markdown([row("sal", 90.0, 0.5), row("bp", 92.0, 1.0), row("dfa", 89.0, 0.6),
+                            row("fa", 80.0, 0.0, seeds=1)], "tuned")
+    assert "| wine | +2.00* | -1.00 | -10.00 |" in table     # 2 > 0.5 + 1.0; 1 < 0.5 + 0.6; one seed: no spread
+
+
 def test_real_bench_writes_tables_and_plots(tmp_path):
     Bench("tuned", ["wine"], ["bp", "sal"], [0, 1], tmp_path, epochs=2).run()
     for name in ("results.json", "results.csv", "results.md", "convergence-tuned.png"):

@@ -267,6 +267,14 @@ def markdown(summary: list[dict[str, Any]], recipe: str) -> str:
         paper = PAPER_NUMBERS.get(d)
         lines.append("| " + " | ".join([d, *values, *(f"{v:.2f}" for v in paper)] if paper else [d, *values, "–", "–"])
                      + " |")
+    others = [p for p in presets if p != "sal"]
+    if "sal" in presets and others:
+        lines += ["", "Difference to `sal` in points (preset minus sal; * where it exceeds the seed spread, i.e. "
+                  "the sum of both standard deviations):", "", "| dataset | " + " | ".join(others) + " |",
+                  "|" + "---|" * (len(others) + 1)]
+        for d in datasets:
+            lines.append(f"| {d} | " + " | ".join(_difference(cell.get((d, p)), cell.get((d, "sal"))) for p in others)
+                         + " |")
     lines += ["", "| dataset | preset | test % | val % | seeds | epochs | seconds/run | chosen setting | params "
               "(total / active per sample) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in summary:
@@ -275,6 +283,14 @@ def markdown(summary: list[dict[str, Any]], recipe: str) -> str:
                      f"{json.dumps(r['chosen'], sort_keys=True)} | {r['params_total']:,} / "
                      f"{r['params_active_per_sample']:,} |")
     return "\n".join(lines) + "\n"
+
+
+def _difference(row: dict[str, Any] | None, sal: dict[str, Any] | None) -> str:
+    if row is None or sal is None:
+        return "–"
+    diff = row["test_mean"] - sal["test_mean"]
+    beyond = abs(diff) > row["test_std"] + sal["test_std"] and min(row["seeds"], sal["seeds"]) > 1
+    return f"{diff:+.2f}" + ("*" if beyond else "")
 
 
 def plot_curves(records: list[dict[str, Any]], path: Path, recipe: str) -> None:
