@@ -36,8 +36,8 @@ def test_selection_uses_validation_only_and_resumes(tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "results.json").read_text())["summary"]
     assert summary[0]["test_mean"] == pytest.approx(51.0)         # mean of 0.50, 0.51, 0.52
     calls.clear()
-    Bench("tuned", ["wine"], ["bp"], [0, 1, 2], tmp_path).run()
-    assert calls == []                                            # every finished run is reloaded, none redone
+    Bench("tuned", ["wine"], ["bp"], [0, 1, 2], tmp_path, threads=2).run()
+    assert calls == []                  # every finished run is reloaded, none redone (threads are not a setting)
 
 
 def test_identical_presets_share_runs(tmp_path, monkeypatch):

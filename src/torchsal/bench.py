@@ -111,8 +111,9 @@ def matched_width(in_features: int, num_classes: int, settings: dict[str, Any]) 
 
 
 def _identity(config: dict[str, Any]) -> dict[str, Any]:
-    """What makes a run itself: every setting but where its data and outputs live."""
-    return {k: v for k, v in config.items() if k not in ("data_dir", "out")}
+    """What makes a run itself: every setting but where its data and outputs live and how many CPU threads ran it
+    (a report rebuilt with another thread count finds the same runs)."""
+    return {k: v for k, v in config.items() if k not in ("data_dir", "out", "threads")}
 
 
 def _key(config: RunConfig) -> str:
