@@ -1,5 +1,7 @@
 """Continual learning: split-MNIST, split-Fashion-MNIST (5 tasks of 2 classes) and permuted-MNIST (10 tasks), for
 bp, dfa and sal with the same total parameters (bp and dfa on a dense network as wide as SAL's 16-area model).
+Any benchmark preset runs too: ``--rules bp-areas`` (backprop on SAL's routed model) separates what the routing
+does from what SAL's learning rule does.
 
     python benchmarks/continual.py --data-dir ../shared/data --seeds 0,1,2 --epochs 2 --out docs/science
 
@@ -17,7 +19,7 @@ from pathlib import Path
 from study import RunLog, mean_std, study_parser
 
 from torchsal import load_dataset, make_config, make_splits
-from torchsal.bench import matched_width
+from torchsal.bench import PRESETS, matched_width
 from torchsal.continual import permuted_tasks, run_sequence, split_tasks
 
 
@@ -38,15 +40,17 @@ def plot(rows: list[dict], path: Path) -> None:
 
     protocols, rules = list(dict.fromkeys(r["protocol"] for r in rows)), list(dict.fromkeys(r["rule"] for r in rows))
     fig, axes = plt.subplots(2, 2, figsize=(9, 5.5), sharex=True)
+    bar = 0.8 / len(rules)
     for col, ev in enumerate(("class_incremental", "task_incremental")):
         for row, key in enumerate(("average", "forgetting")):
             ax = axes[row][col]
             for i, rule in enumerate(rules):
                 values = [[r[ev][key] for r in rows if r["protocol"] == p and r["rule"] == rule] for p in protocols]
-                ax.bar([j + 0.25 * i for j in range(len(protocols))], [statistics.mean(v) for v in values], 0.25,
-                       yerr=[spread(v) for v in values], label=rule)
+                means = [statistics.mean(v) if v else float("nan") for v in values]      # nan: not run
+                ax.bar([j + bar * i for j in range(len(protocols))], means, bar, yerr=[spread(v) for v in values],
+                       label=rule)
             ax.set_title(f"{ev.replace('_', '-')}: {key}", fontsize=9)
-            ax.set_xticks([j + 0.25 for j in range(len(protocols))], protocols, fontsize=8)
+            ax.set_xticks([j + bar * (len(rules) - 1) / 2 for j in range(len(protocols))], protocols, fontsize=8)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -68,8 +72,11 @@ def main() -> None:
             for rule in args.rules.split(","):
                 if log.done((protocol, rule, seed, args.epochs)):
                     continue
-                width = 256 if rule == "sal" else matched_width(splits.in_features, splits.num_classes, {})
-                config = make_config(rule, epochs=args.epochs, seed=seed, width=width, threads=args.threads)
+                name, settings = PRESETS[rule]["rule"], {k: v for k, v in PRESETS[rule].items() if k != "rule"}
+                routed = make_config(name, **settings).model.routing_config.areas > 1
+                width = 256 if routed else matched_width(splits.in_features, splits.num_classes, {})  # same params
+                config = make_config(name, epochs=args.epochs, seed=seed, threads=args.threads, width=width,
+                                     **settings)
                 result = run_sequence(config, tasks)
                 log.add({"protocol": protocol, "rule": rule, "seed": seed, "width": width,
                          "epochs_per_task": args.epochs, **result})
