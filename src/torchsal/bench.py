@@ -263,8 +263,7 @@ def markdown(summary: list[dict[str, Any]], recipe: str) -> str:
     lines = [f"### Test accuracy %, recipe `{recipe}` (mean ± std over seeds; final epoch)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for d in datasets:
-        values = [f"{cell[d, p]['test_mean']:.2f} ± {cell[d, p]['test_std']:.2f}" if (d, p) in cell else "–"
-                  for p in presets]
+        values = [_accuracy(cell[d, p]) if (d, p) in cell else "–" for p in presets]
         paper = PAPER_NUMBERS.get(d)
         lines.append("| " + " | ".join([d, *values, *(f"{v:.2f}" for v in paper)] if paper else [d, *values, "–", "–"])
                      + " |")
@@ -284,6 +283,12 @@ def markdown(summary: list[dict[str, Any]], recipe: str) -> str:
                      f"{json.dumps(r['chosen'], sort_keys=True)} | {r['params_total']:,} / "
                      f"{r['params_active_per_sample']:,} |")
     return "\n".join(lines) + "\n"
+
+
+def _accuracy(row: dict[str, Any]) -> str:
+    if row["seeds"] == 1:
+        return f"{row['test_mean']:.2f} (1 seed)"
+    return f"{row['test_mean']:.2f} ± {row['test_std']:.2f}"
 
 
 def _difference(row: dict[str, Any] | None, sal: dict[str, Any] | None) -> str:
