@@ -18,8 +18,8 @@ from pathlib import Path
 
 from study import RunLog, mean_std, study_parser
 
-from torchsal import load_dataset, make_config, make_splits
-from torchsal.bench import PRESETS, matched_width
+from torchsal import load_dataset, make_splits
+from torchsal.bench import matched_width, preset_config
 from torchsal.continual import permuted_tasks, run_sequence, split_tasks
 
 
@@ -72,11 +72,9 @@ def main() -> None:
             for rule in args.rules.split(","):
                 if log.done((protocol, rule, seed, args.epochs)):
                     continue
-                name, settings = PRESETS[rule]["rule"], {k: v for k, v in PRESETS[rule].items() if k != "rule"}
-                routed = make_config(name, **settings).model.routing_config.areas > 1
+                routed = preset_config(rule).model.routing_config.areas > 1
                 width = 256 if routed else matched_width(splits.in_features, splits.num_classes, {})  # same params
-                config = make_config(name, epochs=args.epochs, seed=seed, threads=args.threads, width=width,
-                                     **settings)
+                config = preset_config(rule, epochs=args.epochs, seed=seed, threads=args.threads, width=width)
                 result = run_sequence(config, tasks)
                 log.add({"protocol": protocol, "rule": rule, "seed": seed, "width": width,
                          "epochs_per_task": args.epochs, **result})

@@ -24,17 +24,16 @@ from pathlib import Path
 
 from study import RunLog, mean_std, study_parser
 
-from torchsal import load_dataset, make_config, make_splits
-from torchsal.bench import PRESETS
+from torchsal import load_dataset, make_splits
+from torchsal.bench import preset_config
 from torchsal.train import Trainer
 
 RULES = ("bp", "fa", "dfa", "sal-direct", "sal-local", "sal-k1", "bp-areas")
 
 
 def run(preset: str, dataset: str, splits, seed: int, args) -> dict:
-    settings = {k: v for k, v in PRESETS[preset].items() if k != "rule"}
-    config = make_config(PRESETS[preset]["rule"], **{"depth": 2, "width": 256, **settings}, epochs=args.epochs,
-                         seed=seed, threads=args.threads, dataset=dataset, diagnostics=True)
+    config = preset_config(preset, depth=2, width=256, epochs=args.epochs, seed=seed, threads=args.threads,
+                           dataset=dataset, diagnostics=True)
     trainer = Trainer(config, splits)
     metrics = trainer.fit(progress=False).metrics
     return {"test_accuracy": metrics["test_accuracy"],
@@ -75,7 +74,7 @@ def report(rows: list[dict], out: Path) -> None:
     print("|---|---|---|---|---|---|---|")
     for (d, p), sel in groups.items():
         stats = [r["per_epoch"][-1]["areas"][0] for r in sel]
-        if stats[0]["used"] == 1 and len(stats[0]["shares"]) == 1:
+        if len(stats[0]["shares"]) == 1:
             continue                                      # a dense model has one area: nothing to report
         print(f"| {d} | {p} | " + " | ".join(mean_std([s[k] for s in stats], 0 if k == "used" else 3)
                                               for k in ("used", "imbalance", "entropy", "purity", "changed")) + " |")

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from study import RunLog, mean_std, study_parser
 
-from torchsal import load_dataset, make_config, make_splits
-from torchsal.bench import PRESETS
+from torchsal import load_dataset, make_splits
+from torchsal.bench import preset_config
 from torchsal.continual import accuracy, split_tasks
 from torchsal.diagnostics import area_statistics
 from torchsal.train import Trainer, route_all
@@ -53,8 +53,7 @@ def evaluate(trainer: Trainer, splits, domains: torch.Tensor) -> dict:
 
 
 def run(preset: str, order: str, splits, seed: int, args) -> dict:
-    settings = {k: v for k, v in PRESETS[preset].items() if k != "rule"}
-    config = make_config(PRESETS[preset]["rule"], epochs=args.epochs, seed=seed, threads=args.threads, **settings)
+    config = preset_config(preset, epochs=args.epochs, seed=seed, threads=args.threads)
     domains = domain_of(splits.classes)
     if order == "interleaved":
         trainer = Trainer(config, splits)

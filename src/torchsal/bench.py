@@ -100,6 +100,12 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+def preset_config(preset: str, **settings: Any) -> RunConfig:
+    """The run configuration of a named preset, with ``settings`` on top (the studies in benchmarks/ use it)."""
+    merged = {**PRESETS[preset], **settings}
+    return make_config(merged.pop("rule"), **merged)
+
+
 def matched_width(in_features: int, num_classes: int, settings: dict[str, Any]) -> int:
     """Dense width whose total parameters equal those of SAL's routed model with the same settings."""
     sal = make_config("sal", **{k: v for k, v in settings.items() if k != "rule"})
