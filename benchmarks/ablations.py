@@ -3,7 +3,9 @@
 Reads the reports that `torchsal bench --rules ablations --out docs/science/ablations/<dataset>` wrote (it trains
 nothing) and writes ``table.md``, ``table.csv`` and ``ablations.png`` beside them:
 
-    python benchmarks/ablations.py --out docs/science/ablations
+    python benchmarks/ablations.py --out docs/science/ablations --doc docs/science.md
+
+``--doc`` also replaces the table between ``<!-- ablation table -->`` and ``<!-- end ablation table -->`` there.
 
 A cell is mean ± std over the seeds finished (a cell with fewer than three seeds says how many); a difference to
 full SAL is marked * when it exceeds the sum of both seed standard deviations, as in the benchmark tables.
@@ -127,7 +129,9 @@ def plot(rows: dict[str, dict[str, dict[str, Any]]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--out", default="docs/science/ablations", type=Path)
-    out = parser.parse_args().out
+    parser.add_argument("--doc", type=Path, help="markdown file whose ablation table block is replaced")
+    args = parser.parse_args()
+    out = args.out
     rows = load(out)
     if not rows:
         raise SystemExit(f"no ablation reports under {out}/<dataset>/results.json; run `torchsal bench --rules "
@@ -137,6 +141,18 @@ def main() -> None:
     plot(rows, out / "ablations.png")
     print(markdown(rows), end="")
     print(f"written: {out}/table.md, table.csv, ablations.png")
+    if args.doc:
+        embed(args.doc, markdown(rows))
+        print(f"table replaced in {args.doc}")
+
+
+def embed(doc: Path, table: str, begin: str = "<!-- ablation table -->\n",
+          end: str = "<!-- end ablation table -->") -> None:
+    text = doc.read_text()
+    if begin not in text or end not in text:
+        raise SystemExit(f"{doc} has no {begin.strip()} ... {end} block to replace")
+    head, rest = text.split(begin, 1)
+    write_bytes_atomic(doc, (head + begin + table + end + rest.split(end, 1)[1]).encode())
 
 
 if __name__ == "__main__":
