@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from torchsal.bench import ABLATIONS
+from torchsal.bench import ABLATIONS, difference_to_sal
 from torchsal.storage import write_bytes_atomic
 
 WHAT = {
@@ -54,15 +54,6 @@ def cell(row: dict[str, Any] | None) -> str:
     return f"{row['test_mean']:.2f}{spread}{seeds}"
 
 
-def difference(row: dict[str, Any] | None, sal: dict[str, Any] | None) -> tuple[float, bool] | None:
-    """(variant minus full SAL, beyond the seed spread) or None where either is missing."""
-    if row is None or sal is None:
-        return None
-    diff = row["test_mean"] - sal["test_mean"]
-    both_seeded = min(row["seeds"], sal["seeds"]) > 1
-    return diff, both_seeded and abs(diff) > row["test_std"] + sal["test_std"]
-
-
 def markdown(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
     datasets = list(rows)
     head = ["variant (one change to full SAL)", *(f"{d} {col}" for d in datasets for col in ("test %", "vs sal"))]
@@ -70,7 +61,7 @@ def markdown(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
     for variant in ABLATIONS:
         cells = []
         for d in datasets:
-            diff = difference(rows[d].get(variant), rows[d].get("sal"))
+            diff = difference_to_sal(rows[d].get(variant), rows[d].get("sal"))
             shown = "–" if variant == "sal" or diff is None else f"{diff[0]:+.2f}" + ("*" if diff[1] else "")
             cells += [cell(rows[d].get(variant)), shown]
         lines.append(f"| `{variant}` ({WHAT[variant]}) | " + " | ".join(cells) + " |")
@@ -86,7 +77,7 @@ def table_csv(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
         for variant in ABLATIONS:
             row = variants.get(variant)
             if row is not None:
-                diff = difference(row, variants.get("sal"))
+                diff = difference_to_sal(row, variants.get("sal"))
                 writer.writerow([d, variant, row["seeds"], f"{row['test_mean']:.4f}", f"{row['test_std']:.4f}",
                                  "" if diff is None else f"{diff[0]:.4f}", "" if diff is None else diff[1],
                                  json.dumps(row["chosen"], sort_keys=True)])

@@ -297,12 +297,18 @@ def _accuracy(row: dict[str, Any]) -> str:
     return f"{row['test_mean']:.2f} ± {row['test_std']:.2f}"
 
 
-def _difference(row: dict[str, Any] | None, sal: dict[str, Any] | None) -> str:
+def difference_to_sal(row: dict[str, Any] | None, sal: dict[str, Any] | None) -> tuple[float, bool] | None:
+    """(preset minus sal in points, whether that exceeds the seed spread: the sum of both stds); None where either
+    row is missing. One seed has no spread, so its difference is never marked."""
     if row is None or sal is None:
-        return "–"
+        return None
     diff = row["test_mean"] - sal["test_mean"]
-    beyond = abs(diff) > row["test_std"] + sal["test_std"] and min(row["seeds"], sal["seeds"]) > 1
-    return f"{diff:+.2f}" + ("*" if beyond else "")
+    return diff, abs(diff) > row["test_std"] + sal["test_std"] and min(row["seeds"], sal["seeds"]) > 1
+
+
+def _difference(row: dict[str, Any] | None, sal: dict[str, Any] | None) -> str:
+    diff = difference_to_sal(row, sal)
+    return "–" if diff is None else f"{diff[0]:+.2f}" + ("*" if diff[1] else "")
 
 
 def plot_curves(records: list[dict[str, Any]], path: Path, recipe: str) -> None:
