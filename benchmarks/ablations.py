@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from torchsal.bench import ABLATIONS, difference_to_sal
+from torchsal.bench import ABLATIONS, TEN_DATASETS, difference_to_sal
 from torchsal.storage import write_bytes_atomic
 
 WHAT = {
@@ -38,12 +38,13 @@ WHAT = {
 
 
 def load(out: Path) -> dict[str, dict[str, dict[str, Any]]]:
-    """{dataset: {variant: summary row}} from every ``<dataset>/results.json`` under ``out``."""
+    """{dataset: {variant: summary row}} from every ``<dataset>/results.json`` under ``out``, in the suite's order."""
     rows: dict[str, dict[str, dict[str, Any]]] = {}
     for path in sorted(out.glob("*/results.json")):
         for row in json.loads(path.read_text())["summary"]:
             rows.setdefault(row["dataset"], {})[row["preset"]] = row
-    return rows
+    order = {d: i for i, d in enumerate(TEN_DATASETS)}
+    return dict(sorted(rows.items(), key=lambda item: order.get(item[0], len(order))))
 
 
 def cell(row: dict[str, Any] | None) -> str:
