@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from torchsal.bench import ABLATIONS, TEN_DATASETS, difference_to_sal
+from torchsal.bench import ABLATIONS, TEN_DATASETS, difference_cell, difference_to_sal
 from torchsal.storage import write_bytes_atomic
 
 WHAT = {
@@ -62,9 +62,8 @@ def markdown(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
     for variant in ABLATIONS:
         cells = []
         for d in datasets:
-            diff = difference_to_sal(rows[d].get(variant), rows[d].get("sal"))
-            shown = "–" if variant == "sal" or diff is None else f"{diff[0]:+.2f}" + ("*" if diff[1] else "")
-            cells += [cell(rows[d].get(variant)), shown]
+            row, sal = rows[d].get(variant), rows[d].get("sal")
+            cells += [cell(row), "–" if variant == "sal" else difference_cell(row, sal)]
         lines.append(f"| `{variant}` ({WHAT[variant]}) | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -128,13 +127,14 @@ def main() -> None:
     if not rows:
         raise SystemExit(f"no ablation reports under {out}/<dataset>/results.json; run `torchsal bench --rules "
                          f"ablations --out {out}/<dataset> ...` first")
-    write_bytes_atomic(out / "table.md", markdown(rows).encode())
+    table = markdown(rows)
+    write_bytes_atomic(out / "table.md", table.encode())
     write_bytes_atomic(out / "table.csv", table_csv(rows).encode())
     plot(rows, out / "ablations.png")
-    print(markdown(rows), end="")
+    print(table, end="")
     print(f"written: {out}/table.md, table.csv, ablations.png")
     if args.doc:
-        embed(args.doc, markdown(rows))
+        embed(args.doc, table)
         print(f"table replaced in {args.doc}")
 
 

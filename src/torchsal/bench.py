@@ -279,8 +279,8 @@ def markdown(summary: list[dict[str, Any]], recipe: str) -> str:
                   "the sum of both standard deviations):", "", "| dataset | " + " | ".join(others) + " |",
                   "|" + "---|" * (len(others) + 1)]
         for d in datasets:
-            lines.append(f"| {d} | " + " | ".join(_difference(cell.get((d, p)), cell.get((d, "sal"))) for p in others)
-                         + " |")
+            diffs = [difference_cell(cell.get((d, p)), cell.get((d, "sal"))) for p in others]
+            lines.append(f"| {d} | " + " | ".join(diffs) + " |")
     lines += ["", "| dataset | preset | test % | val % | seeds | epochs | seconds/run | chosen setting | params "
               "(total / active per sample) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in summary:
@@ -306,7 +306,8 @@ def difference_to_sal(row: dict[str, Any] | None, sal: dict[str, Any] | None) ->
     return diff, abs(diff) > row["test_std"] + sal["test_std"] and min(row["seeds"], sal["seeds"]) > 1
 
 
-def _difference(row: dict[str, Any] | None, sal: dict[str, Any] | None) -> str:
+def difference_cell(row: dict[str, Any] | None, sal: dict[str, Any] | None) -> str:
+    """A table cell: the difference to sal, * where it exceeds the seed spread; a dash where a row is missing."""
     diff = difference_to_sal(row, sal)
     return "–" if diff is None else f"{diff[0]:+.2f}" + ("*" if diff[1] else "")
 
