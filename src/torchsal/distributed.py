@@ -15,6 +15,7 @@ whole global batch (``all_gather_rows``). Only rank 0 writes files.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from collections import Counter
@@ -60,6 +61,9 @@ def init_from_env(device: str = "cpu", timeout_s: float = 120.0) -> Context:
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
         except (RuntimeError, ValueError) as exc:
             raise ConfigError(f"could not join the process group ({exc}); launch with torchrun") from None
+        # Leave the group before the interpreter tears gloo's threads down: a rank that exits without it can abort
+        # ("terminate called without an active exception") while its peer is still closing the connection.
+        atexit.register(dist.destroy_process_group)
     return Context(dist.get_rank(), dist.get_world_size())
 
 
