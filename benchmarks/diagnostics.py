@@ -14,7 +14,7 @@ Every preset trains the same two-hidden-layer model (width 256; each rule's defa
 The presets pair up so each question has a control with one difference: areas vs none under the same rule
 (``sal`` vs ``sal-k1``, ``bp-areas`` vs ``bp``) and SAL's signals vs the dense feedback rules (``fa``, ``dfa``).
 Appends one line per finished run to ``OUT/diagnostics.jsonl`` (an interrupted study resumes), prints the tables,
-writes ``OUT/diagnostics.png``.
+writes ``OUT/diagnostics.png`` (alignment, interference) and ``OUT/areas.png`` (area statistics).
 """
 
 from __future__ import annotations
@@ -95,6 +95,38 @@ def report(rows: list[dict], out: Path) -> None:
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "diagnostics.png", dpi=110)
+    plt.close(fig)
+    plot_areas(plt, datasets, groups, out)
+
+
+def plot_areas(plt, datasets: list[str], groups: dict, out: Path) -> None:
+    """Area statistics of the routed presets: class purity and routing churn per epoch, and how evenly the last
+    epoch's samples spread over the areas (shares sorted, mean over seeds; the dashed line is an even share)."""
+    from matplotlib.ticker import MaxNLocator
+
+    routed = {key: sel for key, sel in groups.items() if len(sel[0]["per_epoch"][-1]["areas"][0]["shares"]) > 1}
+    fig, axes = plt.subplots(len(datasets), 3, figsize=(12, 3.2 * len(datasets)), squeeze=False)
+    for (d, p), sel in routed.items():
+        row = datasets.index(d)
+        epochs = [e["epoch"] for e in sel[0]["per_epoch"]]
+        for col, (key, title) in enumerate((("purity", "class purity of areas"),
+                                            ("changed", "share of samples that changed area"))):
+            points = [(e, statistics.mean(r["per_epoch"][i]["areas"][0][key] for r in sel))
+                      for i, e in enumerate(epochs) if key in sel[0]["per_epoch"][i]["areas"][0]]
+            axes[row][col].plot(*zip(*points), marker="o", ms=3, label=p)
+            axes[row][col].set_title(f"{d}: {title}", fontsize=9)
+            axes[row][col].set_xlabel("epoch", fontsize=8)
+        shares = [sorted(r["per_epoch"][-1]["areas"][0]["shares"], reverse=True) for r in sel]
+        axes[row][2].plot(range(1, len(shares[0]) + 1), [statistics.mean(s) for s in zip(*shares)], marker="o",
+                          ms=3, label=p)
+        axes[row][2].axhline(1 / len(shares[0]), color="grey", ls="--", lw=0.8)
+        axes[row][2].set_title(f"{d}: area shares, last epoch (sorted)", fontsize=9)
+        axes[row][2].set_xlabel("area rank", fontsize=8)
+    for ax in fig.axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "areas.png", dpi=110)
     plt.close(fig)
 
 
