@@ -51,6 +51,9 @@ def report(rows: list[dict], out: Path) -> None:
     groups = {(d, p): [r for r in rows if r["dataset"] == d and r["preset"] == p]
               for d in datasets for p in RULES if any(r["dataset"] == d and r["preset"] == p for r in rows)}
 
+    # a dense model has one area: nothing to report on its areas
+    routed = {key: sel for key, sel in groups.items() if len(sel[0]["per_epoch"][-1]["areas"][0]["shares"]) > 1}
+
     def layer_values(sel, key, layer, epoch):
         return [r["per_epoch"][epoch][key][layer] for r in sel]
 
@@ -72,10 +75,8 @@ def report(rows: list[dict], out: Path) -> None:
     print("\n### Area statistics of the routed models, last epoch (one input router)\n")
     print("| dataset | preset | used | imbalance (1 = even) | entropy | class purity | changed in last epoch |")
     print("|---|---|---|---|---|---|---|")
-    for (d, p), sel in groups.items():
+    for (d, p), sel in routed.items():
         stats = [r["per_epoch"][-1]["areas"][0] for r in sel]
-        if len(stats[0]["shares"]) == 1:
-            continue                                      # a dense model has one area: nothing to report
         print(f"| {d} | {p} | " + " | ".join(mean_std([s[k] for s in stats], 0 if k == "used" else 3)
                                               for k in ("used", "imbalance", "entropy", "purity", "changed")) + " |")
 
@@ -96,15 +97,14 @@ def report(rows: list[dict], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "diagnostics.png", dpi=110)
     plt.close(fig)
-    plot_areas(plt, datasets, groups, out)
+    plot_areas(plt, datasets, routed, out)
 
 
-def plot_areas(plt, datasets: list[str], groups: dict, out: Path) -> None:
+def plot_areas(plt, datasets: list[str], routed: dict, out: Path) -> None:
     """Area statistics of the routed presets: class purity and routing churn per epoch, and how evenly the last
     epoch's samples spread over the areas (shares sorted, mean over seeds; the dashed line is an even share)."""
     from matplotlib.ticker import MaxNLocator
 
-    routed = {key: sel for key, sel in groups.items() if len(sel[0]["per_epoch"][-1]["areas"][0]["shares"]) > 1}
     fig, axes = plt.subplots(len(datasets), 3, figsize=(12, 3.2 * len(datasets)), squeeze=False)
     for (d, p), sel in routed.items():
         row = datasets.index(d)
