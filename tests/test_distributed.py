@@ -150,6 +150,32 @@ def test_area_parallel_holds_only_own_areas_and_sends_only_routed_rows(tmp_path)
     assert sorted(p.name for p in tmp_path.glob("*.ok")) == ["rank0.ok", "rank1.ok"]
 
 
+LEAVES_CLEANLY = textwrap.dedent("""
+    import os, pathlib, sys
+    import torch
+    import torch.distributed as dist
+    from torchsal import distributed
+
+    ctx = distributed.init_from_env()
+    torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)    # loads torch._dynamo, as training does
+    dist.destroy_process_group()
+    threads = [pathlib.Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task")]
+    pathlib.Path(sys.argv[1], f"rank{ctx.rank}.threads").write_text(" ".join(threads))
+""")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread names are read from Linux's /proc")
+def test_leaving_the_group_stops_gloos_threads(tmp_path):
+    """Gloo threads left running at exit abort the process now and then (SIGABRT, "terminate called without an
+    active exception"); leaving the group must join them, also once an optimizer has been built."""
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVES_CLEANLY)
+    res = torchrun(str(tmp_path), script=str(script))
+    assert res.returncode == 0, res.stderr[-3000:]
+    for rank in (0, 1):
+        assert "gloo" not in (tmp_path / f"rank{rank}.threads").read_text()
+
+
 def test_area_parallel_needs_areas_divisible_by_processes(tmp_path):
     res = torchrun(*ARGS, "--rule", "sal", "--areas", "3", "--parallel", "area", "--out", str(tmp_path / "x"))
     assert res.returncode != 0

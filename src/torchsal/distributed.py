@@ -57,12 +57,15 @@ def init_from_env(device: str = "cpu", timeout_s: float = 120.0) -> Context:
         return Context()
     if not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
+        # torch.optim loads torch._dynamo on first use; loaded after the group is joined, it keeps a reference to
+        # the group that destroy_process_group cannot drop, so gloo's threads outlive the interpreter and a rank
+        # can abort at exit ("terminate called without an active exception"). Loaded first, it does not.
+        import torch._dynamo  # noqa: F401
         try:
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
         except (RuntimeError, ValueError) as exc:
             raise ConfigError(f"could not join the process group ({exc}); launch with torchrun") from None
-        # Leave the group before the interpreter tears gloo's threads down: a rank that exits without it can abort
-        # ("terminate called without an active exception") while its peer is still closing the connection.
+        # Leave the group (joining gloo's threads) while the interpreter is still whole.
         atexit.register(dist.destroy_process_group)
     return Context(dist.get_rank(), dist.get_world_size())
 
