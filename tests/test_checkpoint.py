@@ -96,7 +96,7 @@ def test_metrics_of_a_resumed_run_match(tmp_path, monkeypatch):
     class Crash(Exception):
         pass
 
-    step = Trainer._train_step
+    step = Trainer.train_step
 
     def crash_at_step_60(self, batch):
         if self.step == 60:
@@ -104,10 +104,10 @@ def test_metrics_of_a_resumed_run_match(tmp_path, monkeypatch):
         step(self, batch)
 
     run = tmp_path / "run"
-    monkeypatch.setattr(Trainer, "_train_step", crash_at_step_60)
+    monkeypatch.setattr(Trainer, "train_step", crash_at_step_60)
     with pytest.raises(Crash):
         Trainer(make_config("sal", areas=4, epochs=3, batch_size=32, out=str(run))).fit(False, checkpoint_every=25)
-    monkeypatch.setattr(Trainer, "_train_step", step)
+    monkeypatch.setattr(Trainer, "train_step", step)
     resumed = Trainer.resume(run).fit(progress=False, checkpoint_every=25)
     straight = Trainer(make_config("sal", areas=4, epochs=3, batch_size=32)).fit(progress=False)
     strip = [{k: v for k, v in row.items() if k != "seconds"} for row in straight.metrics["history"]]

@@ -44,10 +44,12 @@ def test_untouched_areas_on_cuda(opt):
         optimizer.step()
     area, _ = model.routers[0](x)
     skipped = int(area[0])
-    params = [p for layer in model.layers for p in (layer.area_weights[skipped], layer.area_biases[skipped])]
+    params = [p for layer in model.layers for p in (layer.weight, layer.bias)]
+
     def snapshot():
-        state = [v.clone() for p in params for v in optimizer.state[p].values() if torch.is_tensor(v)]
-        return [p.detach().clone() for p in params] + state
+        state = [v[skipped].clone() for p in params for v in optimizer.state[p].values()
+                 if torch.is_tensor(v) and v.dim() > 0]
+        return [p[skipped].detach().clone() for p in params] + state
 
     before = snapshot()
     keep = area != skipped

@@ -26,13 +26,13 @@ def test_residual_builder(norm):
     with torch.no_grad():
         trace = model.trace(x)
         first = model.norms[1](trace.hidden[0])
-        branch = torch.relu(model.layers[1](first, trace.areas[1]))
+        branch = torch.relu(model.layers[1](first, trace.groups[1]))   # rows grouped by area
     torch.testing.assert_close(trace.hidden[1], trace.hidden[0] + branch)   # h = h + relu(W norm(h))
 
 
 def test_branch_initialisation_shrinks_with_depth():
     shallow, deeper = deep(depth=4, areas=1), deep(depth=64, areas=1)
-    ratio = deeper.layers[1].area_weights[0].abs().max() / shallow.layers[1].area_weights[0].abs().max()
+    ratio = deeper.layers[1].weight[0].abs().max() / shallow.layers[1].weight[0].abs().max()
     assert 0.2 < ratio < 0.3                                                # 1/sqrt(64) vs 1/sqrt(4): 0.25
 
 
@@ -81,7 +81,7 @@ def test_nan_guard_names_the_layer():
     trainer = Trainer(make_config("sal", depth=4, block="residual", norm="none", areas=1, shared=False, epochs=1),
                       splits=splits)
     with torch.no_grad():                      # finite weights whose activations overflow in layer 2
-        trainer.model.layers[2].area_weights[0].fill_(3e38)
+        trainer.model.layers[2].weight[0].fill_(3e38)
     with pytest.raises(DivergenceError, match=r"rule sal: non-finite activations out of layer 2 \(of 5\) at step 1"):
         trainer.fit(progress=False)
 

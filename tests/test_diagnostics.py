@@ -17,7 +17,7 @@ def test_constructed_feedback_gives_its_known_angle(batch):
     """DFA whose feedback is exactly -W_out sends the negated true gradient to the hidden layer: 180 degrees."""
     model, rule = tiny("dfa", depth=1)
     with torch.no_grad():
-        rule.direct_0.copy_(-model.layers[1].area_weights[0])
+        rule.direct_0.copy_(-model.layers[1].weight[0])
     hidden, head = alignment(model, rule, *batch)
     assert hidden["degrees"] == pytest.approx(180.0, abs=0.1) and hidden["cosine"] == pytest.approx(-1.0, abs=1e-6)
     assert head["degrees"] == pytest.approx(0.0, abs=0.1)            # the output layer learns from its own loss

@@ -1,82 +1,132 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny
 
-from torchsal.dispatch import area_linear, group_by_area, release_gradients
+import torchsal.layers
+from torchsal import dispatch
+from torchsal.dispatch import area_linear, group_by_area, grouped_linear, release_gradients
+from torchsal.rules import RULES
 
 
-def naive(x, area, weights, biases):
-    """Reference: a Python loop over samples, each with its own area's weights."""
-    return torch.stack([weights[k] @ x[i] + biases[k] for i, k in enumerate(area.tolist())])
+def naive(x, area, weight, bias):
+    """Reference: a Python loop over samples, each with its own area's weights (autograd through indexing)."""
+    return torch.stack([weight[k] @ x[i] + (0 if bias is None else bias[k]) for i, k in enumerate(area.tolist())])
 
 
-@pytest.mark.parametrize("batch,n_in,n_out,areas", [(1, 3, 2, 4), (17, 5, 7, 3), (64, 8, 8, 16), (9, 4, 6, 1)])
+# Shapes that take the grouped kernel (sizes multiple of 4) and shapes that fall back to the per-area loop.
+SHAPES = [(1, 3, 2, 4), (17, 5, 7, 3), (64, 8, 8, 16), (9, 4, 6, 1), (33, 12, 10, 5), (40, 16, 8, 4)]
+
+
+@pytest.mark.parametrize("batch,n_in,n_out,areas", SHAPES)
 def test_area_linear_matches_per_sample_reference(batch, n_in, n_out, areas):
     g = torch.Generator().manual_seed(batch)
     x = torch.randn(batch, n_in, generator=g)
-    weights = [torch.randn(n_out, n_in, generator=g) for _ in range(areas)]
-    biases = [torch.randn(n_out, generator=g) for _ in range(areas)]
+    weight, bias = torch.randn(areas, n_out, n_in, generator=g), torch.randn(areas, n_out, generator=g)
     area = torch.randint(areas, (batch,), generator=g)
-    torch.testing.assert_close(area_linear(x, area, weights, biases), naive(x, area, weights, biases))
+    torch.testing.assert_close(area_linear(x, area, weight, bias), naive(x, area, weight, bias))
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_area_linear_gradients_match_per_sample_reference(with_bias):
-    """The grouped backward (weight gradients into recycled buffers, input gradients per area) equals autograd
-    through the per-sample loop, for inputs, weights and biases."""
+@pytest.mark.parametrize("host_counts", [True, False])
+@pytest.mark.parametrize("n_in,n_out", [(5, 4), (8, 12)])
+def test_grouped_gradients_match_per_sample_reference(with_bias, host_counts, n_in, n_out):
+    """The grouped backward (weight gradient into one buffer, zeros for empty areas; input gradient) equals
+    autograd through the per-sample loop. Without host counts it runs the device-side kernels a GPU uses."""
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(23, 5, generator=g)
-    weights = [torch.randn(4, 5, generator=g) for _ in range(6)]
-    biases = [torch.randn(4, generator=g) for _ in range(6)]
+    x = torch.randn(23, n_in, generator=g)
+    weight, bias = torch.randn(6, n_out, n_in, generator=g), torch.randn(6, n_out, generator=g)
     area = torch.randint(5, (23,), generator=g)                        # area 5 stays empty
-    target = torch.randn(23, 4, generator=g)
+    target = torch.randn(23, n_out, generator=g)
     grads = []
-    for fn in (area_linear, naive):
-        xs = x.clone().requires_grad_()
-        ws = [w.clone().requires_grad_() for w in weights]
-        bs = [b.clone().requires_grad_() for b in biases]
-        out = fn(xs, area, ws, bs if with_bias else None) if fn is area_linear else fn(
-            xs, area, ws, bs if with_bias else [torch.zeros(4)] * 6)
+    for reference in (False, True):
+        xs, w = x.clone().requires_grad_(), torch.nn.Parameter(weight.clone())
+        b = torch.nn.Parameter(bias.clone()) if with_bias else None
+        if reference:
+            out = naive(xs, area, w, b)
+        else:
+            groups = group_by_area(area, 6)
+            if not host_counts:
+                groups = dispatch.Groups(groups.order, groups.inverse, groups.row_area, groups.ends, None,
+                                         groups.touched)
+            out = grouped_linear(xs[groups.order], groups, w, b)[groups.inverse]
         ((out - target) ** 2).sum().backward()
-        grads.append([xs.grad, *(w.grad for w in ws), *(b.grad for b in bs)])
+        grads.append([xs.grad, w.grad, None if b is None else b.grad])
+        if not reference:
+            assert w.touched_areas.tolist() == [True] * 5 + [False]    # the empty area is marked untouched
     for got, want in zip(*grads, strict=True):
-        assert (got is None) == (want is None)
-        if got is not None:
+        if want is not None:
             torch.testing.assert_close(got, want)
-    assert grads[0][6] is None and grads[0][12] is None              # the empty area: no gradient at all
+    assert torch.equal(grads[0][1][5], torch.zeros(n_out, n_in))       # the empty area's gradient is zero
 
 
-def test_released_gradient_buffers_are_reused_and_untouched_areas_stay_none():
-    weights = [torch.nn.Parameter(torch.randn(3, 2)) for _ in range(3)]
-    x = torch.randn(4, 2)
-    area_linear(x, torch.tensor([0, 0, 1, 1]), weights).sum().backward()
-    first = weights[0].grad.data_ptr()
-    expected = weights[0].grad.clone()
-    release_gradients(weights)
-    assert all(w.grad is None for w in weights)
-    area_linear(x, torch.tensor([0, 0, 2, 2]), weights).sum().backward()
-    assert weights[0].grad.data_ptr() == first                       # the same memory, no new allocation
-    torch.testing.assert_close(weights[0].grad, expected)
-    assert weights[1].grad is None                                   # untouched this step: still None
+def test_released_gradient_buffers_are_reused():
+    weight = torch.nn.Parameter(torch.randn(3, 4, 8))
+    x = torch.randn(4, 8)
+    area_linear(x, torch.tensor([0, 0, 1, 1]), weight).sum().backward()
+    first, expected = weight.grad.data_ptr(), weight.grad.clone()
+    release_gradients([weight])
+    assert weight.grad is None
+    area_linear(x, torch.tensor([0, 0, 1, 1]), weight).sum().backward()
+    assert weight.grad.data_ptr() == first                            # the same memory, no new allocation
+    torch.testing.assert_close(weight.grad, expected)
 
 
-def test_empty_areas_get_no_gradient():
-    x = torch.randn(6, 3)
-    weights = [torch.randn(2, 3, requires_grad=True) for _ in range(4)]
-    area = torch.tensor([0, 2, 2, 0, 2, 0])
-    area_linear(x, area, weights).sum().backward()
-    assert weights[1].grad is None and weights[3].grad is None
-    torch.testing.assert_close(weights[0].grad, torch.ones(2, 1) * x[area == 0].sum(0))
+def test_touched_areas_follow_the_gradient_lifecycle():
+    """Marks accumulate while gradients accumulate, and start afresh once the gradient is released."""
+    weight = torch.nn.Parameter(torch.randn(4, 2, 3))
+    x = torch.randn(2, 3)
+    area_linear(x, torch.tensor([0, 0]), weight).sum().backward()
+    area_linear(x, torch.tensor([2, 2]), weight).sum().backward()      # accumulated: areas 0 and 2
+    assert weight.touched_areas.tolist() == [True, False, True, False]
+    weight.grad = None
+    area_linear(x, torch.tensor([1, 1]), weight).sum().backward()
+    assert weight.touched_areas.tolist() == [False, True, False, False]
 
 
 def test_one_area_is_exactly_linear():
-    x, w, b = torch.randn(5, 3), torch.randn(4, 3), torch.randn(4)
-    assert torch.equal(area_linear(x, torch.zeros(5, dtype=torch.long), [w], [b]), F.linear(x, w, b))
+    x, w, b = torch.randn(5, 3), torch.randn(1, 4, 3), torch.randn(1, 4)
+    assert torch.equal(area_linear(x, torch.zeros(5, dtype=torch.long), w, b), F.linear(x, w[0], b[0]))
 
 
 def test_group_by_area_orders_and_inverts():
     area = torch.tensor([3, 0, 3, 1, 0])
-    order, inverse, counts = group_by_area(area, 4)
-    assert area[order].tolist() == [0, 0, 1, 3, 3]
-    assert counts == [2, 1, 0, 2]
-    assert torch.equal(area[order][inverse], area)
+    groups = group_by_area(area, 4)
+    assert area[groups.order].tolist() == [0, 0, 1, 3, 3] == groups.row_area.tolist()
+    assert groups.counts == [2, 1, 0, 2] and groups.ends.tolist() == [2, 3, 3, 5]
+    assert groups.touched.tolist() == [True, True, False, True]
+    assert torch.equal(area[groups.order][groups.inverse], area)
+
+
+def _naive_grouped_linear(rows, groups, weight, bias=None):
+    return naive(rows, groups.row_area, weight, bias)
+
+
+@pytest.mark.parametrize("rule_name", sorted(RULES))
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("routing", ["input", "layer"])
+def test_every_rule_through_the_dispatch_equals_the_per_sample_reference(rule_name, shared, routing, monkeypatch):
+    """A whole step (outputs and every parameter's update) with the grouped dispatch equals the same step with
+    each sample's area applied one sample at a time, for every rule, with and without the shared path, for input
+    and per-layer routing."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 8, generator=g), torch.randint(3, (40,), generator=g)
+    results = []
+    for reference in (False, True):
+        if reference:
+            monkeypatch.setattr(torchsal.layers, "grouped_linear", _naive_grouped_linear)
+        model, rule = tiny(rule_name, areas=4, shared=shared, in_features=8, width=8, routing=routing,
+                           signal="both")
+        with torch.no_grad():
+            for i, layer in enumerate(model.layers):     # areas differ (with a shared path they start at zero)
+                layer.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(i))
+        out = rule(model, x, y)
+        out.loss.backward()
+        results.append((out.logits, out.loss.detach(),
+                        {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (logits, loss, grads), (ref_logits, ref_loss, ref_grads) = results
+    torch.testing.assert_close(logits, ref_logits)
+    torch.testing.assert_close(loss, ref_loss)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], msg=name)

@@ -56,14 +56,14 @@ RANK_1_DIES_AT_STEP_9 = textwrap.dedent("""
     import os, sys
     from torchsal.cli import main
     from torchsal.train import Trainer
-    step = Trainer._train_step
+    step = Trainer.train_step
 
     def dying(self, batch):
         if self.step == 9 and self.ctx.rank == 1:
             os._exit(1)
         step(self, batch)
 
-    Trainer._train_step = dying
+    Trainer.train_step = dying
     sys.exit(main(sys.argv[1:]))
 """)
 
@@ -108,6 +108,10 @@ AREA_PARALLEL_STEP = textwrap.dedent("""
     config = make_config("sal", areas=areas, shared=True, depth=2, width=width, routing="layer")
     owned = distributed.owned_areas(areas, ctx)
     model = build_model(n_in, classes, config.model, 0, owned)
+    config_k = make_config("sal", areas=areas, shared=False, depth=2, width=width, routing="layer")
+    for layer, whole in zip(build_model(n_in, classes, config_k.model, 0, owned).layers,
+                            build_model(n_in, classes, config_k.model, 0).layers):   # shards start as the full model
+        assert torch.equal(layer.weight, whole.weight[owned.start: owned.stop])
     rule = build_rule(model, config.rule)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config.train)
     g = torch.Generator().manual_seed(0)
@@ -132,11 +136,10 @@ AREA_PARALLEL_STEP = textwrap.dedent("""
     routers = len(model.routers)
     assert distributed.TRAFFIC["all_gather"] <= 8 * areas * len(model.layers) + 4 * routers * len(mine) * areas
     for layer in model.layers:
-        assert [k for k, _ in layer.area_weights.items()] == list(owned)
-        assert [k for k, _ in layer.area_biases.items()] == list(owned)
-    area_params = {id(p) for layer in model.layers for p in (*layer.area_weights, *layer.area_biases)}
+        assert layer.weight.shape[0] == layer.bias.shape[0] == len(owned)
+    area_params = {id(p) for layer in model.layers for p in (layer.weight, layer.bias)}
     held = [p for group in optimizer.param_groups for p in group["params"] if id(p) in area_params]
-    assert len(held) == 2 * len(owned) * len(model.layers)              # the optimizer knows only these areas
+    assert len(held) == 2 * len(model.layers)                           # the optimizer knows only these areas
     assert sum(id(p) in area_params for p in optimizer.state) > 0
     pathlib.Path(sys.argv[1], f"rank{ctx.rank}.ok").write_text(str(expected))   # ranks share stdout: files
 """)

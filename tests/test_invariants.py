@@ -18,10 +18,11 @@ OPTIMIZERS = {
 
 
 def area_tensors(model, optimizer, k):
-    """Parameters of area k in every layer, with their optimizer state."""
-    params = [p for layer in model.layers for p in (layer.area_weights[k], layer.area_biases[k])]
-    state = [v.clone() for p in params for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v)]
-    return [p.detach().clone() for p in params], state
+    """Parameters of area k in every layer, with their optimizer state (slices of the stacked tensors)."""
+    params = [p for layer in model.layers for p in (layer.weight, layer.bias)]
+    state = [v[k].clone() for p in params for v in optimizer.state.get(p, {}).values()
+             if torch.is_tensor(v) and v.dim() > 0]
+    return [p[k].detach().clone() for p in params], state
 
 
 @pytest.mark.parametrize("rule_name", ["bp", "sal"])

@@ -14,14 +14,14 @@ from torchsal.rules import RULES, get_rule
 def grads(model, rule, x, y):
     model.zero_grad(set_to_none=True)
     rule(model, x, y).loss.backward()
-    return [layer.area_weights[0].grad.clone() for layer in model.layers]
+    return [layer.weight.grad[0].clone() for layer in model.layers]
 
 
 def forward_by_hand(model, x):
     """Pre-activations a_l, post-activations h_l (h_0 = x) and logits of the dense tiny model."""
     hs, pre = [x], []
     for i, layer in enumerate(model.layers):
-        a = hs[-1] @ layer.area_weights[0].T + layer.area_biases[0]
+        a = hs[-1] @ layer.weight[0].T + layer.bias[0]
         pre.append(a)
         if i < len(model.layers) - 1:
             hs.append(torch.relu(a))
@@ -38,7 +38,7 @@ def test_bp_equals_plain_autograd(batch):
     reference = copy.deepcopy(model)
     F.cross_entropy(reference(x), y).backward()
     for got, layer in zip(grads(model, rule, x, y), reference.layers):
-        torch.testing.assert_close(got, layer.area_weights[0].grad, rtol=0, atol=0)
+        torch.testing.assert_close(got, layer.weight.grad[0], rtol=0, atol=0)
 
 
 def test_dense_model_is_an_ordinary_mlp(batch):
@@ -48,8 +48,8 @@ def test_dense_model_is_an_ordinary_mlp(batch):
                               torch.nn.Linear(4, 3))
     with torch.no_grad():
         for lin, layer in zip(mlp[::2], model.layers):
-            lin.weight.copy_(layer.area_weights[0])
-            lin.bias.copy_(layer.area_biases[0])
+            lin.weight.copy_(layer.weight[0])
+            lin.bias.copy_(layer.bias[0])
     assert torch.equal(mlp(x), model(x))
     assert len(list(model.parameters())) == 6 and len(model.routers) == 0
 
@@ -58,7 +58,7 @@ def test_fa_closed_form(batch):
     x, y = batch
     model, rule = tiny("fa")
     fb = rule._matrices("feedback")                           # fb[i] stands in for W_{i+1}
-    ws = [layer.area_weights[0] for layer in model.layers]
+    ws = [layer.weight[0] for layer in model.layers]
     assert all(not torch.allclose(b, w) for b, w in zip(fb, ws[1:]))
     pre, hs, logits = forward_by_hand(model, x)
     delta = output_error(logits, y) / len(y)
@@ -98,10 +98,9 @@ def test_sal_area_update_uses_only_its_samples(batch):
     model, rule = tiny("sal", areas=3, shared=True, depth=1)
     layer = model.layers[0]
     with torch.no_grad():
-        for w in layer.area_weights:
-            w.normal_()                                       # make areas differ (they start at zero)
+        layer.weight.normal_()                                # make areas differ (they start at zero)
     area, _ = model.routers[0](x)
-    a = torch.stack([x[i] @ (layer.area_weights[k] + layer.shared).T + layer.area_biases[k]
+    a = torch.stack([x[i] @ (layer.weight[k] + layer.shared).T + layer.bias[k]
                      for i, k in enumerate(area.tolist())])
     h = torch.relu(a)
     readout = rule._matrices("local")[0]
@@ -111,10 +110,8 @@ def test_sal_area_update_uses_only_its_samples(batch):
     rule(model, x, y).loss.backward()
     for k in range(3):
         mask = area == k
-        if mask.any():
-            torch.testing.assert_close(layer.area_weights[k].grad, delta[mask].T @ x[mask])
-        else:
-            assert layer.area_weights[k].grad is None
+        torch.testing.assert_close(layer.weight.grad[k], delta[mask].T @ x[mask])    # zeros for an empty area
+        assert bool(layer.weight.touched_areas[k]) == bool(mask.any())
     torch.testing.assert_close(layer.shared.grad, delta.T @ x)
 
 
@@ -129,9 +126,9 @@ def test_no_weight_transport(rule_name, signal):
         if perturb:
             with torch.no_grad():
                 logits = model(x)
-                model.layers[1].area_weights[0].add_(torch.randn(4, 4, generator=torch.Generator().manual_seed(1)))
-                model.layers[2].area_weights[0].mul_(-2.0)
-                model.layers[2].area_biases[0].add_(logits[0] - model(x)[0])   # same logits, same error
+                model.layers[1].weight[0].add_(torch.randn(4, 4, generator=torch.Generator().manual_seed(1)))
+                model.layers[2].weight[0].mul_(-2.0)
+                model.layers[2].bias[0].add_(logits[0] - model(x)[0])   # same logits, same error
                 torch.testing.assert_close(model(x), logits)
         return grads(model, rule, x, y)[0]
 
@@ -170,12 +167,12 @@ def test_per_area_feedback_uses_each_samples_own_matrix(batch, signal):
     mats = rule._matrices(signal)
     assert len(mats) == 3 and not torch.allclose(mats[0], mats[1])
     trace = model.trace(x, detach=True)
-    h, area = trace.hidden[0].detach(), trace.areas[0]
+    h, area = trace.in_batch_order(trace.hidden[0].detach()), trace.areas[0]
     onehot = F.one_hot(y, 3).float()
-    error = output_error(trace.logits.detach(), y)
+    error = output_error(trace.in_batch_order(trace.logits.detach()), y)
     if signal == "direct":
         expected = torch.stack([error[i] @ mats[k] for i, k in enumerate(area.tolist())])
     else:
         expected = torch.stack([(torch.softmax(mats[k] @ h[i], 0) - onehot[i]) @ mats[k]
                                 for i, k in enumerate(area.tolist())])
-    torch.testing.assert_close(rule.signal(0, h, error, onehot, area), expected)
+    torch.testing.assert_close(rule.signal(0, h, error, onehot, trace.groups[0], grouped=False), expected)

@@ -26,7 +26,7 @@ def test_same_seed_gives_bit_identical_runs(digits, rule):
     for (k, a), b in zip(runs[0].model.state_dict().items(), runs[1].model.state_dict().values()):
         assert torch.equal(a, b), k
     other = train(make_config(rule, epochs=1, max_steps=8, areas=4, seed=1), splits=digits, progress=False)
-    first = [r.model.layers[0].area_weights[0] for r in (runs[0], other)]
+    first = [r.model.layers[0].weight[0] for r in (runs[0], other)]
     assert not torch.equal(*first)                               # a different seed is a different run
 
 

@@ -1,34 +1,68 @@
-"""Dispatch by area: group a batch's rows by area, run one matmul per non-empty area, restore the order.
+"""Dispatch by area: group a batch's rows by area once, then run every area's matmul in one grouped call.
 
 All index arithmetic of the library lives here, so layers and rules never touch routing indices themselves.
-No per-sample weight copies are made and no Python loop runs over samples: the loop is over the (at most K)
-non-empty areas, and an area with no row is never read, so its parameters get no gradient at all.
 
-Weight gradients are written into buffers recycled from the previous step (``release_gradients``): a fresh
-gradient per area per step means allocating and first-touching K weight-sized blocks of memory, which made the
-per-area weight-gradient matmul run at a tenth of peak at width 4096 (docs/performance.md).
+    groups = group_by_area(area, K)            # one stable sort per step (input routing: for every layer)
+    rows = x[groups.order]                     # grouped: area 0's rows, then area 1's, ...
+    y = grouped_linear(rows, groups, w, b)     # w (K, out, in), b (K, out): y[i] = rows[i] @ w[k_i].T + b[k_i]
+    y[groups.inverse]                          # batch order again, once, at the output
+
+Areas are one stacked ``(K, out, in)`` tensor per layer. The forward pass is one ``torch._grouped_mm`` over the
+group offsets (a loop of one matmul per non-empty area where a shape does not suit it). The backward writes the
+weight gradient of every area into one buffer recycled across steps: per non-empty area one matmul of its rows
+(measured faster on CPU than the grouped backward kernel), zeros for the areas no row used. Which areas a step
+used is recorded on the parameter (``touched_areas``, a (K,) bool tensor), so the area-aware optimizers of
+``torchsal.optim`` update, and keep state for, exactly those areas: an untouched area stays bit-identical.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.profiler import record_function
 
 # Gradient buffers of parameters whose gradient was released, reused by the next backward pass; keyed by the
 # parameter's id, each entry dropped as soon as its parameter is garbage-collected.
 _SPARE: dict[int, tuple[weakref.ref, Tensor]] = {}
+# (shape, dtype, device) keys on which torch._grouped_mm refused the layout: those run the per-area loop.
+_NO_GROUPED_MM: set[tuple] = set()
+
+
+@dataclass(frozen=True)
+class Groups:
+    """A batch's rows grouped by area: ``x[order]`` holds area 0's rows, then area 1's, and so on."""
+
+    order: Tensor             # (B,) batch index of each grouped row
+    inverse: Tensor           # (B,) grouped[inverse] restores the batch order
+    row_area: Tensor          # (B,) area of each grouped row (sorted)
+    ends: Tensor              # (K,) int32 end offset of each area's rows (device; for grouped kernels)
+    counts: list[int] | None  # rows per area on the host, where reading it costs no device sync (CPU)
+    touched: Tensor           # (K,) bool: areas with at least one row
+
+    @property
+    def areas(self) -> int:
+        return self.ends.numel()
+
+
+def group_by_area(area: Tensor, areas: int) -> Groups:
+    """Sort rows by area (stable). One per step with input routing; per layer with layer routing."""
+    with record_function("torchsal.dispatch"):
+        order = torch.argsort(area, stable=True)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        counts = torch.bincount(area, minlength=areas)
+        return Groups(order, inverse, area[order], counts.cumsum(0).to(torch.int32),
+                      counts.tolist() if area.device.type == "cpu" else None, counts > 0)
 
 
 def release_gradients(params: Iterable[Tensor]) -> None:
     """``zero_grad(set_to_none=True)`` that keeps the released buffers for the next step's weight gradients.
 
-    Every ``.grad`` becomes None (so untouched areas stay untouched by any optimizer); the memory is reused
-    instead of being freed and allocated again."""
+    Every ``.grad`` becomes None; the memory is reused instead of being freed and allocated again."""
     for p in params:
         if p.grad is not None:
             key = id(p)
@@ -44,70 +78,96 @@ def _gradient_buffer(p: Tensor) -> Tensor:
     return torch.empty_like(p, memory_format=torch.contiguous_format)
 
 
-def group_by_area(area: Tensor, areas: int) -> tuple[Tensor, Tensor, list[int]]:
-    """Sort rows by area. Returns ``(order, inverse, counts)``: ``x[order]`` is grouped by area,
-    ``y_sorted[inverse]`` restores the batch order, ``counts[k]`` rows belong to area k."""
-    order = torch.argsort(area, stable=True)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    counts = torch.bincount(area, minlength=areas).tolist()
-    return order, inverse, counts
+def _mark_touched(p: Tensor, touched: Tensor) -> None:
+    """Record on an area parameter which areas this gradient covers (accumulated until ``.grad`` is released)."""
+    if isinstance(p, torch.nn.Parameter):
+        before = getattr(p, "touched_areas", None) if p.grad is not None else None
+        p.touched_areas = touched if before is None else before | touched
 
 
-def _per_area_linear(rows: Tensor, counts: list[int], weights: Sequence[Tensor],
-                     biases: Sequence[Tensor | None]) -> Tensor:
-    """One ``F.linear`` per non-empty area over rows already grouped by area."""
-    return torch.cat([F.linear(piece, weights[k], biases[k])
-                      for k, piece in enumerate(rows.split(counts)) if counts[k]])
+def _grouped_mm(rows: Tensor, groups: Groups, weight: Tensor) -> Tensor:
+    """``rows[i] @ weight[k_i].T`` for grouped rows: one grouped kernel, else one matmul per non-empty area."""
+    key = (rows.shape[1:], weight.shape, rows.dtype, rows.device.type)
+    if key not in _NO_GROUPED_MM:
+        try:
+            return torch._grouped_mm(rows, weight.transpose(1, 2), offs=groups.ends)
+        except RuntimeError:
+            _NO_GROUPED_MM.add(key)
+    out = rows.new_empty(rows.shape[0], weight.shape[1])
+    start = 0
+    for k, n in enumerate(_host_counts(groups)):
+        if n:
+            torch.mm(rows[start: start + n], weight[k].T, out=out[start: start + n])
+            start += n
+    return out
+
+
+def _weight_gradient(grad: Tensor, rows: Tensor, groups: Groups, out: Tensor) -> Tensor:
+    """``out[k] = grad_k.T @ rows_k`` per area (zeros for empty areas). With host counts (CPU) one matmul per
+    area into the recycled buffer (measured faster than the grouped kernel); without, one grouped kernel."""
+    key = ("weight gradient", rows.shape[1:], grad.shape[1:], rows.dtype, rows.device.type)
+    if groups.counts is None and key not in _NO_GROUPED_MM:
+        try:
+            return out.copy_(torch._grouped_mm(grad.T, rows, offs=groups.ends))
+        except RuntimeError:
+            _NO_GROUPED_MM.add(key)
+    start = 0
+    for k, n in enumerate(_host_counts(groups)):
+        if n:
+            torch.mm(grad[start: start + n].T, rows[start: start + n], out=out[k])
+            start += n
+        else:
+            out[k].zero_()
+    return out
+
+
+def _host_counts(groups: Groups) -> list[int]:
+    return groups.counts if groups.counts is not None else torch.diff(groups.ends, prepend=groups.ends.new_zeros(1)
+                                                                      ).tolist()
 
 
 class _GroupedLinear(torch.autograd.Function):
-    """Per-area linear maps over rows already grouped by area; backward writes each touched area's weight
-    gradient into a recycled buffer and gives untouched areas no gradient at all."""
+    """Per-area linear maps over grouped rows; backward fills a recycled (K, out, in) weight gradient (zeros for
+    areas without rows) and marks the areas it touched on the parameter."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, counts: list[int], has_bias: bool, *params: Tensor) -> Tensor:  # noqa: ANN001
-        k = len(counts)
-        weights, biases = params[:k], (params[k:] if has_bias else (None,) * k)
-        ctx.save_for_backward(x, *weights)
-        ctx.counts, ctx.has_bias, ctx.weights = counts, has_bias, weights
-        return _per_area_linear(x, counts, weights, biases)
+    def forward(ctx, rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor | None) -> Tensor:  # noqa: ANN001
+        ctx.save_for_backward(rows, weight)
+        ctx.groups, ctx.weight, ctx.bias = groups, weight, bias
+        out = _grouped_mm(rows, groups, weight)
+        return out if bias is None else out.add_(bias.index_select(0, groups.row_area))
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
-        x, *weights = ctx.saved_tensors
-        counts, k = ctx.counts, len(ctx.counts)
-        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        grad_w: list[Tensor | None] = [None] * k
-        grad_b: list[Tensor | None] = [None] * k
-        start = 0
-        for i, n in enumerate(counts):
-            if not n:
-                continue
-            g, rows = grad[start: start + n], x[start: start + n]
-            if ctx.needs_input_grad[3 + i]:
-                grad_w[i] = torch.mm(g.T, rows, out=_gradient_buffer(ctx.weights[i]))
-            if ctx.has_bias and ctx.needs_input_grad[3 + k + i]:
-                grad_b[i] = g.sum(0)
-            if grad_x is not None:
-                torch.mm(g, weights[i], out=grad_x[start: start + n])
-            start += n
-        return (grad_x, None, None, *grad_w, *(grad_b if ctx.has_bias else ()))
+        rows, weight = ctx.saved_tensors
+        groups: Groups = ctx.groups
+        grad_rows = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_rows = _grouped_mm(grad, groups, weight.transpose(1, 2))
+        if ctx.needs_input_grad[2]:
+            grad_w = _weight_gradient(grad, rows, groups, _gradient_buffer(ctx.weight))
+            _mark_touched(ctx.weight, groups.touched)
+        if ctx.bias is not None and ctx.needs_input_grad[3]:
+            grad_b = grad.new_zeros(ctx.bias.shape).index_add_(0, groups.row_area, grad)
+            _mark_touched(ctx.bias, groups.touched)
+        return grad_rows, None, grad_w, grad_b
 
 
-def area_linear(x: Tensor, area: Tensor | None, weights: Sequence[Tensor],
-                biases: Sequence[Tensor] | None = None) -> Tensor:
-    """``y[i] = x[i] @ weights[area[i]].T + biases[area[i]]`` for x (B, in), weights K x (out, in).
+def grouped_linear(rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``y[i] = rows[i] @ weight[k_i].T + bias[k_i]`` for rows grouped by ``groups``; weight (K, out, in)."""
+    with record_function("torchsal.dispatch"):
+        if torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad)):
+            return _GroupedLinear.apply(rows, groups, weight, bias)
+        out = _grouped_mm(rows, groups, weight)
+        return out if bias is None else out.add_(bias.index_select(0, groups.row_area))
 
-    With one area (or ``area=None``) this is exactly ``F.linear``.
-    """
-    if len(weights) == 1 or area is None:
-        return F.linear(x, weights[0], None if biases is None else biases[0])
-    with record_function("torchsal.dispatch"):     # a named range for profiles (benchmarks/scale.py)
-        order, inverse, counts = group_by_area(area, len(weights))
-        rows = x[order]
-        if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
-            out = _GroupedLinear.apply(rows, counts, biases is not None, *weights, *(biases or ()))
-        else:
-            out = _per_area_linear(rows, counts, weights, [None] * len(weights) if biases is None else biases)
-        return out[inverse]
+
+def area_linear(x: Tensor, area: Tensor | Groups | None, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``y[i] = x[i] @ weight[area[i]].T + bias[area[i]]`` with x in batch order: group, compute, restore.
+
+    With one area (or ``area=None``) this is exactly ``F.linear`` on the only area."""
+    if weight.shape[0] == 1 or area is None:
+        return torch.nn.functional.linear(x, weight.squeeze(0), None if bias is None else bias.squeeze(0))
+    groups = area if isinstance(area, Groups) else group_by_area(area, weight.shape[0])
+    return grouped_linear(x[groups.order], groups, weight, bias)[groups.inverse]

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from torchsal.dispatch import area_linear, group_by_area
+from torchsal.dispatch import Groups, group_by_area, grouped_linear
 from torchsal.errors import ConfigError, DistributedError
 
 if TYPE_CHECKING:
@@ -111,9 +111,17 @@ def sync_gradients(model: AreaMLP, local_rows: int, global_rows: int) -> None:
     if ctx.world == 1:
         return
     params = [p for p in model.replicated_parameters() if p.requires_grad]
-    touched = torch.tensor([float(p.grad is not None) for p in params])
+    # Per parameter one mark (has a gradient); per area of an area parameter one mark (some row used it).
+    areas = {id(p) for layer in model.layers if layer.areas > 1 for p in (layer.weight, layer.bias)}
+    marks = [_touched_marks(p, id(p) in areas) for p in params]
+    touched = torch.cat(marks)
     _collective(dist.all_reduce, touched)
-    active = [p for p, t in zip(params, touched.tolist(), strict=True) if t > 0]
+    active = []
+    for p, mark in zip(params, touched.split([m.numel() for m in marks]), strict=True):
+        if mark.sum() > 0:
+            active.append(p)
+            if id(p) in areas:
+                p.touched_areas = (mark > 0).to(p.device)
     scale = local_rows / global_rows
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in active]) * scale
     _collective(dist.all_reduce, flat)
@@ -123,6 +131,15 @@ def sync_gradients(model: AreaMLP, local_rows: int, global_rows: int) -> None:
         n = p.numel()
         p.grad = flat[offset: offset + n].view_as(p).clone()
         offset += n
+
+
+def _touched_marks(p: Tensor, per_area: bool) -> Tensor:
+    if not per_area:
+        return torch.tensor([float(p.grad is not None)])
+    if p.grad is None:
+        return torch.zeros(p.shape[0])
+    touched = getattr(p, "touched_areas", None)
+    return torch.ones(p.shape[0]) if touched is None else touched.float().cpu()
 
 
 def all_reduce_sums(values: list[float]) -> list[float]:
@@ -178,17 +195,18 @@ def _all_to_all(x: Tensor, send: list[int], receive: list[int]) -> Tensor:
     return out
 
 
-def area_parallel_linear(x: Tensor, area: Tensor, weights, biases, areas: int) -> Tensor:  # noqa: ANN001
-    """``area_linear`` when each rank holds only its own block of areas (``owned_areas``).
+def area_parallel_linear(rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor, areas: int) -> Tensor:
+    """``grouped_linear`` when each rank holds only its own block of areas (``owned_areas``).
 
-    Rows are sorted by area (hence by owner) and sent to the owner with one all-to-all; the owner runs one matmul
-    per area it holds over the rows every rank sent, and a second all-to-all returns the outputs. Backward retraces
-    the route: output gradients go to the owner (which forms its areas' weight gradients over the whole global
-    batch) and input gradients, where needed, come back. Only per-area row counts are gathered from everyone.
+    Grouped rows are already sorted by area, hence by owner: one all-to-all sends each block to its owner, which
+    runs its areas' grouped matmul over the rows every rank sent, and a second all-to-all returns the outputs in
+    the same grouped order. Backward retraces the route: output gradients go to the owner (which forms its areas'
+    weight gradients over the whole global batch) and input gradients, where needed, come back. Only per-area row
+    counts are gathered from everyone.
     """
     ctx = current()
-    order, inverse, counts = group_by_area(area, areas)
-    parts = [torch.tensor(counts) for _ in range(ctx.world)]
+    counts = groups.counts if groups.counts is not None else torch.diff(groups.ends, prepend=groups.ends.new_zeros(1))
+    parts = [torch.as_tensor(counts, dtype=torch.long).cpu() for _ in range(ctx.world)]
     if ctx.world > 1:
         _collective(dist.all_gather, parts, parts[ctx.rank])
         TRAFFIC["all_gather"] += parts[0].numel() * parts[0].element_size()
@@ -196,11 +214,12 @@ def area_parallel_linear(x: Tensor, area: Tensor, weights, biases, areas: int) -
     mine = owned_areas(areas, ctx)
     send = every[ctx.rank].view(ctx.world, -1).sum(1).tolist()       # rows to each owner
     receive = every[:, mine.start: mine.stop].sum(1).tolist()        # rows from each source
-    share = x.shape[0] / max(int(every.sum()), 1)                    # this rank's part of the global batch
-    rows = _Exchange.apply(x[order], send, receive, 1.0, 1 / share)
+    share = rows.shape[0] / max(int(every.sum()), 1)                 # this rank's part of the global batch
+    received = _Exchange.apply(rows, send, receive, 1.0, 1 / share)
     local = torch.arange(len(mine)).repeat(ctx.world).repeat_interleave(every[:, mine.start: mine.stop].reshape(-1))
-    out = area_linear(rows, local.to(x.device), list(weights), list(biases))
-    return _Exchange.apply(out, receive, send, share, 1.0)[inverse]
+    mine_groups = group_by_area(local.to(rows.device), len(mine))
+    out = grouped_linear(received[mine_groups.order], mine_groups, weight, bias)[mine_groups.inverse]
+    return _Exchange.apply(out, receive, send, share, 1.0)
 
 
 def gather_state_dict(model: nn.Module) -> dict[str, Tensor] | None:
@@ -209,6 +228,11 @@ def gather_state_dict(model: nn.Module) -> dict[str, Tensor] | None:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if ctx.world == 1:
         return state
+    sharded = {f"{name}.{p}" for name, m in model.named_modules() if getattr(m, "sharded", False)
+               for p in ("weight", "bias")}
     parts: list[dict[str, Tensor] | None] = [None] * ctx.world if ctx.is_main else None
     dist.gather_object(state, parts, dst=0)
-    return {k: v for part in parts for k, v in part.items()} if ctx.is_main else None
+    if not ctx.is_main:
+        return None
+    # A sharded layer's areas are stacked along dim 0 in area order, and ranks hold consecutive blocks.
+    return {k: torch.cat([part[k] for part in parts]) if k in sharded else v for k, v in parts[0].items()}

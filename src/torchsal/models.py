@@ -15,18 +15,34 @@ import torch
 from torch import Tensor, nn
 
 from torchsal.config import ModelConfig
+from torchsal.dispatch import Groups, group_by_area
 from torchsal.layers import AreaLinear
 from torchsal.routing import Router
 
 
 @dataclass
 class Trace:
-    """What one forward pass leaves for a learning rule."""
+    """What one forward pass leaves for a learning rule.
 
-    logits: Tensor                    # (B, C)
-    hidden: list[Tensor]              # h_l, (B, width) per hidden layer, post-activation
-    areas: list[Tensor | None]        # area (B,) used by each linear layer (hidden layers, then head)
+    With input routing the batch is grouped by area once, before the first layer, and every tensor of the trace is
+    in that *grouped* row order (``rows``: the batch index of each row); with layer routing, or one area, rows keep
+    the batch order (``rows`` is None). ``in_batch_order`` maps a tensor of the trace back.
+    """
+
+    logits: Tensor                    # (B, C), trace row order
+    hidden: list[Tensor]              # h_l, (B, width) per hidden layer, post-activation, trace row order
+    areas: list[Tensor | None]        # area (B,) used by each linear layer (hidden layers, then head), batch order
+    groups: list[Groups | None]       # each linear layer's grouping (None: one area)
     routing_loss: Tensor              # scalar, sum of the routers' local objectives
+    rows: Tensor | None = None        # (B,) batch index of each trace row; None: batch order
+    inverse: Tensor | None = None     # (B,) trace row of each sample
+
+    def in_trace_order(self, t: Tensor) -> Tensor:
+        """A per-sample tensor in batch order (labels, say), reordered like the trace's rows."""
+        return t if self.rows is None else t[self.rows]
+
+    def in_batch_order(self, t: Tensor) -> Tensor:
+        return t if self.inverse is None else t[self.inverse]
 
 
 class AreaMLP(nn.Module):
@@ -74,39 +90,51 @@ class AreaMLP(nn.Module):
         return [self.layers[0].in_features] + [layer.out_features for layer in self.layers]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.trace(x).logits
+        trace = self.trace(x)
+        return trace.in_batch_order(trace.logits)
 
     def trace(self, x: Tensor, *, detach: bool = False, feedback: Sequence[Tensor | None] | None = None,
-              on_hidden: Callable[[int, Tensor, Tensor | None], None] | None = None) -> Trace:
+              on_hidden: Callable[[int, Tensor, Groups | None, Tensor | None], None] | None = None) -> Trace:
         """Forward pass recording what rules need.
 
         Args:
             detach: cut the graph at every layer input, so each layer's graph holds only its own parameters.
             feedback: per linear layer, a fixed (out, in) matrix that replaces the transposed weights on the
                 way back to that layer's input (feedback alignment), or None.
-            on_hidden: called with (layer index, h_l, its samples' areas) as soon as hidden layer l is computed;
-                the hidden outputs are then not kept (lean memory: a layer may update and free its graph at once).
+            on_hidden: called with (layer index, h_l, its layer's grouping, the batch index of each row of h_l
+                or None for batch order) as soon as hidden layer l is computed; the hidden outputs are then not
+                kept (lean memory: a layer may update and free its graph at once).
         """
         self._check_input(x)
         x = x.to(self.dtype)                # inputs follow the weights (bfloat16 models take float32 data)
         routing_loss = x.new_zeros(())
-        area = None
-        hidden, areas = [], []
+        area, groups, rows, inverse, grouped = None, None, None, None, False
+        hidden, areas, layer_groups = [], [], []
         h = x
         for i, layer in enumerate(self.layers):
             h_in = h.detach() if detach else h
             if i < len(self.routers):   # input routing: router 0 only, its areas reused by every layer
                 area, loss = self.routers[i](h_in)
                 routing_loss = routing_loss + loss
+                groups = group_by_area(area, self.config.routing_config.areas)
+                if len(self.routers) == 1:      # group the rows once, for every layer
+                    rows, inverse, grouped = groups.order, groups.inverse, True
+                    h_in = h_in[rows]
             areas.append(area)
-            a = layer(self.norms[i](h_in), area, None if feedback is None else feedback[i])
+            layer_groups.append(groups)
+            h_norm = self.norms[i](h_in)
+            fb = None if feedback is None else feedback[i]
+            if groups is None or grouped:
+                a = layer(h_norm, groups, fb)
+            else:                           # layer routing: this layer's own grouping, batch order outside it
+                a = layer(h_norm[groups.order], groups, fb)[groups.inverse]
             if i == len(self.layers) - 1:
-                return Trace(a, hidden, areas, routing_loss)
+                return Trace(a, hidden, areas, layer_groups, routing_loss, rows, inverse)
             h = h_in + self.activation(a) if self.residual[i] else self.activation(a)
             if on_hidden is None:
                 hidden.append(h)
             else:
-                on_hidden(i, h, area)
+                on_hidden(i, h, groups, rows)
         raise AssertionError("unreachable: the model has at least one layer")
 
     def _check_input(self, x: Tensor) -> None:
@@ -115,8 +143,7 @@ class AreaMLP(nn.Module):
 
     def replicated_parameters(self) -> list[nn.Parameter]:
         """Parameters every process holds a copy of: all of them, except the areas of area-parallel layers."""
-        sharded = {id(p) for layer in self.layers if layer.sharded
-                   for p in (*layer.area_weights, *layer.area_biases)}
+        sharded = {id(p) for layer in self.layers if layer.sharded for p in (layer.weight, layer.bias)}
         return [p for p in self.parameters() if id(p) not in sharded]
 
     def parameter_counts(self) -> dict[str, int]:

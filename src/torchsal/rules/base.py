@@ -41,7 +41,7 @@ def get_rule(name: str) -> type[LearningRule]:
 @dataclass
 class StepOutput:
     loss: Tensor                        # call .backward() on it: fills .grad with the rule's update
-    logits: Tensor                      # (B, C), detached
+    logits: Tensor                      # (B, C), detached, batch order
     task_loss: Tensor                   # cross-entropy of the logits, detached (what to log)
     activation_rms: Tensor | None = None  # (L,) RMS of each hidden layer's output (diagnostics)
     signal_rms: Tensor | None = None      # (L,) RMS of each hidden layer's learning signal, where it has one
@@ -55,9 +55,9 @@ def rms(tensors: list[Tensor]) -> Tensor | None:
 def output_step(trace: Trace, y: Tensor, hidden_loss: Tensor | None = None, activation_rms: Tensor | None = None,
                 signal_rms: Tensor | None = None) -> StepOutput:
     """The output layer's cross-entropy plus the routers' objective (and the hidden layers' surrogate, if any)."""
-    task = F.cross_entropy(trace.logits, y)
+    task = F.cross_entropy(trace.logits, trace.in_trace_order(y))
     loss = task + trace.routing_loss if hidden_loss is None else task + hidden_loss + trace.routing_loss
-    return StepOutput(loss, trace.logits.detach(), task.detach(),
+    return StepOutput(loss, trace.in_batch_order(trace.logits.detach()), task.detach(),
                       rms(trace.hidden) if activation_rms is None else activation_rms, signal_rms)
 
 

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.autograd.profiler import record_function
 
 from torchsal.config import RuleConfig
-from torchsal.dispatch import area_linear
+from torchsal.dispatch import Groups, area_linear, grouped_linear
 from torchsal.feedback import random_matrix
 from torchsal.models import AreaMLP
 from torchsal.rules.base import LearningRule, StepOutput, output_step, register_rule, rms
@@ -57,32 +57,42 @@ class LocalSignalRule(LearningRule):
         return self._matrices(kind)[layer * self.per_layer: (layer + 1) * self.per_layer]
 
     @torch.no_grad()
-    def signal(self, layer: int, h: Tensor, error: Tensor | None, onehot: Tensor, area: Tensor | None) -> Tensor:
-        """g_l (B, width) for hidden layer ``layer`` from its detached output ``h`` (and its samples' areas, which
-        pick the feedback matrix of each sample under per-area feedback)."""
-        with record_function("torchsal.signal"):     # a named range for profiles (benchmarks/scale.py)
-            return self._signal(layer, h, error, onehot, area)
+    def signal(self, layer: int, h: Tensor, error: Tensor | None, onehot: Tensor, groups: Groups | None,
+               grouped: bool) -> Tensor:
+        """g_l (B, width) for hidden layer ``layer`` from its detached output ``h``; ``groups`` (the layer's
+        grouping) picks each sample's feedback matrix under per-area feedback, ``grouped`` says whether the rows
+        of ``h`` are already grouped by it."""
+        with record_function("torchsal.signal"):     # a named range for profiles (benchmarks/speed.py)
+            g = torch.zeros_like(h)
+            if "direct" in self.signals():                   # e B_l[k]
+                g.add_(self._per_area(error, self._layer("direct", layer), groups, grouped, transpose=True))
+            if "local" in self.signals():                    # (softmax(h G^T) - y) G
+                readouts = self._layer("local", layer)
+                logits = self._per_area(h, readouts, groups, grouped)
+                g.add_(self._per_area(torch.softmax(logits, dim=1) - onehot, readouts, groups, grouped,
+                                      transpose=True))
+            return g
 
-    def _signal(self, layer: int, h: Tensor, error: Tensor | None, onehot: Tensor, area: Tensor | None) -> Tensor:
-        g = torch.zeros_like(h)
-        if "direct" in self.signals():                   # e B_l[k]
-            g.add_(area_linear(error, area, [b.T for b in self._layer("direct", layer)]))
-        if "local" in self.signals():                    # (softmax(h G^T) - y) G
-            readouts = self._layer("local", layer)
-            logits = area_linear(h, area, readouts)
-            g.add_(area_linear(torch.softmax(logits, dim=1) - onehot, area, [r.T for r in readouts]))
-        return g
+    @staticmethod
+    def _per_area(t: Tensor, matrices: list[Tensor], groups: Groups | None, grouped: bool,
+                  transpose: bool = False) -> Tensor:
+        """``t @ M.T`` (or ``t @ M``) with one matrix, or each row's own area's matrix under per-area feedback."""
+        if len(matrices) == 1:
+            return t @ matrices[0] if transpose else t @ matrices[0].T
+        stack = torch.stack([m.T if transpose else m for m in matrices])
+        return grouped_linear(t, groups, stack) if grouped else area_linear(t, groups, stack)
 
     def forward(self, model: AreaMLP, x: Tensor, y: Tensor) -> StepOutput:
         batch = x.shape[0]
-        onehot = F.one_hot(y, model.sizes[-1]).to(model.dtype)
+        labels = F.one_hot(y, model.sizes[-1]).to(model.dtype)
         if self.config.memory == "lean":
             # Update each layer from its local signal as soon as it is computed; its graph is freed at once and
             # only two scalars per layer (for diagnostics) outlive it.
             mean_squares: list[Tensor] = []
 
-            def update(i: int, h: Tensor, area: Tensor | None) -> None:
-                g = self.signal(i, h.detach(), None, onehot, area)
+            def update(i: int, h: Tensor, groups: Groups | None, rows: Tensor | None) -> None:
+                onehot = labels if rows is None else labels[rows]
+                g = self.signal(i, h.detach(), None, onehot, groups, rows is not None)
                 ((h * g).sum() / batch).backward()
                 mean_squares.append(torch.stack([h.detach().pow(2).mean(), g.pow(2).mean()]))
 
@@ -90,9 +100,11 @@ class LocalSignalRule(LearningRule):
             activation_rms, signal_rms = torch.stack(mean_squares).sqrt().T if mean_squares else (None, None)
             return output_step(trace, y, activation_rms=activation_rms, signal_rms=signal_rms)
         trace = model.trace(x, detach=True)
+        onehot = trace.in_trace_order(labels)
         error = torch.softmax(trace.logits.detach(), dim=1) - onehot
-        signals = [self.signal(i, h.detach(), error, onehot, area)
-                   for i, (h, area) in enumerate(zip(trace.hidden, trace.areas))]
+        grouped = trace.rows is not None
+        signals = [self.signal(i, h.detach(), error, onehot, groups, grouped)
+                   for i, (h, groups) in enumerate(zip(trace.hidden, trace.groups))]
         surrogate = sum(((h * g).sum() for h, g in zip(trace.hidden, signals)), x.new_zeros(()))
         return output_step(trace, y, surrogate / batch, signal_rms=rms(signals))
 

@@ -1,0 +1,292 @@
+"""What a SAL training step costs against a BP step, regime by regime, and how far both are from the machine.
+
+    python benchmarks/speed.py                                   # every regime, ~3 min on a quiet 2-core machine
+    python benchmarks/speed.py --regimes paper,wide --rounds 9 --out docs/performance/speed.json
+
+For each regime the trainer's own step (``Trainer.train_step``: batch gather, rule, backward, optimizer, scheduler,
+metrics) runs for BP on the dense model and for SAL (16 areas, local signal) without and with the shared path,
+timed **in turns** in one process (BP, SAL, SAL shared, BP, ...) on random batches of MNIST's shape; each time is
+the median over rounds of the mean step time of a round. SAL's step is then split with the PyTorch profiler into
+routing, dispatch (grouping rows by area and restoring their order), matmuls, optimizer and other (elementwise
+work, losses, autograd bookkeeping, Python), scaled to the measured step.
+
+The physical floor of each step is ``max(FLOPs / matmul rate, bytes / bandwidth)``: matmul FLOPs of the forward
+and update (and, for BP, input-gradient) products at the rate measured on the regime's own dense matmul, and the
+bytes the step must move (weights read, gradients written, optimizer traffic) at the measured copy bandwidth.
+For SAL the bytes count every *touched* area (the expected number of distinct areas a batch of B uniform samples
+hits, ``K (1 - (1 - 1/K)^B)``): each must be read, and its update written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from torchsal import make_config
+from torchsal.data import Splits
+from torchsal.train import Trainer
+
+FEATURES, CLASSES = 784, 10
+MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::_grouped_mm", "aten::addmm_", "aten::baddbmm"}
+# Bytes an optimizer moves per updated element (fp32): read p, g (+ state), write p (+ state).
+OPTIMIZER_BYTES = {"sgd": 3 * 4, "adam": 7 * 4, "adamw": 7 * 4}
+
+
+@dataclass(frozen=True)
+class Regime:
+    name: str
+    depth: int
+    width: int
+    batch: int
+    optimizer: str
+    extra: dict[str, Any] = field(default_factory=dict)
+    steps: int = 20                  # steps per timed round
+
+
+REGIMES = {r.name: r for r in (
+    Regime("paper", 1, 256, 16, "sgd", steps=100),
+    Regime("tuned", 1, 256, 64, "adamw", {"weight_decay": 1e-4}, steps=50),
+    Regime("deep", 128, 64, 128, "adam", {"block": "residual", "norm": "layer"}, steps=5),
+    Regime("wide", 2, 1024, 1024, "adam", steps=3),
+    Regime("wide-sgd", 2, 1024, 1024, "sgd", steps=3),
+)}
+
+VARIANTS = {"bp": ("bp", {"areas": 1, "shared": False}),
+            "sal": ("sal", {"areas": 16, "shared": False, "signal": "local"}),
+            "sal-shared": ("sal", {"areas": 16, "shared": True, "signal": "local"})}
+
+
+def random_splits(batch: int, seed: int = 0) -> Splits:
+    """MNIST-shaped random data, a few batches' worth (the step gathers its batch from it as training does)."""
+    g = torch.Generator().manual_seed(seed)
+    n = max(4 * batch, 256)
+    x, y = torch.randn(n, FEATURES, generator=g), torch.randint(CLASSES, (n,), generator=g)
+    return Splits(x, y, x[:64], y[:64], x[:64], y[:64], [str(c) for c in range(CLASSES)],
+                  np.zeros(FEATURES), np.ones(FEATURES))
+
+
+def make_trainer(regime: Regime, variant: str, precision: str, device: str) -> Trainer:
+    rule, settings = VARIANTS[variant]
+    config = make_config(rule, depth=regime.depth, width=regime.width, batch_size=regime.batch,
+                         optimizer=regime.optimizer, lr=1e-4, epochs=1, device=device, **regime.extra,
+                         **settings, **({"precision": precision} if precision != "fp32" else {}))
+    return Trainer(config, random_splits(regime.batch))
+
+
+class Stepper:
+    """Runs a trainer's real training step on a rotating set of batches."""
+
+    def __init__(self, trainer: Trainer, batch: int) -> None:
+        self.trainer = trainer
+        order = torch.randperm(len(trainer.y_train), generator=torch.Generator().manual_seed(1))
+        self.batches = [b.to(trainer.device) for b in order.split(batch) if len(b) == batch]
+        self.i = 0
+
+    def __call__(self, steps: int = 1) -> None:
+        for _ in range(steps):
+            self.trainer.train_step(self.batches[self.i % len(self.batches)])
+            self.i += 1
+        if self.trainer.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def in_turns(steppers: dict[str, Stepper], rounds: int, steps: int) -> dict[str, float]:
+    """Median over rounds of the mean step time, each round timing every stepper in turn."""
+    for s in steppers.values():
+        s(max(2, steps // 2))                       # warm-up: allocations, optimizer state, caches
+    times: dict[str, list[float]] = {name: [] for name in steppers}
+    for _ in range(rounds):
+        for name, s in steppers.items():
+            start = time.perf_counter()
+            s(steps)
+            times[name].append((time.perf_counter() - start) / steps)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _ancestors(event) -> list[str]:
+    names, parent = [], event.cpu_parent
+    while parent is not None:
+        names.append(parent.name)
+        parent = parent.cpu_parent
+    return names
+
+
+def category(event) -> str:
+    above = [event.name, *_ancestors(event)]
+    if any(n.startswith("Optimizer.") for n in above):
+        return "optimizer"
+    if "torchsal.route" in above:
+        return "routing"
+    if event.name in MATMULS:
+        return "matmuls"
+    if "torchsal.dispatch" in above:
+        return "dispatch"
+    return "other"
+
+
+def profile_split(stepper: Stepper, wall: float, steps: int) -> dict[str, float]:
+    """Seconds per step by category: profiler self-time shares scaled to the measured step ``wall``."""
+    stepper(2)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        stepper(steps)
+    totals: dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        totals[category(event)] += event.self_cpu_time_total
+    total = sum(totals.values()) or 1.0
+    return {name: wall * totals.get(name, 0.0) / total
+            for name in ("routing", "dispatch", "matmuls", "optimizer", "other")}
+
+
+# ----------------------------------------------------------------------------------------------- the floor
+def median_seconds(fn, repeats: int = 7) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes per second (read + write) of a 256 MB copy: the ceiling of a memory-bound update."""
+    src, dst = torch.randn(64 * 2**20, device=device), torch.randn(64 * 2**20, device=device)
+    return 2 * src.numel() * 4 / median_seconds(lambda: _synced(dst.copy_, src))
+
+
+def _synced(fn, *args) -> None:
+    fn(*args)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def matmul_rate(rows: int, n_in: int, n_out: int, device: str) -> float:
+    """FLOP/s of the regime's own dense matmul shape (batch x in -> out)."""
+    a, b = torch.randn(rows, n_in, device=device), torch.randn(n_out, n_in, device=device)
+    reps = max(1, int(2e8 // (2 * rows * n_in * n_out)))
+    seconds = median_seconds(lambda: _synced(lambda: [a @ b.T for _ in range(reps)])) / reps
+    return 2 * rows * n_in * n_out / seconds
+
+
+def touched_areas(areas: int, batch: int) -> float:
+    return areas * (1 - (1 - 1 / areas) ** batch)
+
+
+def floor(regime: Regime, variant: str, rate: float, bandwidth: float) -> dict[str, float]:
+    """Lower bound of a step from its matmul FLOPs and the bytes it must move (fp32)."""
+    sizes = [FEATURES] + [regime.width] * regime.depth + [CLASSES]
+    layers = list(zip(sizes, sizes[1:]))
+    b, weights = regime.batch, sum(i * o for i, o in layers)
+    opt = OPTIMIZER_BYTES[regime.optimizer]
+    if variant == "bp":
+        # forward + weight gradient everywhere, input gradient above the first layer
+        flops = 2 * b * (2 * weights + sum(i * o for i, o in layers[1:]))
+        moved = 4 * weights * 3 + opt * weights            # read (fwd, bwd), write gradient; optimizer
+    else:
+        shared = variant == "sal-shared"
+        touched = touched_areas(16, b)
+        flops = 2 * b * 2 * weights * (2 if shared else 1)
+        paths = touched + (1 if shared else 0)
+        moved = 4 * weights * paths * 2 + opt * weights * paths   # read, write gradient; optimizer
+    return {"flops": flops, "bytes": moved, "flop_s": flops / rate, "byte_s": moved / bandwidth,
+            "floor_s": max(flops / rate, moved / bandwidth)}
+
+
+# --------------------------------------------------------------------------------------------- the report
+def machine() -> dict[str, Any]:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except OSError:
+        lscpu = ""
+    info = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+    flags = info.get("Flags", "").split()
+    return {"cpu": info.get("Model name", platform.processor()).strip(), "threads": torch.get_num_threads(),
+            "amx": any(f.startswith("amx") for f in flags), "avx512_bf16": "avx512_bf16" in flags,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "torch": torch.__version__}
+
+
+def run(args) -> dict[str, Any]:
+    results = {"machine": machine(), "precision": args.precision, "rounds": args.rounds, "regimes": []}
+    bandwidth = copy_bandwidth(args.device)
+    results["copy_bandwidth_bytes_per_s"] = bandwidth
+    print(f"# {results['machine']}\n# copy bandwidth {bandwidth / 1e9:.1f} GB/s, precision {args.precision}",
+          flush=True)
+    for name in args.regimes:
+        regime = REGIMES[name]
+        steppers = {v: Stepper(make_trainer(regime, v, args.precision, args.device), regime.batch)
+                    for v in VARIANTS}
+        steps = max(1, int(regime.steps * args.scale))
+        times = in_turns(steppers, args.rounds, steps)
+        rate = matmul_rate(regime.batch, regime.width, regime.width, args.device)
+        row = {"regime": name, "depth": regime.depth, "width": regime.width, "batch": regime.batch,
+               "optimizer": regime.optimizer, "step_s": times,
+               "ratio": {v: times[v] / times["bp"] for v in ("sal", "sal-shared")},
+               "matmul_flop_per_s": rate,
+               "floor": {v: floor(regime, v, rate, bandwidth) for v in VARIANTS}}
+        if args.device == "cpu":
+            row["split_s"] = {v: profile_split(steppers[v], times[v], steps) for v in ("sal", "sal-shared")}
+        results["regimes"].append(row)
+        print(json.dumps(row), flush=True)
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = ["| regime | model | batch | optimizer | BP ms | SAL ms | SAL shared ms | SAL / BP | SAL shared / BP "
+             "| floor ms (BP, SAL, SAL shared) |", "|---" * 10 + "|"]
+    for r in results["regimes"]:
+        t, f = r["step_s"], r["floor"]
+        model = f"{FEATURES}-" + "-".join([str(r["width"])] * min(r["depth"], 2)) + f"-{CLASSES}"
+        if r["depth"] > 2:
+            model = f"{r['depth']} x {r['width']}"
+        lines.append(f"| {r['regime']} | {model} | {r['batch']} | {r['optimizer']} | {1e3 * t['bp']:.2f} "
+                     f"| {1e3 * t['sal']:.2f} | {1e3 * t['sal-shared']:.2f} | {r['ratio']['sal']:.2f}x "
+                     f"| {r['ratio']['sal-shared']:.2f}x | "
+                     + ", ".join(f"{1e3 * f[v]['floor_s']:.2f}" for v in VARIANTS) + " |")
+    if all("split_s" in r for r in results["regimes"]):
+        names = ("routing", "dispatch", "matmuls", "optimizer", "other")
+        lines += ["", "SAL step split (ms per step, profiler self-time shares of the measured step):", "",
+                  "| regime | variant | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for r in results["regimes"]:
+            for v, split in r["split_s"].items():
+                lines.append(f"| {r['regime']} | {v} | " + " | ".join(f"{1e3 * split[n]:.2f}" for n in names) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--regimes", default=",".join(REGIMES), help="comma-separated: " + ", ".join(REGIMES))
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per regime (median)")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every regime's steps per round")
+    parser.add_argument("--precision", default="fp32", help="fp32, or bf16-mixed (autocast, fp32 weights)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+    args.regimes = args.regimes.split(",")
+    unknown = [r for r in args.regimes if r not in REGIMES]
+    if unknown:
+        parser.error(f"unknown regime(s) {', '.join(unknown)}; choose from {', '.join(REGIMES)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = run(args)
+    print("\n" + table(results))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Area-aware optimizers: ``torch.optim``'s SGD, Adam and AdamW, updating only the areas a step touched.
+
+An area layer's weights are one stacked tensor (K, out, in), and its gradient is dense: zeros for the areas no
+sample used. A stock optimizer would still move those areas (momentum, Adam's moments, weight decay). These
+subclasses keep torch's own update (the same fused kernels, the same hyper-parameters and ``state_dict``), but
+hand it, for each area parameter, only the touched areas: one view per run of consecutive touched areas, with
+the matching views of the gradient and the state. Untouched areas and their state are neither read nor written.
+When every area was touched (large batches), the whole tensor goes as one.
+
+Which areas were touched is recorded on the parameter by the backward pass (``touched_areas``, torchsal.dispatch).
+A parameter without that record is an ordinary one and is updated whole. Adam's step count is one per tensor, as
+in ``torch.optim.SparseAdam``: an area's bias correction counts the layer's steps, not the area's.
+
+Usage::
+
+    optimizer = torchsal.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4, fused=True)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def touched_runs(p: Tensor) -> list[tuple[int, int]] | None:
+    """Runs ``[start, stop)`` of consecutive touched areas of ``p``; None when the whole tensor is to be updated."""
+    touched = getattr(p, "touched_areas", None)
+    if touched is None:
+        return None
+    flags = touched.tolist()
+    if all(flags):
+        return None
+    runs, start = [], None
+    for k, on in enumerate([*flags, False]):
+        if on and start is None:
+            start = k
+        elif not on and start is not None:
+            runs.append((start, k))
+            start = None
+    return runs
+
+
+class _AreaAware:
+    """Mixin for a ``torch.optim.Optimizer``: ``step`` sees the touched areas' views in place of area parameters."""
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201
+        swapped: list[tuple[dict, list[Tensor]]] = []
+        views: list[tuple[Tensor, Tensor, int, int]] = []      # (parameter, view, start, stop)
+        for group in self.param_groups:
+            params = []
+            for p in group["params"]:
+                runs = None if p.grad is None else touched_runs(p)
+                if runs is None:
+                    params.append(p)
+                    continue
+                state = self.state[p]
+                for start, stop in runs:
+                    view = p[start:stop]
+                    view.grad = p.grad[start:stop]
+                    self.state[view] = {key: value if key == "step" or not torch.is_tensor(value)
+                                        or value.dim() == 0 else value[start:stop]
+                                        for key, value in state.items()}
+                    if "step" in state:
+                        self.state[view]["step"] = state["step"].clone()
+                    params.append(view)
+                    views.append((p, view, start, stop))
+            swapped.append((group, group["params"]))
+            group["params"] = params
+        try:
+            loss = super().step(closure)
+        finally:
+            for group, params in swapped:
+                group["params"] = params
+            for p, view, start, stop in views:
+                self._write_back(p, self.state.pop(view), start, stop)
+        return loss
+
+    def _write_back(self, p: Tensor, view_state: dict, start: int, stop: int) -> None:
+        """Fold a view's state into the parameter's (state the stock step created for the view is copied in)."""
+        state = self.state[p]
+        for key, value in view_state.items():
+            if key == "step" or not torch.is_tensor(value) or value.dim() == 0:
+                state[key] = value
+                continue
+            full = state.get(key)
+            if full is None:
+                full = state[key] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            target = full[start:stop]
+            if target.data_ptr() != value.data_ptr():
+                target.copy_(value)
+
+
+class SGD(_AreaAware, torch.optim.SGD):
+    """``torch.optim.SGD`` (momentum, weight decay, fused) that leaves untouched areas untouched."""
+
+
+class Adam(_AreaAware, torch.optim.Adam):
+    """``torch.optim.Adam`` that leaves untouched areas and their moments untouched."""
+
+
+class AdamW(_AreaAware, torch.optim.AdamW):
+    """``torch.optim.AdamW`` that leaves untouched areas, their moments and their weight decay untouched."""
