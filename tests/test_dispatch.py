@@ -30,14 +30,16 @@ def test_area_linear_matches_per_sample_reference(batch, n_in, n_out, areas):
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("host_counts", [True, False])
 @pytest.mark.parametrize("n_in,n_out", [(5, 4), (8, 12)])
-def test_grouped_gradients_match_per_sample_reference(with_bias, host_counts, n_in, n_out):
+@pytest.mark.parametrize("rows", [23, 200])
+def test_grouped_gradients_match_per_sample_reference(with_bias, host_counts, n_in, n_out, rows):
     """The grouped backward (weight gradient into one buffer, zeros for empty areas; input gradient) equals
-    autograd through the per-sample loop. Without host counts it runs the device-side kernels a GPU uses."""
+    autograd through the per-sample loop: padded batched matmuls (few rows per area), per-area matmuls (many),
+    and, without host counts, the device-side grouped kernels a GPU uses."""
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(23, n_in, generator=g)
+    x = torch.randn(rows, n_in, generator=g)
     weight, bias = torch.randn(6, n_out, n_in, generator=g), torch.randn(6, n_out, generator=g)
-    area = torch.randint(5, (23,), generator=g)                        # area 5 stays empty
-    target = torch.randn(23, n_out, generator=g)
+    area = torch.randint(5, (rows,), generator=g)                      # area 5 stays empty
+    target = torch.randn(rows, n_out, generator=g)
     grads = []
     for reference in (False, True):
         xs, w = x.clone().requires_grad_(), torch.nn.Parameter(weight.clone())

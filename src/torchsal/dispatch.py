@@ -42,6 +42,8 @@ class Groups:
     ends: Tensor              # (K,) int32 end offset of each area's rows (device; for grouped kernels)
     counts: list[int] | None  # rows per area on the host, where reading it costs no device sync (CPU)
     touched: Tensor           # (K,) bool: areas with at least one row
+    slot: Tensor | None = None  # (B,) row of each grouped row in the padded (K * capacity) layout (CPU)
+    capacity: int = 0           # rows per area in the padded layout: the largest area's count
 
     @property
     def areas(self) -> int:
@@ -55,8 +57,14 @@ def group_by_area(area: Tensor, areas: int) -> Groups:
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         counts = torch.bincount(area, minlength=areas)
-        return Groups(order, inverse, area[order], counts.cumsum(0).to(torch.int32),
-                      counts.tolist() if area.device.type == "cpu" else None, counts > 0)
+        ends = counts.cumsum(0)
+        row_area = area[order]
+        if area.device.type != "cpu":        # no host reads on a GPU: the grouped kernels take device offsets
+            return Groups(order, inverse, row_area, ends.to(torch.int32), None, counts > 0)
+        host = counts.tolist()
+        capacity = max(host, default=0)
+        slot = row_area * capacity + torch.arange(order.numel()) - (ends - counts)[row_area]
+        return Groups(order, inverse, row_area, ends.to(torch.int32), host, counts > 0, slot, capacity)
 
 
 def release_gradients(params: Iterable[Tensor]) -> None:
@@ -85,8 +93,24 @@ def _mark_touched(p: Tensor, touched: Tensor) -> None:
         p.touched_areas = touched if before is None else before | touched
 
 
+def _padded(t: Tensor, groups: Groups) -> Tensor:
+    """(K, capacity, features): each area's rows, padded with zero rows to the largest area's count."""
+    out = t.new_zeros(groups.areas * groups.capacity, t.shape[1])
+    return out.index_copy_(0, groups.slot, t).view(groups.areas, groups.capacity, t.shape[1])
+
+
+def _pad_pays(groups: Groups) -> bool:
+    """One batched matmul over the padded layout beats per-area kernels on CPU unless padding more than doubles
+    the rows (measured: 128 rows over 16 areas of 64x64, 2.5x faster forward; 16 rows of 784x256, 1.4x slower)."""
+    return groups.slot is not None and groups.areas * groups.capacity <= 2 * groups.slot.numel()
+
+
 def _grouped_mm(rows: Tensor, groups: Groups, weight: Tensor) -> Tensor:
-    """``rows[i] @ weight[k_i].T`` for grouped rows: one grouped kernel, else one matmul per non-empty area."""
+    """``rows[i] @ weight[k_i].T`` for grouped rows: one batched matmul over the padded layout where that pays,
+    else one grouped kernel, else one matmul per non-empty area."""
+    if _pad_pays(groups):
+        out = torch.bmm(_padded(rows, groups), weight.transpose(1, 2))
+        return out.view(-1, out.shape[2]).index_select(0, groups.slot)
     key = (rows.shape[1:], weight.shape, rows.dtype, rows.device.type)
     if key not in _NO_GROUPED_MM:
         try:
@@ -105,6 +129,10 @@ def _grouped_mm(rows: Tensor, groups: Groups, weight: Tensor) -> Tensor:
 def _weight_gradient(grad: Tensor, rows: Tensor, groups: Groups, out: Tensor) -> Tensor:
     """``out[k] = grad_k.T @ rows_k`` per area (zeros for empty areas). With host counts (CPU) one matmul per
     area into the recycled buffer (measured faster than the grouped kernel); without, one grouped kernel."""
+    if groups.slot is not None and groups.slot.numel() < 32 * groups.areas:
+        # Few rows per area: one batched matmul over the padded layout (zeros for empty areas come free), 2-4x
+        # faster than per-area rank-n updates below 32 rows per area; above, the per-area matmuls win.
+        return torch.bmm(_padded(grad, groups).transpose(1, 2), _padded(rows, groups), out=out)
     key = ("weight gradient", rows.shape[1:], grad.shape[1:], rows.dtype, rows.device.type)
     if groups.counts is None and key not in _NO_GROUPED_MM:
         try:
