@@ -84,6 +84,9 @@ def test_touched_areas_follow_the_gradient_lifecycle():
     weight.grad = None
     area_linear(x, torch.tensor([1, 1]), weight).sum().backward()
     assert weight.touched_areas.tolist() == [False, True, False, False]
+    weight.grad = None
+    area_linear(torch.randn(4, 3), torch.tensor([3, 1, 0, 2]), weight).sum().backward()
+    assert weight.touched_areas is None                                # every area: the whole tensor
 
 
 def test_one_area_is_exactly_linear():

@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from torchsal import optim
 from torchsal.config import ModelConfig, RoutingConfig, RuleConfig, RunConfig, TrainConfig, make_config
 from torchsal.data import load_dataset, make_splits
 from torchsal.models import AreaMLP, build_model
@@ -10,4 +11,4 @@ from torchsal.train import evaluate, train
 
 __all__ = ["RULES", "AreaMLP", "LearningRule", "ModelConfig", "RoutingConfig", "RuleConfig", "RunConfig",
            "TrainConfig", "build_model", "build_rule", "evaluate", "load_dataset", "make_config", "make_splits",
-           "train"]
+           "optim", "train"]

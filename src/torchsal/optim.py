@@ -11,6 +11,9 @@ Which areas were touched is recorded on the parameter by the backward pass (``to
 A parameter without that record is an ordinary one and is updated whole. Adam's step count is one per tensor, as
 in ``torch.optim.SparseAdam``: an area's bias correction counts the layer's steps, not the area's.
 
+A stock optimizer that would move untouched areas (momentum, weight decay, Adam's moments) is refused at its
+step with one clear line, instead of silently breaking that invariant; plain SGD (lr only) is exact either way.
+
 Usage::
 
     optimizer = torchsal.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4, fused=True)
@@ -20,6 +23,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from torchsal.errors import ConfigError
 
 
 def touched_runs(p: Tensor) -> list[tuple[int, int]] | None:
@@ -101,3 +107,25 @@ class Adam(_AreaAware, torch.optim.Adam):
 
 class AdamW(_AreaAware, torch.optim.AdamW):
     """``torch.optim.AdamW`` that leaves untouched areas, their moments and their weight decay untouched."""
+
+
+def _moves_zero_gradients(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether a stock optimizer changes a parameter whose gradient is zero."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        return True
+    return any(g.get("momentum", 0) or g.get("weight_decay", 0) for g in optimizer.param_groups)
+
+
+def _refuse_stock_optimizers(optimizer: torch.optim.Optimizer, args, kwargs) -> None:  # noqa: ANN001, ARG001
+    if isinstance(optimizer, _AreaAware):
+        return
+    partial = any(getattr(p, "touched_areas", None) is not None and p.grad is not None
+                  for g in optimizer.param_groups for p in g["params"])
+    if partial and _moves_zero_gradients(optimizer):
+        name = type(optimizer).__name__
+        raise ConfigError(f"torch.optim.{name} would move the areas no sample of this batch used (momentum, weight "
+                          f"decay or moments act on their zero gradient); use torchsal.optim.{name} (same "
+                          "arguments), which updates only the touched areas")
+
+
+register_optimizer_step_pre_hook(_refuse_stock_optimizers)

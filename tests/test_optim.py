@@ -1,0 +1,67 @@
+"""torchsal.optim: torch's own update on the touched areas only; stock optimizers that would move the others are
+refused."""
+
+import pytest
+import torch
+
+from torchsal import optim
+from torchsal.dispatch import area_linear
+from torchsal.errors import ConfigError
+
+KINDS = {"sgd-momentum": (optim.SGD, torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01}),
+         "adam": (optim.Adam, torch.optim.Adam, {"lr": 0.01}),
+         "adamw": (optim.AdamW, torch.optim.AdamW, {"lr": 0.01, "weight_decay": 0.1})}
+
+
+def backward(weight, area, seed):
+    x = torch.randn(len(area), weight.shape[2], generator=torch.Generator().manual_seed(seed))
+    (area_linear(x, torch.tensor(area), weight) ** 2).sum().backward()
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("fused", [False, True])
+def test_touched_areas_move_as_under_the_stock_optimizer_and_the_others_not_at_all(kind, fused):
+    """Each touched area gets exactly the stock update of its slice; untouched areas and their state are
+    bit-identical; when every area is touched the step is the stock step on the whole tensor."""
+    ours_cls, stock_cls, hyper = KINDS[kind]
+    weight = torch.nn.Parameter(torch.randn(5, 3, 4, generator=torch.Generator().manual_seed(0)))
+    ours = ours_cls([weight], fused=fused, **hyper)
+    reference = torch.nn.Parameter(weight.detach().clone())
+    stock = stock_cls([reference], fused=fused, **hyper)
+    for seed, area in enumerate([[0, 1, 2, 3, 4, 0], [0, 1, 2, 3, 4, 4], [1, 1, 3]]):   # last step: areas 1, 3
+        before = [weight.detach().clone(), {k: v.clone() for k, v in ours.state[weight].items()}]
+        ours.zero_grad()
+        backward(weight, area, seed)
+        ours.step()
+        if seed < 2:                                     # every area touched: the stock step, bit for bit
+            stock.zero_grad()
+            backward(reference, area, seed)
+            stock.step()
+            assert torch.equal(weight, reference)
+    untouched = [0, 2, 4]
+    assert torch.equal(weight[untouched], before[0][untouched])
+    for key, value in ours.state[weight].items():
+        if value.dim() > 0:
+            assert torch.equal(value[untouched], before[1][key][untouched]), key
+    # the touched areas: the stock update applied to their slices alone, from the state they had
+    touched = [1, 3]
+    alone = torch.nn.Parameter(before[0][touched].clone())
+    alone.grad = weight.grad[touched].clone()
+    stock_alone = stock_cls([alone], fused=fused, **hyper)
+    stock_alone.state[alone] = {k: v[touched].clone() if v.dim() > 0 else v.clone() for k, v in before[1].items()}
+    stock_alone.step()
+    # (to rounding: a fused kernel may split a shorter tensor differently between vector and scalar code)
+    torch.testing.assert_close(weight[touched], alone, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(alone, before[0][touched])
+
+
+def test_a_stock_optimizer_that_would_move_untouched_areas_is_refused():
+    weight = torch.nn.Parameter(torch.randn(4, 2, 3))
+    stock = torch.optim.AdamW([weight], lr=0.1)
+    backward(weight, [0, 1], 0)
+    with pytest.raises(ConfigError, match="use torchsal.optim.AdamW"):
+        stock.step()
+    plain = torch.optim.SGD([weight], lr=0.1)            # lr only: a zero gradient moves nothing, so allowed
+    before = weight.detach().clone()
+    plain.step()
+    assert torch.equal(weight[2:], before[2:]) and not torch.equal(weight[:2], before[:2])
