@@ -65,3 +65,33 @@ def test_a_stock_optimizer_that_would_move_untouched_areas_is_refused():
     before = weight.detach().clone()
     plain.step()
     assert torch.equal(weight[2:], before[2:]) and not torch.equal(weight[:2], before[:2])
+
+
+def test_plain_sgd_applied_in_backward_equals_the_gradient_then_the_step():
+    """The trainer's plain-SGD fast path (each area updated inside its own backward, no .grad written) moves
+    every parameter as computing the gradient and stepping does, and leaves untouched areas bit-identical."""
+    from conftest import tiny
+
+    from torchsal.dispatch import sgd_in_backward
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 5, generator=g), torch.randint(3, (6,), generator=g)
+    states, used = [], set()
+    for fast in (False, True):
+        model, rule = tiny("sal", areas=8, shared=True, width=8)
+        optimizer = optim.SGD(model.parameters(), lr=0.5)
+        for _ in range(3):
+            used |= set(model.routers[0](x)[0].tolist())
+            optimizer.zero_grad()
+            with sgd_in_backward(optimizer) if fast else torch.enable_grad():
+                rule(model, x, y).loss.backward()
+            optimizer.step()
+        assert fast == (model.layers[0].weight.grad is None)       # no gradient materialised on the fast path
+        states.append(model.state_dict())
+    untouched = sorted(set(range(8)) - used)
+    assert untouched, "the test needs an area no sample uses"
+    for name, value in states[0].items():
+        torch.testing.assert_close(states[1][name], value, rtol=1e-5, atol=1e-6, msg=name)
+        if name.endswith(("weight", "bias")) and value.dim() >= 2 and value.shape[0] == 8 and "layers" in name:
+            initial = tiny("sal", areas=8, shared=True, width=8)[0].state_dict()[name]
+            assert torch.equal(states[1][name][untouched], initial[untouched]), name

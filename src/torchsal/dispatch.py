@@ -18,8 +18,10 @@ keep state for, exactly those areas: an untouched area stays bit-identical.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +33,29 @@ from torch.autograd.profiler import record_function
 _SPARE: dict[int, tuple[weakref.ref, Tensor]] = {}
 # (shape, dtype, device) keys on which torch._grouped_mm refused the layout: those run the per-area loop.
 _NO_GROUPED_MM: set[tuple] = set()
+# Parameters (by id) whose plain-SGD update is applied during their own backward, with their param group (lr).
+_UPDATE_IN_BACKWARD: contextvars.ContextVar[dict[int, dict] | None] = contextvars.ContextVar("update", default=None)
+
+
+@contextlib.contextmanager
+def sgd_in_backward(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Inside this block, each area parameter of a plain-SGD ``optimizer`` (no momentum, no weight decay) is
+    updated during its own backward, ``w[k] -= lr * grad_k`` as one in-place matmul per layer, and gets no
+    ``.grad``: the per-area gradient is never written and read back (measured: ...). Exact for plain SGD only,
+    and only where nothing else needs the gradient: not under gradient clipping, hooks, or a data-parallel
+    all-reduce (which must see the gradient before anyone steps). Other optimizers make this a no-op.
+    """
+    groups = {}
+    for group in optimizer.param_groups:
+        plain = not (group.get("momentum") or group.get("weight_decay") or group.get("maximize")) \
+            and isinstance(optimizer, torch.optim.SGD)
+        if plain:
+            groups.update({id(p): group for p in group["params"]})
+    token = _UPDATE_IN_BACKWARD.set(groups or None)
+    try:
+        yield
+    finally:
+        _UPDATE_IN_BACKWARD.reset(token)
 
 
 @dataclass(frozen=True)
@@ -135,26 +160,34 @@ def _grouped_mm(rows: Tensor, groups: Groups, weight: Tensor) -> Tensor:
     return out
 
 
-def _weight_gradient(grad: Tensor, rows: Tensor, groups: Groups, out: Tensor) -> Tensor:
-    """``out[k] = grad_k.T @ rows_k`` per area (zeros for empty areas). With host counts (CPU) one matmul per
-    area into the recycled buffer (measured faster than the grouped kernel); without, one grouped kernel."""
+def _weight_gradient(grad: Tensor, rows: Tensor, groups: Groups, out: Tensor, alpha: float | None = None) -> Tensor:
+    """``out[k] = grad_k.T @ rows_k`` per area (zeros for empty areas), or with ``alpha``, ``out[k] += alpha *
+    grad_k.T @ rows_k`` (an in-place SGD step; empty areas untouched). With host counts (CPU) one matmul per area
+    (measured faster than the grouped kernel); without, one grouped kernel."""
     if groups.slot is not None and groups.slot.numel() < 32 * groups.areas:
         # Few rows per area: one batched matmul over the padded layout (zeros for empty areas come free), 2-4x
         # faster than per-area rank-n updates below 32 rows per area; above, the per-area matmuls win.
-        return torch.bmm(_padded(grad, groups).transpose(1, 2), _padded(rows, groups), out=out)
+        padded_grad, padded_rows = _padded(grad, groups).transpose(1, 2), _padded(rows, groups)
+        if alpha is None:
+            return torch.bmm(padded_grad, padded_rows, out=out)
+        return out.baddbmm_(padded_grad, padded_rows, alpha=alpha)    # empty areas: + alpha * 0, bit-identical
     key = ("weight gradient", rows.shape[1:], grad.shape[1:], rows.dtype, rows.device.type)
     if groups.counts is None and key not in _NO_GROUPED_MM:
         try:
-            return out.copy_(torch._grouped_mm(grad.T, rows, offs=groups.ends))
+            product = torch._grouped_mm(grad.T, rows, offs=groups.ends)
+            return out.copy_(product) if alpha is None else out.add_(product, alpha=alpha)
         except RuntimeError:
             _NO_GROUPED_MM.add(key)
     start = 0
     for k, n in enumerate(_host_counts(groups)):
-        if n:
-            torch.mm(grad[start: start + n].T, rows[start: start + n], out=out[k])
-            start += n
-        else:
+        g, r = grad[start: start + n], rows[start: start + n]
+        if n and alpha is None:
+            torch.mm(g.T, r, out=out[k])
+        elif n:
+            out[k].addmm_(g.T, r, alpha=alpha)
+        elif alpha is None:
             out[k].zero_()
+        start += n
     return out
 
 
@@ -181,12 +214,21 @@ class _GroupedLinear(torch.autograd.Function):
         grad_rows = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_rows = _grouped_mm(grad, groups, weight.transpose(1, 2))
+        update = _UPDATE_IN_BACKWARD.get()
         if ctx.needs_input_grad[2]:
-            grad_w = _weight_gradient(grad, rows, groups, _gradient_buffer(ctx.weight))
-            _mark_touched(ctx.weight, groups)
+            group = None if update is None else update.get(id(ctx.weight))
+            if group is not None:        # plain SGD, in place: w[k] += (-lr) grad_k.T rows_k, no gradient kept
+                _weight_gradient(grad, rows, groups, ctx.weight, alpha=-group["lr"])
+            else:
+                grad_w = _weight_gradient(grad, rows, groups, _gradient_buffer(ctx.weight))
+                _mark_touched(ctx.weight, groups)
         if ctx.bias is not None and ctx.needs_input_grad[3]:
-            grad_b = grad.new_zeros(ctx.bias.shape).index_add_(0, groups.row_area, grad)
-            _mark_touched(ctx.bias, groups)
+            group = None if update is None else update.get(id(ctx.bias))
+            if group is not None:
+                ctx.bias.index_add_(0, groups.row_area, grad, alpha=-group["lr"])
+            else:
+                grad_b = grad.new_zeros(ctx.bias.shape).index_add_(0, groups.row_area, grad)
+                _mark_touched(ctx.bias, groups)
         return grad_rows, None, grad_w, grad_b
 
 

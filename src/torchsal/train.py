@@ -3,6 +3,7 @@ optimizer steps. Metrics are returned as a dict and, with ``out`` set, written t
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -24,7 +25,7 @@ from torchsal import distributed, optim
 from torchsal.config import RunConfig, TrainConfig, make_config
 from torchsal.data import Splits, load_dataset, make_splits
 from torchsal.diagnostics import alignment, area_statistics, interference
-from torchsal.dispatch import release_gradients
+from torchsal.dispatch import release_gradients, sgd_in_backward
 from torchsal.errors import ConfigError, DivergenceError
 from torchsal.models import AreaMLP, build_model, count_parameters
 from torchsal.rules import LearningRule, build_rule
@@ -272,10 +273,11 @@ class Trainer:
         local = distributed.shard(batch, self.ctx)     # this rank's share of the global batch
         x, y = self.x_train[local], self.y_train[local]
         release_gradients(self.model.parameters())   # .grad None, not zero: untouched areas stay untouched
-        out = self.rule(self.model, x, y)              # (a lean rule already fills hidden layers' .grad here)
-        if not torch.isfinite(out.loss):
-            raise self._diverged(self._first_non_finite(x) or f"loss became {out.loss.item()}")
-        out.loss.backward()
+        with self._updates_in_backward():
+            out = self.rule(self.model, x, y)          # (a lean rule already fills hidden layers' .grad here)
+            if not torch.isfinite(out.loss):
+                raise self._diverged(self._first_non_finite(x) or f"loss became {out.loss.item()}")
+            out.loss.backward()
         distributed.sync_gradients(self.model, len(local), len(batch))
         self.optimizer.step()
         self.scheduler.step()
@@ -287,6 +289,11 @@ class Trainer:
             value = getattr(out, key)
             if value is not None:
                 self.sums[key] = value if self.sums.get(key) is None else self.sums[key] + value
+
+    def _updates_in_backward(self) -> contextlib.AbstractContextManager:
+        """Plain SGD on one process: area updates applied in their own backward, no gradient written and read
+        back (``dispatch.sgd_in_backward``); with several processes gradients must be all-reduced first."""
+        return sgd_in_backward(self.optimizer) if self.ctx.world == 1 else contextlib.nullcontext()
 
     @torch.no_grad()
     def _first_non_finite(self, x: Tensor) -> str | None:

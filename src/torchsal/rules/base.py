@@ -87,10 +87,12 @@ class LearningRule(nn.Module):
             self.register_buffer(f"{prefix}_{i}", m)
         self._counts[prefix] = len(matrices)
 
-    def _matrices(self, prefix: str) -> list[Tensor]:
-        """Fetched by name on every call, so they follow ``.to()`` and ``load_state_dict``; a direct lookup per
-        matrix, not a scan of all buffers (this runs once per hidden layer per step)."""
-        return [getattr(self, f"{prefix}_{i}") for i in range(self._counts.get(prefix, 0))]
+    def _matrices(self, prefix: str, start: int = 0, stop: int | None = None) -> list[Tensor]:
+        """Matrices ``start:stop`` of ``prefix``, fetched by name on every call so they follow ``.to()`` and
+        ``load_state_dict``; only those asked for (this runs once per hidden layer per step: fetching all of them
+        each time made a 128-layer step quadratic in depth)."""
+        count = self._counts.get(prefix, 0)
+        return [getattr(self, f"{prefix}_{i}") for i in range(start, count if stop is None else min(stop, count))]
 
     def forward(self, model: AreaMLP, x: Tensor, y: Tensor) -> StepOutput:
         raise NotImplementedError

@@ -54,7 +54,7 @@ class LocalSignalRule(LearningRule):
         """The fixed matrices of ``kind`` that serve hidden layer ``layer``: one, or one per area."""
         if kind == "local" and self.config.readout == "shared":
             layer = 0
-        return self._matrices(kind)[layer * self.per_layer: (layer + 1) * self.per_layer]
+        return self._matrices(kind, layer * self.per_layer, (layer + 1) * self.per_layer)
 
     @torch.no_grad()
     def signal(self, layer: int, h: Tensor, error: Tensor | None, onehot: Tensor, groups: Groups | None,
