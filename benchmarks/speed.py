@@ -199,7 +199,10 @@ def floor(regime: Regime, variant: str, rate: float, bandwidth: float) -> dict[s
         touched = touched_areas(16, b)
         flops = 2 * b * 2 * weights * (2 if shared else 1)
         paths = touched + (1 if shared else 0)
-        moved = 4 * weights * paths * 2 + opt * weights * paths   # read, write gradient; optimizer
+        if regime.optimizer == "sgd":      # plain SGD updates in place: read (forward), read and write (update)
+            moved = 4 * weights * paths * 3
+        else:                              # read (forward), write gradient; optimizer
+            moved = 4 * weights * paths * 2 + opt * weights * paths
     return {"flops": flops, "bytes": moved, "flop_s": flops / rate, "byte_s": moved / bandwidth,
             "floor_s": max(flops / rate, moved / bandwidth)}
 

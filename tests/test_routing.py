@@ -1,3 +1,5 @@
+import math
+
 import torch
 
 from torchsal.config import RoutingConfig
@@ -77,3 +79,14 @@ def test_learned_routing_spreads_a_collapsed_start_over_all_areas():
     shares = torch.bincount(router(x)[0], minlength=8) / len(x)
     assert before > 0.5
     assert shares.min() > 0 and shares.max() <= 2 / 8
+
+
+def test_sinkhorn_equals_the_log_domain_iteration():
+    """The exp-domain iteration equals log-domain Sinkhorn-Knopp (no underflow for cosine scores at epsilon 0.05)."""
+    scores = torch.nn.functional.normalize(torch.randn(64, 16), dim=1) @ make_prototypes(
+        16, 16, torch.Generator().manual_seed(0)).T
+    log_q = scores / 0.05
+    for _ in range(3):
+        log_q = log_q - log_q.logsumexp(dim=0, keepdim=True) - math.log(16)
+        log_q = log_q - log_q.logsumexp(dim=1, keepdim=True) - math.log(64)
+    torch.testing.assert_close(sinkhorn(scores), (log_q + math.log(64)).exp(), rtol=1e-4, atol=1e-6)

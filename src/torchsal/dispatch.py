@@ -139,12 +139,19 @@ def _pad_pays(groups: Groups) -> bool:
     return groups.slot is not None and groups.areas * groups.capacity <= 2 * groups.slot.numel()
 
 
-def _grouped_mm(rows: Tensor, groups: Groups, weight: Tensor) -> Tensor:
-    """``rows[i] @ weight[k_i].T`` for grouped rows: one batched matmul over the padded layout where that pays,
-    else one grouped kernel, else one matmul per non-empty area."""
-    if _pad_pays(groups):
-        out = torch.bmm(_padded(rows, groups), weight.transpose(1, 2))
+def _affine(rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor | None, padded_rows: Tensor | None) -> Tensor:
+    """``rows[i] @ weight[k_i].T + bias[k_i]``: one batched matmul over ``padded_rows`` when given (bias added by the
+    same kernel; padding rows are computed and dropped), else the grouped kernels."""
+    if padded_rows is not None:
+        w = weight.transpose(1, 2)
+        out = torch.bmm(padded_rows, w) if bias is None else torch.baddbmm(bias.unsqueeze(1), padded_rows, w)
         return out.view(-1, out.shape[2]).index_select(0, groups.slot)
+    out = _grouped_mm(rows, groups, weight)
+    return out if bias is None else out.add_(bias.index_select(0, groups.row_area))
+
+
+def _grouped_mm(rows: Tensor, groups: Groups, weight: Tensor) -> Tensor:
+    """``rows[i] @ weight[k_i].T`` for grouped rows: one grouped kernel, else one matmul per non-empty area."""
     key = (rows.shape[1:], weight.shape, rows.dtype, rows.device.type)
     if key not in _NO_GROUPED_MM:
         try:
@@ -160,14 +167,22 @@ def _grouped_mm(rows: Tensor, groups: Groups, weight: Tensor) -> Tensor:
     return out
 
 
-def _weight_gradient(grad: Tensor, rows: Tensor, groups: Groups, out: Tensor, alpha: float | None = None) -> Tensor:
+def _few_rows(groups: Groups) -> bool:
+    """Below 32 rows per area, one batched matmul over the padded layout (zeros for empty areas come free) forms
+    the weight gradients 2-4x faster than per-area rank-n updates; above, the per-area matmuls win (measured)."""
+    return groups.slot is not None and groups.slot.numel() < 32 * groups.areas
+
+
+def _weight_gradient(grad: Tensor, rows: Tensor, groups: Groups, out: Tensor, alpha: float | None = None,
+                     padded_grad: Tensor | None = None, padded_rows: Tensor | None = None) -> Tensor:
     """``out[k] = grad_k.T @ rows_k`` per area (zeros for empty areas), or with ``alpha``, ``out[k] += alpha *
-    grad_k.T @ rows_k`` (an in-place SGD step; empty areas untouched). With host counts (CPU) one matmul per area
-    (measured faster than the grouped kernel); without, one grouped kernel."""
-    if groups.slot is not None and groups.slot.numel() < 32 * groups.areas:
-        # Few rows per area: one batched matmul over the padded layout (zeros for empty areas come free), 2-4x
-        # faster than per-area rank-n updates below 32 rows per area; above, the per-area matmuls win.
-        padded_grad, padded_rows = _padded(grad, groups).transpose(1, 2), _padded(rows, groups)
+    grad_k.T @ rows_k`` (an in-place SGD step; empty areas untouched). Few rows per area: one batched matmul over
+    the padded layout; with host counts (CPU) one matmul per area (measured faster than the grouped kernel);
+    without, one grouped kernel."""
+    # An in-place step with some areas empty updates only the touched ones (the padded product would rewrite all).
+    if _few_rows(groups) and (alpha is None or all(groups.counts)):
+        padded_grad = (_padded(grad, groups) if padded_grad is None else padded_grad).transpose(1, 2)
+        padded_rows = _padded(rows, groups) if padded_rows is None else padded_rows
         if alpha is None:
             return torch.bmm(padded_grad, padded_rows, out=out)
         return out.baddbmm_(padded_grad, padded_rows, alpha=alpha)    # empty areas: + alpha * 0, bit-identical
@@ -198,36 +213,45 @@ def _host_counts(groups: Groups) -> list[int]:
 
 class _GroupedLinear(torch.autograd.Function):
     """Per-area linear maps over grouped rows; backward fills a recycled (K, out, in) weight gradient (zeros for
-    areas without rows) and marks the areas it touched on the parameter."""
+    areas without rows) and marks the areas it touched on the parameter. The padded rows of the forward pass are
+    kept for the backward one, which pads the output gradient once for all three of its products."""
 
     @staticmethod
     def forward(ctx, rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor | None) -> Tensor:  # noqa: ANN001
-        ctx.save_for_backward(rows, weight)
+        padded_rows = _padded(rows, groups) if _pad_pays(groups) else None
+        ctx.save_for_backward(rows, weight, padded_rows)
         ctx.groups, ctx.weight, ctx.bias = groups, weight, bias
-        out = _grouped_mm(rows, groups, weight)
-        return out if bias is None else out.add_(bias.index_select(0, groups.row_area))
+        return _affine(rows, groups, weight, bias, padded_rows)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
-        rows, weight = ctx.saved_tensors
+        rows, weight, padded_rows = ctx.saved_tensors
         groups: Groups = ctx.groups
+        padded_grad = _padded(grad, groups) if padded_rows is not None or _few_rows(groups) else None
         grad_rows = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_rows = _grouped_mm(grad, groups, weight.transpose(1, 2))
+            if padded_rows is not None:
+                grad_rows = torch.bmm(padded_grad, weight).view(-1, weight.shape[2]).index_select(0, groups.slot)
+            else:
+                grad_rows = _grouped_mm(grad, groups, weight.transpose(1, 2))
         update = _UPDATE_IN_BACKWARD.get()
         if ctx.needs_input_grad[2]:
             group = None if update is None else update.get(id(ctx.weight))
-            if group is not None:        # plain SGD, in place: w[k] += (-lr) grad_k.T rows_k, no gradient kept
-                _weight_gradient(grad, rows, groups, ctx.weight, alpha=-group["lr"])
+            target = ctx.weight if group is not None else _gradient_buffer(ctx.weight)
+            alpha = None if group is None else -group["lr"]   # plain SGD in place: w[k] += (-lr) grad_k.T rows_k
+            grad_w = _weight_gradient(grad, rows, groups, target, alpha, padded_grad, padded_rows)
+            if group is not None:
+                grad_w = None                                  # applied: no gradient kept
             else:
-                grad_w = _weight_gradient(grad, rows, groups, _gradient_buffer(ctx.weight))
                 _mark_touched(ctx.weight, groups)
         if ctx.bias is not None and ctx.needs_input_grad[3]:
             group = None if update is None else update.get(id(ctx.bias))
+            per_area = padded_grad.sum(1) if padded_grad is not None else \
+                grad.new_zeros(ctx.bias.shape).index_add_(0, groups.row_area, grad)
             if group is not None:
-                ctx.bias.index_add_(0, groups.row_area, grad, alpha=-group["lr"])
+                ctx.bias.add_(per_area, alpha=-group["lr"])   # empty areas: + 0, bit-identical
             else:
-                grad_b = grad.new_zeros(ctx.bias.shape).index_add_(0, groups.row_area, grad)
+                grad_b = per_area
                 _mark_touched(ctx.bias, groups)
         return grad_rows, None, grad_w, grad_b
 
@@ -238,8 +262,7 @@ def grouped_linear(rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor | 
         if torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad
                                         or (bias is not None and bias.requires_grad)):
             return _GroupedLinear.apply(rows, groups, weight, bias)
-        out = _grouped_mm(rows, groups, weight)
-        return out if bias is None else out.add_(bias.index_select(0, groups.row_area))
+        return _affine(rows, groups, weight, bias, _padded(rows, groups) if _pad_pays(groups) else None)
 
 
 def area_linear(x: Tensor, area: Tensor | Groups | None, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -13,8 +13,6 @@ prototype) nor drifts: prototypes never move and each sample is pulled towards t
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -34,14 +32,17 @@ def route(z: Tensor, prototypes: Tensor) -> tuple[Tensor, Tensor]:
 def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3) -> Tensor:
     """Balanced soft assignment (B, K) of a batch to K areas: rows sum to 1, columns to B/K (approximately).
 
-    Log-domain Sinkhorn-Knopp on ``scores / epsilon``; a few iterations suffice (SwAV uses 3).
+    Sinkhorn-Knopp on ``exp((scores - max) / epsilon)``, as SwAV; a few iterations suffice (SwAV uses 3). Scores
+    are cosines in [-1, 1], so the kernel spans at most exp(-2 / epsilon) = 4e-18 at epsilon 0.05: no underflow in
+    float32, and two kernels per half-iteration instead of the log domain's ten (the routing step's cost at small
+    batches is the number of kernels, not their size).
     """
-    log_q = scores.float() / epsilon
-    b, k = log_q.shape
+    q = ((scores.float() - scores.max()) / epsilon).exp_()
+    b, k = q.shape
     for _ in range(iterations):
-        log_q = log_q - log_q.logsumexp(dim=0, keepdim=True) - math.log(k)   # columns sum to 1/K
-        log_q = log_q - log_q.logsumexp(dim=1, keepdim=True) - math.log(b)   # rows sum to 1/B
-    return (log_q + math.log(b)).exp()
+        q.div_(q.sum(dim=0, keepdim=True) * k)      # columns sum to 1/K
+        q.div_(q.sum(dim=1, keepdim=True) * b)      # rows sum to 1/B
+    return q.mul_(b)
 
 
 def routing_loss(scores: Tensor, temperature: float) -> Tensor:
