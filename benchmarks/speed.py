@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py                                   # every regime, ~3 min on a quiet 2-core machine
     python benchmarks/speed.py --regimes paper,wide --rounds 9 --out docs/performance/speed.json
+    python benchmarks/speed.py --regimes none --whole-run --data-dir ../shared/data      # K=16 against K=1, CLI
 
 For each regime the trainer's own step (``Trainer.train_step``: batch gather, rule, backward, optimizer, scheduler,
 metrics) runs for BP on the dense model and for SAL (16 areas, local signal) without and with the shared path,
@@ -15,6 +16,9 @@ and update (and, for BP, input-gradient) products at the rate measured on the re
 bytes the step must move (weights read, gradients written, optimizer traffic) at the measured copy bandwidth.
 For SAL the bytes count every *touched* area (the expected number of distinct areas a batch of B uniform samples
 hits, ``K (1 - (1 - 1/K)^B)``): each must be read, and its update written.
+
+``--whole-run`` times whole ``torchsal train`` commands (data loading, training, evaluation, in fresh processes,
+in turns) on MNIST at width 1024, batch 1024, plain SGD, for SAL with K=16 and with K=1 (no shared path).
 """
 
 from __future__ import annotations
@@ -246,6 +250,28 @@ def run(args) -> dict[str, Any]:
     return results
 
 
+def whole_runs(args) -> dict[str, Any]:
+    """Wall seconds of whole CLI runs, K=16 against K=1, timed in turns (median over rounds)."""
+    import sys
+    command = [sys.executable, "-m", "torchsal", "train", "--rule", "sal", "--dataset", "mnist", "--depth", "2",
+               "--width", "1024", "--batch-size", "1024", "--optimizer", "sgd", "--lr", "0.05", "--no-shared",
+               "--max-steps", str(args.run_steps), "--quiet"]
+    if args.data_dir:
+        command += ["--data-dir", str(args.data_dir)]
+    times: dict[int, list[float]] = {1: [], 16: []}
+    for _ in range(args.run_rounds):
+        for k in times:
+            start = time.perf_counter()
+            subprocess.run([*command, "--areas", str(k)], check=True, capture_output=True)
+            times[k].append(time.perf_counter() - start)
+    median = {k: statistics.median(v) for k, v in times.items()}
+    row = {"command": " ".join(command[1:]), "seconds": median, "ratio_k16_k1": median[16] / median[1],
+           "all_seconds": times}
+    print(f"\nwhole run ({args.run_steps} steps, MNIST, width 1024, batch 1024, plain SGD): K=1 {median[1]:.1f} s, "
+          f"K=16 {median[16]:.1f} s, ratio {row['ratio_k16_k1']:.2f}x", flush=True)
+    return row
+
+
 def table(results: dict[str, Any]) -> str:
     lines = ["| regime | model | batch | optimizer | BP ms | SAL ms | SAL shared ms | SAL / BP | SAL shared / BP "
              "| floor ms (BP, SAL, SAL shared) |", "|---" * 10 + "|"]
@@ -277,15 +303,22 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--whole-run", action="store_true", help="also time whole CLI runs, K=16 against K=1")
+    parser.add_argument("--run-steps", type=int, default=100, help="--max-steps of each whole run")
+    parser.add_argument("--run-rounds", type=int, default=3)
+    parser.add_argument("--data-dir", type=Path, default=None, help="where MNIST is (for --whole-run)")
     args = parser.parse_args()
-    args.regimes = args.regimes.split(",")
+    args.regimes = [] if args.regimes == "none" else args.regimes.split(",")
     unknown = [r for r in args.regimes if r not in REGIMES]
     if unknown:
         parser.error(f"unknown regime(s) {', '.join(unknown)}; choose from {', '.join(REGIMES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     results = run(args)
-    print("\n" + table(results))
+    if results["regimes"]:
+        print("\n" + table(results))
+    if args.whole_run:
+        results["whole_run"] = whole_runs(args)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")

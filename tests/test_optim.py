@@ -95,3 +95,25 @@ def test_plain_sgd_applied_in_backward_equals_the_gradient_then_the_step():
         if name.endswith(("weight", "bias")) and value.dim() >= 2 and value.shape[0] == 8 and "layers" in name:
             initial = tiny("sal", areas=8, shared=True, width=8)[0].state_dict()[name]
             assert torch.equal(states[1][name][untouched], initial[untouched]), name
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_the_sync_free_masked_step_equals_the_view_step(kind, monkeypatch):
+    """On a GPU the touched mask is never read on the host: the whole tensor steps and untouched areas and their
+    state are put back. Forced here on CPU, it must give what the view step gives."""
+    ours_cls, _, hyper = KINDS[kind]
+    results = []
+    for masked in (False, True):
+        monkeypatch.setattr(optim, "_host_reads_free", lambda p, masked=masked: not masked)
+        weight = torch.nn.Parameter(torch.randn(5, 3, 4, generator=torch.Generator().manual_seed(0)))
+        opt = ours_cls([weight], **hyper)
+        for seed, area in enumerate([[1, 1, 3], [0, 1, 2, 3, 4], [2, 4]]):
+            opt.zero_grad()
+            backward(weight, area, seed)
+            opt.step()
+        results.append((weight.detach().clone(), {k: v.clone() for k, v in opt.state[weight].items()}))
+    (w_views, s_views), (w_masked, s_masked) = results
+    torch.testing.assert_close(w_masked, w_views, rtol=1e-6, atol=1e-6)
+    assert torch.equal(w_masked[[0]], w_views[[0]])                     # area 0: one touch, same update
+    for key in s_views:
+        torch.testing.assert_close(s_masked[key], s_views[key], rtol=1e-6, atol=1e-6)

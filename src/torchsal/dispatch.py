@@ -82,7 +82,8 @@ def group_by_area(area: Tensor, areas: int) -> Groups:
         order = torch.argsort(area, stable=True)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        counts = torch.bincount(area, minlength=areas)
+        # (bincount would read the largest id back to the host to size its output: a sync on a GPU)
+        counts = torch.zeros(areas, dtype=torch.long, device=area.device).index_add_(0, area, torch.ones_like(area))
         ends = counts.cumsum(0)
         row_area = area[order]
         if area.device.type != "cpu":        # no host reads on a GPU: the grouped kernels take device offsets

@@ -46,6 +46,11 @@ def touched_runs(p: Tensor) -> list[tuple[int, int]] | None:
     return runs
 
 
+def _host_reads_free(p: Tensor) -> bool:
+    """Reading a touched mask on the host is free on CPU; on a GPU it would stall the stream every step."""
+    return p.device.type == "cpu"
+
+
 class _AreaAware:
     """Mixin for a ``torch.optim.Optimizer``: ``step`` sees the touched areas' views in place of area parameters."""
 
@@ -53,9 +58,19 @@ class _AreaAware:
     def step(self, closure=None):  # noqa: ANN001, ANN201
         swapped: list[tuple[dict, list[Tensor]]] = []
         views: list[tuple[Tensor, Tensor, int, int]] = []      # (parameter, view, start, stop)
+        masked: list[tuple[Tensor, Tensor, dict[str, Tensor]]] = []   # (parameter, touched mask, saved tensors)
         for group in self.param_groups:
             params = []
             for p in group["params"]:
+                touched = getattr(p, "touched_areas", None)
+                if p.grad is not None and touched is not None and not _host_reads_free(p):
+                    # No host read of the mask (a GPU sync): step the whole tensor, then put the untouched areas
+                    # and their state back. Twice the bytes of the views below, but no stall.
+                    saved = {key: value.clone() for key, value in self.state[p].items()
+                             if torch.is_tensor(value) and value.dim() > 0}
+                    masked.append((p, touched, {**saved, "": p.detach().clone()}))
+                    params.append(p)
+                    continue
                 runs = None if p.grad is None else touched_runs(p)
                 if runs is None:
                     params.append(p)
@@ -80,7 +95,16 @@ class _AreaAware:
                 group["params"] = params
             for p, view, start, stop in views:
                 self._write_back(p, self.state.pop(view), start, stop)
+            for p, touched, saved in masked:
+                self._restore_untouched(p, touched, saved)
         return loss
+
+    def _restore_untouched(self, p: Tensor, touched: Tensor, saved: dict[str, Tensor]) -> None:
+        keep = touched.view(-1, *[1] * (p.dim() - 1))
+        p.copy_(torch.where(keep, p, saved[""]))
+        for key, value in self.state[p].items():
+            if torch.is_tensor(value) and value.dim() > 0:    # state made by this step starts at zero
+                value.copy_(torch.where(keep, value, saved[key] if key in saved else torch.zeros_like(value)))
 
     def _write_back(self, p: Tensor, view_state: dict, start: int, stop: int) -> None:
         """Fold a view's state into the parameter's (state the stock step created for the view is copied in)."""

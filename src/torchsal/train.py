@@ -150,6 +150,7 @@ class Trainer:
         self.sums: dict[str, Any] = {"loss": 0.0, "correct": 0, "seen": 0, "steps": 0}
         self.history: list[dict[str, Any]] = []
         self.elapsed = 0.0
+        self.first_bad_step = torch.tensor(-1, device=self.device)     # (GPU) first step with a non-finite loss
 
     def _owned_areas(self) -> range | None:
         """Under ``--parallel area`` the block of areas this process holds; None (all) otherwise."""
@@ -275,20 +276,37 @@ class Trainer:
         release_gradients(self.model.parameters())   # .grad None, not zero: untouched areas stay untouched
         with self._updates_in_backward():
             out = self.rule(self.model, x, y)          # (a lean rule already fills hidden layers' .grad here)
-            if not torch.isfinite(out.loss):
-                raise self._diverged(self._first_non_finite(x) or f"loss became {out.loss.item()}")
+            self._check_loss(out.loss, x)
             out.loss.backward()
         distributed.sync_gradients(self.model, len(local), len(batch))
         self.optimizer.step()
         self.scheduler.step()
-        self.sums["loss"] += out.task_loss.item() * len(y)
-        self.sums["correct"] += int((out.logits.argmax(1) == y).sum())
+        # Running sums stay on the device (read once per epoch): no host round trip per step on a GPU.
+        self.sums["loss"] = self.sums["loss"] + out.task_loss * len(y)
+        self.sums["correct"] = self.sums["correct"] + (out.logits.argmax(1) == y).sum()
         self.sums["seen"] += len(y)
         self.sums["steps"] += 1
         for key in ("activation_rms", "signal_rms"):      # per-layer diagnostics, averaged over the epoch
             value = getattr(out, key)
             if value is not None:
                 self.sums[key] = value if self.sums.get(key) is None else self.sums[key] + value
+
+    def _check_loss(self, loss: Tensor, x: Tensor) -> None:
+        """Stop at a non-finite loss. On CPU at once; on a GPU the first bad step is recorded on the device and
+        reported at the next epoch end or checkpoint (checking every step would stall the stream)."""
+        if self.device.type == "cpu":
+            if not torch.isfinite(loss):
+                raise self._diverged(self._first_non_finite(x) or f"loss became {loss.item()}")
+            return
+        bad = ~torch.isfinite(loss)
+        self.first_bad_step = torch.where(bad & (self.first_bad_step < 0), self.step + 1, self.first_bad_step)
+
+    def _raise_if_diverged(self) -> None:
+        if self.device.type != "cpu" and int(self.first_bad_step) >= 0:
+            step, self.step = self.step, int(self.first_bad_step) - 1
+            error = self._diverged("the loss became non-finite")
+            self.step = step
+            raise error
 
     def _updates_in_backward(self) -> contextlib.AbstractContextManager:
         """Plain SGD on one process: area updates applied in their own backward, no gradient written and read
@@ -311,6 +329,7 @@ class Trainer:
 
     def _check_finite(self) -> None:
         """Never save or report non-finite weights; name the first tensor that went bad."""
+        self._raise_if_diverged()
         bad = self._non_finite_weight()
         if bad:
             raise self._diverged(f"non-finite weights in {bad}")
@@ -323,8 +342,9 @@ class Trainer:
             + (f"; the last good checkpoint is kept in {self.out / CHECKPOINT}" if kept else ""))
 
     def _end_epoch(self, start: float) -> None:
+        self._raise_if_diverged()
         s, d = self.sums, self.device
-        loss, correct, seen = distributed.all_reduce_sums([s["loss"], s["correct"], s["seen"]])
+        loss, correct, seen = distributed.all_reduce_sums([float(s["loss"]), float(s["correct"]), s["seen"]])
         self.history.append({
             "epoch": self.epoch, "step": self.step, "train_loss": loss / seen, "train_accuracy": correct / seen,
             "val_accuracy": evaluate(self.model, self.splits.x_val.to(d), self.splits.y_val.to(d)),
