@@ -77,6 +77,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("hardware")
     g.add_argument("--device", help="cpu, cuda or cuda:N")
     g.add_argument("--threads", type=int, help="CPU threads for torch")
+    g.add_argument("--precision", choices=["fp32", "bf16-mixed"],
+                   help="bf16-mixed: forward and signals in bfloat16 autocast, float32 weights (default fp32)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -119,6 +119,9 @@ class TrainConfig:
     max_steps: int | None = None
     seed: int = 0
     device: str = "cpu"
+    # "fp32", or "bf16-mixed": the forward pass and the rules' signals under bfloat16 autocast, weights, gradients
+    # and optimizer state in float32 (docs/performance.md gives its speed and accuracy).
+    precision: str = "fp32"
     threads: int | None = None
     data_dir: str | None = None
     out: str | None = None
@@ -139,6 +142,7 @@ class TrainConfig:
         _positive("weight_decay", self.weight_decay, allow_zero=True)
         _choice("schedule", self.schedule, ("constant", "cosine"))
         _choice("parallel", self.parallel, ("data", "area"))
+        _choice("precision", self.precision, ("fp32", "bf16-mixed"))
         if self.max_steps is not None:
             _positive("max_steps", self.max_steps)
         if self.threads is not None:

@@ -180,6 +180,10 @@ def _weight_gradient(grad: Tensor, rows: Tensor, groups: Groups, out: Tensor, al
     grad_k.T @ rows_k`` (an in-place SGD step; empty areas untouched). Few rows per area: one batched matmul over
     the padded layout; with host counts (CPU) one matmul per area (measured faster than the grouped kernel);
     without, one grouped kernel."""
+    if out.dtype != grad.dtype:      # mixed precision: the product in the compute type, then into the weights' type
+        product = _weight_gradient(grad, rows, groups, torch.empty(out.shape, dtype=grad.dtype, device=out.device),
+                                   None, padded_grad, padded_rows)
+        return out.copy_(product) if alpha is None else out.add_(product, alpha=alpha)
     # An in-place step with some areas empty updates only the touched ones (the padded product would rewrite all).
     if _few_rows(groups) and (alpha is None or all(groups.counts)):
         padded_grad = (_padded(grad, groups) if padded_grad is None else padded_grad).transpose(1, 2)
@@ -220,9 +224,10 @@ class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor | None) -> Tensor:  # noqa: ANN001
         padded_rows = _padded(rows, groups) if _pad_pays(groups) else None
-        ctx.save_for_backward(rows, weight, padded_rows)
+        compute = _cast(weight, rows.dtype)               # mixed precision: the weights in the rows' type
+        ctx.save_for_backward(rows, compute, padded_rows)
         ctx.groups, ctx.weight, ctx.bias = groups, weight, bias
-        return _affine(rows, groups, weight, bias, padded_rows)
+        return _affine(rows, groups, compute, None if bias is None else _cast(bias, rows.dtype), padded_rows)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
@@ -247,8 +252,8 @@ class _GroupedLinear(torch.autograd.Function):
                 _mark_touched(ctx.weight, groups)
         if ctx.bias is not None and ctx.needs_input_grad[3]:
             group = None if update is None else update.get(id(ctx.bias))
-            per_area = padded_grad.sum(1) if padded_grad is not None else \
-                grad.new_zeros(ctx.bias.shape).index_add_(0, groups.row_area, grad)
+            per_area = padded_grad.sum(1, dtype=ctx.bias.dtype) if padded_grad is not None else \
+                ctx.bias.new_zeros(ctx.bias.shape).index_add_(0, groups.row_area, grad.to(ctx.bias.dtype))
             if group is not None:
                 ctx.bias.add_(per_area, alpha=-group["lr"])   # empty areas: + 0, bit-identical
             else:
@@ -258,12 +263,31 @@ class _GroupedLinear(torch.autograd.Function):
 
 
 def grouped_linear(rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``y[i] = rows[i] @ weight[k_i].T + bias[k_i]`` for rows grouped by ``groups``; weight (K, out, in)."""
+    """``y[i] = rows[i] @ weight[k_i].T + bias[k_i]`` for rows grouped by ``groups``; weight (K, out, in).
+
+    Under ``torch.autocast`` it computes in the autocast type, as ``nn.Linear`` does (the grouped kernels are not
+    registered with autocast): weights are cast per call, their gradients and updates stay in the weights' type.
+    """
     with record_function("torchsal.dispatch"):
+        dtype = _autocast_dtype(rows)
+        if dtype is not None:
+            rows = rows.to(dtype)
         if torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad
                                         or (bias is not None and bias.requires_grad)):
             return _GroupedLinear.apply(rows, groups, weight, bias)
+        weight, bias = _cast(weight, rows.dtype), None if bias is None else _cast(bias, rows.dtype)
         return _affine(rows, groups, weight, bias, _padded(rows, groups) if _pad_pays(groups) else None)
+
+
+def _autocast_dtype(t: Tensor) -> torch.dtype | None:
+    device = t.device.type
+    if t.is_floating_point() and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def area_linear(x: Tensor, area: Tensor | Groups | None, weight: Tensor, bias: Tensor | None = None) -> Tensor:

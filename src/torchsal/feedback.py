@@ -29,7 +29,7 @@ class _FeedbackPoint(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_a: Tensor) -> tuple[Tensor, Tensor, None]:
         (feedback,) = ctx.saved_tensors
-        return grad_a @ feedback, grad_a, None
+        return grad_a @ feedback.to(grad_a.dtype), grad_a, None       # (mixed precision: in the error's type)
 
 
 def feedback_point(x: Tensor, a: Tensor, feedback: Tensor) -> Tensor:

@@ -275,7 +275,8 @@ class Trainer:
         x, y = self.x_train[local], self.y_train[local]
         release_gradients(self.model.parameters())   # .grad None, not zero: untouched areas stay untouched
         with self._updates_in_backward():
-            out = self.rule(self.model, x, y)          # (a lean rule already fills hidden layers' .grad here)
+            with self._autocast():
+                out = self.rule(self.model, x, y)      # (a lean rule already fills hidden layers' .grad here)
             self._check_loss(out.loss, x)
             out.loss.backward()
         distributed.sync_gradients(self.model, len(local), len(batch))
@@ -307,6 +308,10 @@ class Trainer:
             error = self._diverged("the loss became non-finite")
             self.step = step
             raise error
+
+    def _autocast(self) -> torch.autocast:
+        """``--precision bf16-mixed``: forward and signals in bfloat16, float32 weights (the backward follows)."""
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.config.train.precision == "bf16-mixed")
 
     def _updates_in_backward(self) -> contextlib.AbstractContextManager:
         """Plain SGD on one process: area updates applied in their own backward, no gradient written and read
