@@ -7,8 +7,8 @@ on the global batch, so weights stay identical on all ranks:
 
     grad = sum over ranks of (local rows / global rows) * local batch-mean gradient
 
-An area that some rank's samples used gets a gradient on every rank (zeros where unused, then the sum); an area no
-rank used keeps ``.grad = None`` everywhere, so the untouched-area invariant holds across processes. The only
+The per-area touched marks are summed in the same all-reduce, so every rank's area-aware optimizer updates the areas
+some rank used and no other: the untouched-area invariant holds across processes. The only
 batch-coupled computation, the routing objective's balanced (Sinkhorn) assignment, gathers the routing scores of the
 whole global batch (``all_gather_rows``). Only rank 0 writes files.
 """
