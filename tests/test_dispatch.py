@@ -103,19 +103,22 @@ def test_group_by_area_orders_and_inverts():
     assert torch.equal(area[groups.order][groups.inverse], area)
 
 
-def _naive_grouped_linear(rows, groups, weight, bias=None):
-    return naive(rows, groups.row_area, weight, bias)
+def _naive_grouped_linear(rows, groups, weight, bias=None, shared=None):
+    out = naive(rows, groups.row_area, weight, bias)
+    return out if shared is None else out + torch.stack([shared @ r for r in rows])
 
 
 @pytest.mark.parametrize("rule_name", sorted(RULES))
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("routing", ["input", "layer"])
-def test_every_rule_through_the_dispatch_equals_the_per_sample_reference(rule_name, shared, routing, monkeypatch):
+@pytest.mark.parametrize("batch", [40, 160])
+def test_every_rule_through_the_dispatch_equals_the_per_sample_reference(rule_name, shared, routing, batch,
+                                                                         monkeypatch):
     """A whole step (outputs and every parameter's update) with the grouped dispatch equals the same step with
     each sample's area applied one sample at a time, for every rule, with and without the shared path, for input
-    and per-layer routing."""
+    and per-layer routing; 160 rows over 4 areas take the kernels of many rows per area (shared path folded in)."""
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(40, 8, generator=g), torch.randint(3, (40,), generator=g)
+    x, y = torch.randn(batch, 8, generator=g), torch.randint(3, (batch,), generator=g)
     results = []
     for reference in (False, True):
         if reference:

@@ -100,9 +100,14 @@ def release_gradients(params: Iterable[Tensor]) -> None:
     Every ``.grad`` becomes None; the memory is reused instead of being freed and allocated again."""
     for p in params:
         if p.grad is not None:
-            key = id(p)
-            _SPARE[key] = (weakref.ref(p, lambda _, key=key: _SPARE.pop(key, None)), p.grad)
+            _keep_spare(p, p.grad)
             p.grad = None
+
+
+def _keep_spare(p: Tensor, buffer: Tensor) -> None:
+    """Keep ``buffer`` for ``p``'s next gradient; dropped as soon as ``p`` is garbage-collected."""
+    key = id(p)
+    _SPARE[key] = (weakref.ref(p, lambda _, key=key: _SPARE.pop(key, None)), buffer)
 
 
 def _gradient_buffer(p: Tensor) -> Tensor:
@@ -217,16 +222,23 @@ def _host_counts(groups: Groups) -> list[int]:
 
 
 class _GroupedLinear(torch.autograd.Function):
-    """Per-area linear maps over grouped rows; backward fills a recycled (K, out, in) weight gradient (zeros for
-    areas without rows) and marks the areas it touched on the parameter. The padded rows of the forward pass are
-    kept for the backward one, which pads the output gradient once for all three of its products."""
+    """Per-area linear maps over grouped rows, optionally with a shared weight folded into every area; backward
+    fills a recycled (K, out, in) weight gradient (zeros for areas without rows) and marks the areas it touched on
+    the parameter. The padded rows of the forward pass are kept for the backward one, which pads the output
+    gradient once for all of its products.
+
+    Folding the shared path: ``rows @ (W[k] + S).T`` is one product instead of two, and since every row is in one
+    area, the shared weight's gradient is the sum of the areas' gradients, a reduction instead of a dense matmul.
+    """
 
     @staticmethod
-    def forward(ctx, rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor | None) -> Tensor:  # noqa: ANN001
+    def forward(ctx, rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor | None,  # noqa: ANN001
+                shared: Tensor | None) -> Tensor:
         padded_rows = _padded(rows, groups) if _pad_pays(groups) else None
-        compute = _cast(weight, rows.dtype)               # mixed precision: the weights in the rows' type
+        # the weights in the rows' type (mixed precision), with the shared path folded in
+        compute = _cast(weight if shared is None else weight + shared, rows.dtype)
         ctx.save_for_backward(rows, compute, padded_rows)
-        ctx.groups, ctx.weight, ctx.bias = groups, weight, bias
+        ctx.groups, ctx.weight, ctx.bias, ctx.shared = groups, weight, bias, shared
         return _affine(rows, groups, compute, None if bias is None else _cast(bias, rows.dtype), padded_rows)
 
     @staticmethod
@@ -234,22 +246,33 @@ class _GroupedLinear(torch.autograd.Function):
         rows, weight, padded_rows = ctx.saved_tensors
         groups: Groups = ctx.groups
         padded_grad = _padded(grad, groups) if padded_rows is not None or _few_rows(groups) else None
-        grad_rows = grad_w = grad_b = None
+        grad_rows = grad_w = grad_b = grad_s = None
         if ctx.needs_input_grad[0]:
             if padded_rows is not None:
                 grad_rows = torch.bmm(padded_grad, weight).view(-1, weight.shape[2]).index_select(0, groups.slot)
             else:
                 grad_rows = _grouped_mm(grad, groups, weight.transpose(1, 2))
         update = _UPDATE_IN_BACKWARD.get()
-        if ctx.needs_input_grad[2]:
+        wants_shared = ctx.shared is not None and ctx.needs_input_grad[4]
+        if ctx.needs_input_grad[2] or wants_shared:
             group = None if update is None else update.get(id(ctx.weight))
-            target = ctx.weight if group is not None else _gradient_buffer(ctx.weight)
-            alpha = None if group is None else -group["lr"]   # plain SGD in place: w[k] += (-lr) grad_k.T rows_k
-            grad_w = _weight_gradient(grad, rows, groups, target, alpha, padded_grad, padded_rows)
-            if group is not None:
-                grad_w = None                                  # applied: no gradient kept
+            if group is not None and not ctx.needs_input_grad[2]:
+                group = None
+            if group is not None and not wants_shared:    # plain SGD in place: w[k] += (-lr) grad_k.T rows_k
+                _weight_gradient(grad, rows, groups, ctx.weight, -group["lr"], padded_grad, padded_rows)
             else:
-                _mark_touched(ctx.weight, groups)
+                grad_w = _weight_gradient(grad, rows, groups, _gradient_buffer(ctx.weight), None, padded_grad,
+                                          padded_rows)
+                if wants_shared:
+                    grad_s = grad_w.sum(0)                     # every row is in one area: S gets their sum
+                if group is not None:                          # in place after all, from the product
+                    ctx.weight.add_(grad_w, alpha=-group["lr"])   # empty areas: + 0, bit-identical
+                    _keep_spare(ctx.weight, grad_w)
+                    grad_w = None
+                elif ctx.needs_input_grad[2]:
+                    _mark_touched(ctx.weight, groups)
+                else:
+                    grad_w = None
         if ctx.bias is not None and ctx.needs_input_grad[3]:
             group = None if update is None else update.get(id(ctx.bias))
             per_area = padded_grad.sum(1, dtype=ctx.bias.dtype) if padded_grad is not None else \
@@ -259,23 +282,29 @@ class _GroupedLinear(torch.autograd.Function):
             else:
                 grad_b = per_area
                 _mark_touched(ctx.bias, groups)
-        return grad_rows, None, grad_w, grad_b
+        return grad_rows, None, grad_w, grad_b, grad_s
 
 
-def grouped_linear(rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``y[i] = rows[i] @ weight[k_i].T + bias[k_i]`` for rows grouped by ``groups``; weight (K, out, in).
+def grouped_linear(rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor | None = None,
+                   shared: Tensor | None = None) -> Tensor:
+    """``y[i] = rows[i] @ (weight[k_i] + shared).T + bias[k_i]`` for rows grouped by ``groups``; weight (K, out,
+    in), shared (out, in) or None.
 
-    Under ``torch.autocast`` it computes in the autocast type, as ``nn.Linear`` does (the grouped kernels are not
+    The shared weight is folded into the areas' product where areas hold many rows (at least 32 each: there a
+    (K, out, in) addition costs less than a second dense product), else it is a separate dense product. Under
+    ``torch.autocast`` it computes in the autocast type, as ``nn.Linear`` does (the grouped kernels are not
     registered with autocast): weights are cast per call, their gradients and updates stay in the weights' type.
     """
     with record_function("torchsal.dispatch"):
         dtype = _autocast_dtype(rows)
         if dtype is not None:
             rows = rows.to(dtype)
-        if torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad
-                                        or (bias is not None and bias.requires_grad)):
-            return _GroupedLinear.apply(rows, groups, weight, bias)
-        weight, bias = _cast(weight, rows.dtype), None if bias is None else _cast(bias, rows.dtype)
+        if shared is not None and rows.shape[0] < 32 * weight.shape[0]:
+            return grouped_linear(rows, groups, weight, bias) + rows @ _cast(shared, rows.dtype).T
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (rows, weight, bias, shared)):
+            return _GroupedLinear.apply(rows, groups, weight, bias, shared)
+        weight = _cast(weight if shared is None else weight + shared, rows.dtype)
+        bias = None if bias is None else _cast(bias, rows.dtype)
         return _affine(rows, groups, weight, bias, _padded(rows, groups) if _pad_pays(groups) else None)
 
 

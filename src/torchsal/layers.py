@@ -75,8 +75,8 @@ class AreaLinear(nn.Module):
             a = nn.functional.linear(rows, self.weight.squeeze(0), self.bias.squeeze(0))
         elif self.sharded:
             a = area_parallel_linear(rows, groups, self.weight, self.bias, self.areas)
-        else:
-            a = grouped_linear(rows, groups, self.weight, self.bias)
+        else:                       # the shared path goes in with the areas (folded in where that pays)
+            return grouped_linear(rows, groups, self.weight, self.bias, self.shared)
         return a if self.shared is None else a + rows @ self.shared.T
 
     def forward(self, rows: Tensor, groups: Groups | None, feedback: Tensor | None = None) -> Tensor:
