@@ -104,6 +104,19 @@ def release_gradients(params: Iterable[Tensor]) -> None:
             p.grad = None
 
 
+# Memory of each layer's folded weights (W[k] + S), handed back by its backward pass for the next forward: a fresh
+# (K, out, in) block per step costs its page faults (8 ms for 64 MB, measured) on top of the addition (2 ms).
+_FOLDED: dict[int, Tensor] = {}
+
+
+def _folded(weight: Tensor, shared: Tensor, dtype: torch.dtype) -> Tensor:
+    """``weight + shared`` in ``dtype``, into the memory the layer's last backward handed back (if it fits)."""
+    out = _FOLDED.pop(id(weight), None)
+    if out is None or out.shape != weight.shape or out.dtype != dtype or out.device != weight.device:
+        out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    return torch.add(weight, shared, out=out) if dtype == weight.dtype else out.copy_(weight + shared)
+
+
 def _keep_spare(p: Tensor, buffer: Tensor) -> None:
     """Keep ``buffer`` for ``p``'s next gradient; dropped as soon as ``p`` is garbage-collected."""
     key = id(p)
@@ -236,7 +249,7 @@ class _GroupedLinear(torch.autograd.Function):
                 shared: Tensor | None) -> Tensor:
         padded_rows = _padded(rows, groups) if _pad_pays(groups) else None
         # the weights in the rows' type (mixed precision), with the shared path folded in
-        compute = _cast(weight if shared is None else weight + shared, rows.dtype)
+        compute = _cast(weight, rows.dtype) if shared is None else _folded(weight, shared, rows.dtype)
         ctx.save_for_backward(rows, compute, padded_rows)
         ctx.groups, ctx.weight, ctx.bias, ctx.shared = groups, weight, bias, shared
         return _affine(rows, groups, compute, None if bias is None else _cast(bias, rows.dtype), padded_rows)
@@ -244,6 +257,8 @@ class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
         rows, weight, padded_rows = ctx.saved_tensors
+        if ctx.shared is not None:
+            _FOLDED[id(ctx.weight)] = weight          # the folded weights' memory serves the next step's forward
         groups: Groups = ctx.groups
         padded_grad = _padded(grad, groups) if padded_rows is not None or _few_rows(groups) else None
         grad_rows = grad_w = grad_b = grad_s = None
