@@ -39,7 +39,8 @@ from torchsal import build_model, build_rule, make_config
 from torchsal.dispatch import release_gradients
 from torchsal.train import make_optimizer
 
-MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::_grouped_mm"}
+MATMULS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::baddbmm_",
+           "aten::_grouped_mm"}
 # Bytes an optimizer moves per touched parameter element (fp32): reads and writes of p, g and its state.
 ELEMENT_BYTES = {"sgd": 3 * 4, "sgd-momentum": 5 * 4, "adam": 7 * 4, "adamw": 7 * 4}
 
