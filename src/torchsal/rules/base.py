@@ -48,8 +48,12 @@ class StepOutput:
 
 
 def rms(tensors: list[Tensor]) -> Tensor | None:
-    """(L,) root-mean-square of each tensor, detached; None for an empty list."""
-    return torch.stack([t.detach().pow(2).mean() for t in tensors]).sqrt() if tensors else None
+    """(L,) root-mean-square of each tensor, detached; None for an empty list. One multi-tensor kernel for all
+    layers (two kernels per layer made this 3% of a 128-layer step)."""
+    if not tensors:
+        return None
+    norms = torch.stack(torch._foreach_norm([t.detach() for t in tensors]))
+    return norms / torch.tensor([t.numel() for t in tensors], device=norms.device).sqrt()
 
 
 def output_step(trace: Trace, y: Tensor, hidden_loss: Tensor | None = None, activation_rms: Tensor | None = None,

@@ -63,15 +63,15 @@ class LocalSignalRule(LearningRule):
         grouping) picks each sample's feedback matrix under per-area feedback, ``grouped`` says whether the rows
         of ``h`` are already grouped by it."""
         with record_function("torchsal.signal"):     # a named range for profiles (benchmarks/speed.py)
-            g = torch.zeros_like(h)
+            parts = []
             if "direct" in self.signals():                   # e B_l[k]
-                g.add_(self._per_area(error, self._layer("direct", layer), groups, grouped, transpose=True))
+                parts.append(self._per_area(error, self._layer("direct", layer), groups, grouped, transpose=True))
             if "local" in self.signals():                    # (softmax(h G^T) - y) G
                 readouts = self._layer("local", layer)
                 logits = self._per_area(h, readouts, groups, grouped)
-                g.add_(self._per_area(torch.softmax(logits, dim=1) - onehot, readouts, groups, grouped,
-                                      transpose=True))
-            return g
+                parts.append(self._per_area(torch.softmax(logits, dim=1) - onehot, readouts, groups, grouped,
+                                            transpose=True))
+            return parts[0] if len(parts) == 1 else parts[0] + parts[1]
 
     @staticmethod
     def _per_area(t: Tensor, matrices: list[Tensor], groups: Groups | None, grouped: bool,
