@@ -3,6 +3,7 @@
     python benchmarks/speed.py                                   # every regime, ~3 min on a quiet 2-core machine
     python benchmarks/speed.py --regimes paper,wide --rounds 9 --out docs/performance/speed.json
     python benchmarks/speed.py --regimes none --whole-run --data-dir ../shared/data      # K=16 against K=1, CLI
+    python benchmarks/speed.py --precision-speedup                # bf16-mixed against fp32, BP and SAL
 
 For each regime the trainer's own step (``Trainer.train_step``: batch gather, rule, backward, optimizer, scheduler,
 metrics) runs for BP on the dense model and for SAL (16 areas, local signal) without and with the shared path,
@@ -272,6 +273,31 @@ def whole_runs(args) -> dict[str, Any]:
     return row
 
 
+def precision_speedups(args) -> list[dict[str, Any]]:
+    """Step time of bf16-mixed against fp32 for BP and for SAL (no shared path), each pair timed in turns (two
+    trainers at a time: with three large models in turns the bf16 steps measured up to 2x slower than alone)."""
+    rows = []
+    for name in args.regimes:
+        regime = REGIMES[name]
+        steps = max(1, int(regime.steps * args.scale))
+        row = {"regime": name}
+        for variant in ("bp", "sal"):
+            pair = {p: Stepper(make_trainer(regime, variant, p, args.device), regime.batch)
+                    for p in ("fp32", "bf16-mixed")}
+            times = in_turns(pair, args.rounds, steps)
+            row[variant] = {**times, "speedup": times["fp32"] / times["bf16-mixed"]}
+            del pair
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print("\n| regime | BP fp32 ms | BP bf16-mixed ms | BP speed-up | SAL fp32 ms | SAL bf16-mixed ms | SAL speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        b, s_ = r["bp"], r["sal"]
+        print(f"| {r['regime']} | {1e3 * b['fp32']:.2f} | {1e3 * b['bf16-mixed']:.2f} | {b['speedup']:.2f}x "
+              f"| {1e3 * s_['fp32']:.2f} | {1e3 * s_['bf16-mixed']:.2f} | {s_['speedup']:.2f}x |")
+    return rows
+
+
 def table(results: dict[str, Any]) -> str:
     lines = ["| regime | model | batch | optimizer | BP ms | SAL ms | SAL shared ms | SAL / BP | SAL shared / BP "
              "| floor ms (BP, SAL, SAL shared) |", "|---" * 10 + "|"]
@@ -304,6 +330,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--whole-run", action="store_true", help="also time whole CLI runs, K=16 against K=1")
+    parser.add_argument("--precision-speedup", action="store_true",
+                        help="instead of the SAL/BP table: bf16-mixed against fp32, for BP and for SAL")
     parser.add_argument("--run-steps", type=int, default=100, help="--max-steps of each whole run")
     parser.add_argument("--run-rounds", type=int, default=3)
     parser.add_argument("--data-dir", type=Path, default=None, help="where MNIST is (for --whole-run)")
@@ -314,6 +342,12 @@ def main() -> None:
         parser.error(f"unknown regime(s) {', '.join(unknown)}; choose from {', '.join(REGIMES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.precision_speedup:
+        results = {"machine": machine(), "rounds": args.rounds, "precision_speedup": precision_speedups(args)}
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=1) + "\n")
+        return
     results = run(args)
     if results["regimes"]:
         print("\n" + table(results))

@@ -68,7 +68,8 @@ def test_a_stock_optimizer_that_would_move_untouched_areas_is_refused():
 
 
 @pytest.mark.parametrize("batch", [6, 300])
-def test_plain_sgd_applied_in_backward_equals_the_gradient_then_the_step(batch):
+@pytest.mark.parametrize("mixed", [False, True])
+def test_plain_sgd_applied_in_backward_equals_the_gradient_then_the_step(batch, mixed):
     """The trainer's plain-SGD fast path (each area updated inside its own backward, no .grad written) moves
     every parameter as computing the gradient and stepping does, and leaves untouched areas bit-identical; 300
     rows over 8 areas fold the shared path into the areas' product."""
@@ -86,7 +87,9 @@ def test_plain_sgd_applied_in_backward_equals_the_gradient_then_the_step(batch):
             used |= set(model.routers[0](x)[0].tolist())
             optimizer.zero_grad()
             with sgd_in_backward(optimizer) if fast else torch.enable_grad():
-                rule(model, x, y).loss.backward()
+                with torch.autocast("cpu", torch.bfloat16, enabled=mixed):      # --precision bf16-mixed
+                    loss = rule(model, x, y).loss
+                loss.backward()
             optimizer.step()
         assert fast == (model.layers[0].weight.grad is None)       # no gradient materialised on the fast path
         states.append(model.state_dict())

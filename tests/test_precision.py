@@ -10,10 +10,12 @@ from torchsal.rules import RULES
 
 @pytest.mark.parametrize("rule_name", sorted(RULES))
 @pytest.mark.parametrize("shared", [False, True])
-def test_mixed_precision_updates_follow_the_float32_ones(rule_name, shared):
-    """Each parameter gets a float32 gradient close to the float32 step's, for every rule."""
+@pytest.mark.parametrize("batch", [64, 160])
+def test_mixed_precision_updates_follow_the_float32_ones(rule_name, shared, batch):
+    """Each parameter gets a float32 gradient close to the float32 step's, for every rule (160 rows over 4 areas:
+    the kernels for many rows per area, the shared path folded in)."""
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(64, 8, generator=g), torch.randint(3, (64,), generator=g)
+    x, y = torch.randn(batch, 8, generator=g), torch.randint(3, (batch,), generator=g)
     grads = []
     for mixed in (False, True):
         model, rule = tiny(rule_name, areas=4, shared=shared, in_features=8, width=16, signal="both")

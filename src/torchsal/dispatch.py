@@ -107,17 +107,34 @@ def release_gradients(params: Iterable[Tensor]) -> None:
             p.grad = None
 
 
-# Memory of each layer's folded weights (W[k] + S), handed back by its backward pass for the next forward: a fresh
-# (K, out, in) block per step costs its page faults (8 ms for 64 MB, measured) on top of the addition (2 ms).
-_FOLDED: dict[int, Tensor] = {}
+# Scratch memory per (parameter, purpose), handed back after use for the next step: the weights a layer computes
+# with (folded with the shared path, or cast to bfloat16) and mixed precision's weight-gradient product. A fresh
+# weight-sized block per step costs its page faults (8 ms for 64 MB, measured) on top of the work (2 ms).
+_SCRATCH: dict[tuple[int, str], tuple[weakref.ref, Tensor]] = {}
 
 
-def _folded(weight: Tensor, shared: Tensor, dtype: torch.dtype) -> Tensor:
-    """``weight + shared`` in ``dtype``, into the memory the layer's last backward handed back (if it fits)."""
-    out = _FOLDED.pop(id(weight), None)
-    if out is None or out.shape != weight.shape or out.dtype != dtype or out.device != weight.device:
-        out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
-    return torch.add(weight, shared, out=out) if dtype == weight.dtype else out.copy_(weight + shared)
+def _take(p: Tensor, purpose: str, dtype: torch.dtype) -> Tensor:
+    """A tensor shaped like ``p`` in ``dtype``: the one last handed back for ``purpose``, else a new one."""
+    owner, out = _SCRATCH.pop((id(p), purpose), (None, None))
+    if owner is None or owner() is not p or out.shape != p.shape or out.dtype != dtype or out.device != p.device:
+        out = torch.empty(p.shape, dtype=dtype, device=p.device)
+    return out
+
+
+def _give(p: Tensor, purpose: str, t: Tensor) -> None:
+    key = (id(p), purpose)
+    _SCRATCH[key] = (weakref.ref(p, lambda _, key=key: _SCRATCH.pop(key, None)), t)
+
+
+def _compute_weights(weight: Tensor, shared: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """The weights a layer computes with: ``weight (+ shared)`` in ``dtype`` (scratch memory), or ``weight``."""
+    if shared is None and dtype == weight.dtype:
+        return weight
+    out = _take(weight, "compute", dtype)
+    if dtype == weight.dtype:
+        return torch.add(weight, shared, out=out)
+    out.copy_(weight)
+    return out if shared is None else out.add_(shared.to(dtype))
 
 
 def _keep_spare(p: Tensor, buffer: Tensor) -> None:
@@ -202,9 +219,11 @@ def _weight_gradient(grad: Tensor, rows: Tensor, groups: Groups, out: Tensor, al
     the padded layout; with host counts (CPU) one matmul per area (measured faster than the grouped kernel);
     without, one grouped kernel."""
     if out.dtype != grad.dtype:      # mixed precision: the product in the compute type, then into the weights' type
-        product = _weight_gradient(grad, rows, groups, torch.empty(out.shape, dtype=grad.dtype, device=out.device),
-                                   None, padded_grad, padded_rows)
-        return out.copy_(product) if alpha is None else out.add_(product, alpha=alpha)
+        product = _weight_gradient(grad, rows, groups, _take(out, "product", grad.dtype), None, padded_grad,
+                                   padded_rows)
+        out.copy_(product) if alpha is None else out.add_(product, alpha=alpha)
+        _give(out, "product", product)
+        return out
     # An in-place step with some areas empty updates only the touched ones (the padded product would rewrite all).
     if _few_rows(groups) and (alpha is None or all(groups.counts)):
         padded_grad = (_padded(grad, groups) if padded_grad is None else padded_grad).transpose(1, 2)
@@ -252,7 +271,7 @@ class _GroupedLinear(torch.autograd.Function):
                 shared: Tensor | None) -> Tensor:
         padded_rows = _padded(rows, groups) if _pad_pays(groups) else None
         # the weights in the rows' type (mixed precision), with the shared path folded in
-        compute = _cast(weight, rows.dtype) if shared is None else _folded(weight, shared, rows.dtype)
+        compute = _compute_weights(weight, shared, rows.dtype)
         ctx.save_for_backward(rows, compute, padded_rows)
         ctx.groups, ctx.weight, ctx.bias, ctx.shared = groups, weight, bias, shared
         return _affine(rows, groups, compute, None if bias is None else _cast(bias, rows.dtype), padded_rows)
@@ -260,8 +279,8 @@ class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
         rows, weight, padded_rows = ctx.saved_tensors
-        if ctx.shared is not None:
-            _FOLDED[id(ctx.weight)] = weight          # the folded weights' memory serves the next step's forward
+        if weight is not ctx.weight:
+            _give(ctx.weight, "compute", weight)       # the computed weights' memory serves the next forward
         groups: Groups = ctx.groups
         padded_grad = _padded(grad, groups) if padded_rows is not None or _few_rows(groups) else None
         grad_rows = grad_w = grad_b = grad_s = None
