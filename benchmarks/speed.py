@@ -226,28 +226,45 @@ def machine() -> dict[str, Any]:
             "torch": torch.__version__}
 
 
+def measure(name: str, args, bandwidth: float, split: bool) -> dict[str, Any]:
+    """One in-turns timing of a regime (fresh trainers), with its floor and, if asked, SAL's profile split."""
+    regime = REGIMES[name]
+    steppers = {v: Stepper(make_trainer(regime, v, args.precision, args.device), regime.batch) for v in VARIANTS}
+    steps = max(1, int(regime.steps * args.scale))
+    times = in_turns(steppers, args.rounds, steps)
+    rate = matmul_rate(regime.batch, regime.width, regime.width, args.device)
+    row = {"regime": name, "depth": regime.depth, "width": regime.width, "batch": regime.batch,
+           "optimizer": regime.optimizer, "step_s": times,
+           "ratio": {v: times[v] / times["bp"] for v in ("sal", "sal-shared")},
+           "matmul_flop_per_s": rate, "floor": {v: floor(regime, v, rate, bandwidth) for v in VARIANTS}}
+    if split and args.device == "cpu":
+        row["split_s"] = {v: profile_split(steppers[v], times[v], steps) for v in ("sal", "sal-shared")}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def median_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Repeated measurements of one regime: medians of the step times and of the ratios, and every ratio seen."""
+    out = dict(rows[-1])
+    out["step_s"] = {v: statistics.median(r["step_s"][v] for r in rows) for v in VARIANTS}
+    out["ratio"] = {v: statistics.median(r["ratio"][v] for r in rows) for v in ("sal", "sal-shared")}
+    out["ratio_runs"] = {v: [r["ratio"][v] for r in rows] for v in ("sal", "sal-shared")}
+    return out
+
+
 def run(args) -> dict[str, Any]:
-    results = {"machine": machine(), "precision": args.precision, "rounds": args.rounds, "regimes": []}
+    """Every regime ``--repeats`` times, the repeats spread over the whole run (this shared machine drifts by
+    20-30% over minutes); each regime's table row holds the medians."""
+    results = {"machine": machine(), "precision": args.precision, "rounds": args.rounds, "repeats": args.repeats}
     bandwidth = copy_bandwidth(args.device)
     results["copy_bandwidth_bytes_per_s"] = bandwidth
     print(f"# {results['machine']}\n# copy bandwidth {bandwidth / 1e9:.1f} GB/s, precision {args.precision}",
           flush=True)
-    for name in args.regimes:
-        regime = REGIMES[name]
-        steppers = {v: Stepper(make_trainer(regime, v, args.precision, args.device), regime.batch)
-                    for v in VARIANTS}
-        steps = max(1, int(regime.steps * args.scale))
-        times = in_turns(steppers, args.rounds, steps)
-        rate = matmul_rate(regime.batch, regime.width, regime.width, args.device)
-        row = {"regime": name, "depth": regime.depth, "width": regime.width, "batch": regime.batch,
-               "optimizer": regime.optimizer, "step_s": times,
-               "ratio": {v: times[v] / times["bp"] for v in ("sal", "sal-shared")},
-               "matmul_flop_per_s": rate,
-               "floor": {v: floor(regime, v, rate, bandwidth) for v in VARIANTS}}
-        if args.device == "cpu":
-            row["split_s"] = {v: profile_split(steppers[v], times[v], steps) for v in ("sal", "sal-shared")}
-        results["regimes"].append(row)
-        print(json.dumps(row), flush=True)
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in args.regimes}
+    for repeat in range(args.repeats):
+        for name in args.regimes:
+            rows[name].append(measure(name, args, bandwidth, split=repeat == args.repeats - 1))
+    results["regimes"] = [median_of(rows[name]) for name in args.regimes]
     return results
 
 
@@ -298,17 +315,23 @@ def precision_speedups(args) -> list[dict[str, Any]]:
     return rows
 
 
+def _ratio(row: dict[str, Any], variant: str) -> str:
+    runs = row.get("ratio_runs", {}).get(variant, [])
+    spread = f" ({min(runs):.2f}-{max(runs):.2f})" if len(runs) > 1 else ""
+    return f"{row['ratio'][variant]:.2f}x{spread}"
+
+
 def table(results: dict[str, Any]) -> str:
-    lines = ["| regime | model | batch | optimizer | BP ms | SAL ms | SAL shared ms | SAL / BP | SAL shared / BP "
-             "| floor ms (BP, SAL, SAL shared) |", "|---" * 10 + "|"]
+    lines = ["| regime | model | batch | optimizer | BP ms | SAL ms | SAL shared ms | SAL / BP (range) "
+             "| SAL shared / BP (range) | floor ms (BP, SAL, SAL shared) |", "|---" * 10 + "|"]
     for r in results["regimes"]:
         t, f = r["step_s"], r["floor"]
         model = f"{FEATURES}-" + "-".join([str(r["width"])] * min(r["depth"], 2)) + f"-{CLASSES}"
         if r["depth"] > 2:
             model = f"{r['depth']} x {r['width']}"
         lines.append(f"| {r['regime']} | {model} | {r['batch']} | {r['optimizer']} | {1e3 * t['bp']:.2f} "
-                     f"| {1e3 * t['sal']:.2f} | {1e3 * t['sal-shared']:.2f} | {r['ratio']['sal']:.2f}x "
-                     f"| {r['ratio']['sal-shared']:.2f}x | "
+                     f"| {1e3 * t['sal']:.2f} | {1e3 * t['sal-shared']:.2f} | {_ratio(r, 'sal')} "
+                     f"| {_ratio(r, 'sal-shared')} | "
                      + ", ".join(f"{1e3 * f[v]['floor_s']:.2f}" for v in VARIANTS) + " |")
     if all("split_s" in r for r in results["regimes"]):
         names = ("routing", "dispatch", "matmuls", "optimizer", "other")
@@ -324,6 +347,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--regimes", default=",".join(REGIMES), help="comma-separated: " + ", ".join(REGIMES))
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per regime (median)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="measure every regime this many times, spread over the run; the table shows medians")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every regime's steps per round")
     parser.add_argument("--precision", default="fp32", help="fp32, or bf16-mixed (autocast, fp32 weights)")
     parser.add_argument("--device", default="cpu")
