@@ -19,7 +19,7 @@ def cli(*args, **kw):
 
 
 def weights(run_dir):
-    return torch.load(run_dir / "model.pt", weights_only=False)["model"]
+    return torch.load(run_dir / "model.pt", weights_only=True)["model"]
 
 
 def assert_identical(a, b):
@@ -78,7 +78,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, refer
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 137, res.stderr
     assert list(run.glob(".checkpoint.pt.*.tmp")), "the crash left a partial temp file"
-    state = torch.load(run / "checkpoint.pt", weights_only=False)  # the previous checkpoint, intact
+    state = torch.load(run / "checkpoint.pt", weights_only=True)  # the previous checkpoint, intact
     assert state["step"] == 14
     res = cli("train", "--resume", str(run), "--checkpoint-every", "7", "--quiet")
     assert res.returncode == 0, res.stderr

@@ -33,7 +33,7 @@ def single(*args):
 
 
 def weights(run_dir):
-    return torch.load(run_dir / "model.pt", weights_only=False)["model"]
+    return torch.load(run_dir / "model.pt", weights_only=True)["model"]
 
 
 def assert_close_weights(a, b):
@@ -77,7 +77,7 @@ def test_a_dead_rank_stops_the_job_and_the_run_resumes_on_one_process(tmp_path):
                    script=str(script), timeout=240)
     assert res.returncode != 0 and time.time() - started < 200          # stops, within a bounded time
     assert not (run / "model.pt").exists()
-    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 8
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 8
     res = single("train", "--resume", str(run), "--checkpoint-every", "4", "--quiet", "--threads", "1")
     assert res.returncode == 0, res.stderr
     res = single(*ARGS, "--rule", "sal", "--out", str(tmp_path / "one"))

@@ -29,7 +29,7 @@ from torchsal.dispatch import release_gradients, sgd_in_backward
 from torchsal.errors import ConfigError, DivergenceError
 from torchsal.models import AreaMLP, build_model, count_parameters
 from torchsal.rules import LearningRule, build_rule
-from torchsal.storage import write_bytes_atomic, write_json_atomic
+from torchsal.storage import load_plain, write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,9 @@ EVAL_BATCH = 4096
 PROBE = 512                    # samples of the fixed batch on which --diagnostics measures alignment
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
+MODEL_FIELDS = ("format", "config", "model", "in_features", "classes", "mean", "std")
+CHECKPOINT_FIELDS = ("config", "model", "rule", "optimizer", "scheduler", "shuffle", "torch_rng", "epoch", "batch",
+                     "step", "order", "sums", "history", "elapsed")
 
 
 @dataclass
@@ -217,13 +220,15 @@ class Trainer:
         if not path.is_file():
             raise ConfigError(f"--resume {run_dir}: no {CHECKPOINT} there; train with --out DIR "
                               "--checkpoint-every N to write one")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # noqa: BLE001  (any unpickling failure means the same thing)
-            raise ConfigError(f"--resume {run_dir}: {CHECKPOINT} is unreadable ({exc})") from None
+        state = load_plain(path, "checkpoint", CHECKPOINT_FIELDS)
         saved = dict(state["config"])
         trainer = cls(make_config(saved.pop("rule"), **{**saved, "out": str(run_dir)}), splits)
-        trainer.load_state_dict(state)
+        try:
+            trainer.load_state_dict(state)
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0][:200]
+            raise ConfigError(f"--resume {run_dir}: {CHECKPOINT} does not fit the run its config describes (written "
+                              f"by another torchsal version?): {first}") from None
         return trainer
 
     # ---------------------------------------------------------------------------------------------- the loop
@@ -466,15 +471,16 @@ def load_model(path: str | Path) -> tuple[AreaMLP, dict[str, Any]]:
     path = path / MODEL if path.is_dir() else path
     if not path.is_file():
         raise ConfigError(f"no trained model at {path}; train with --out DIR to write DIR/{MODEL}")
-    try:
-        info = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001
-        raise ConfigError(f"{path} is unreadable ({exc})") from None
-    if not isinstance(info, dict) or info.get("format") != "torchsal-model-1":
-        raise ConfigError(f"{path} is not a torchsal model file")
+    info = load_plain(path, "model file", MODEL_FIELDS)
+    if info["format"] != "torchsal-model-1":
+        raise ConfigError(f"{path} is not a torchsal model file (format {info['format']!r})")
     saved = dict(info["config"])
     config = make_config(saved.pop("rule"), **saved)
     model = build_model(info["in_features"], len(info["classes"]), config.model)
-    model.load_state_dict(info["model"])
+    try:
+        model.load_state_dict(info["model"])
+    except (RuntimeError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0][:200]
+        raise ConfigError(f"{path}: the weights do not fit the model its config describes ({first})") from None
     model.eval()
     return model, info
