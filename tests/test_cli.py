@@ -105,7 +105,6 @@ MISTAKES = {
     "no cuda": (["--device", "cuda:0"], "CUDA is not available"),
     # contradictory flags
     "momentum with adam": (["--optimizer", "adam", "--momentum", "0.9"], "--momentum applies to --optimizer sgd"),
-    "resume with new settings": (["--resume", "{d}/norun", "--lr", "0.1"], "drop --lr"),
     "resume without checkpoint": (["--resume", "{d}/norun"], "no checkpoint.pt there"),
     # config files
     "config unknown key": (["--config", "{d}/unknown.toml"], "unknown key 'learning_rate'"),

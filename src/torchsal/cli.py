@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -15,7 +17,7 @@ from typing import Any, NoReturn
 import torch
 
 from torchsal.config import RECIPES, RULE_DEFAULTS, make_config, read_config_file
-from torchsal.errors import ConfigError, TorchsalError
+from torchsal.errors import ConfigError, RunInterrupted, TorchsalError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -126,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_NOT_SETTINGS = {"command", "debug", "quiet", "rule", "recipe", "config", "resume", "checkpoint_every", "dist_timeout"}
+_NOT_SETTINGS = {"command", "debug", "quiet", "rule", "recipe", "config", "resume", "checkpoint_every", "dist_timeout",
+                 "argv"}
 
 
 def _summary(m: dict[str, Any]) -> str:
@@ -150,11 +153,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.checkpoint_every is not None and args.checkpoint_every < 1:
         raise ConfigError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
     if args.resume:
-        extra = sorted(set(settings) - {"threads"}) + [f for f in ("rule", "recipe", "config") if getattr(args, f)]
-        if extra:
-            raise ConfigError(f"--resume continues the saved run exactly as configured; drop "
-                              f"--{extra[0].replace('_', '-')} (or start a new run with --out)")
-        trainer = Trainer.resume(args.resume)
+        trainer = _resume(args, settings)
+        if trainer is None:
+            return 0
     else:
         from_file = read_config_file(args.config) if args.config else {}
         rule = args.rule or from_file.pop("rule", "sal")
@@ -162,7 +163,14 @@ def _train(args: argparse.Namespace) -> int:
         trainer = Trainer(make_config(rule, recipe, **{**from_file, **settings}))
     if args.checkpoint_every and not trainer.config.train.out:
         raise ConfigError("--checkpoint-every needs --out DIR to write checkpoints into")
-    result = trainer.fit(progress=not args.quiet, checkpoint_every=args.checkpoint_every)
+    try:
+        result = trainer.fit(progress=not args.quiet, checkpoint_every=args.checkpoint_every
+                             or trainer.checkpoint_every)
+    except RunInterrupted as exc:          # the same command, with --resume appended, continues the run
+        command = args.argv if "--resume" in args.argv else [*args.argv, "--resume", str(trainer.out)]
+        print(f"torchsal: {exc}", file=sys.stderr)
+        print(f"resume with: torchsal {shlex.join(command)}", flush=True)
+        return 130
     if not ctx.is_main:
         return 0
     print(_summary(result.metrics))
@@ -170,6 +178,52 @@ def _train(args: argparse.Namespace) -> int:
         print(f"run: {trainer.out}/ (metrics.json, metrics.csv, config.json, model.pt"
               f"{', checkpoint.pt' if args.checkpoint_every else ''})")
     return 0
+
+
+# Settings a resumed run may take from the command line: they say where and how fast it runs, not what it is.
+_RESUME_FREE = {"threads", "data_dir", "device", "out"}
+_BUDGET = ("epochs", "max_steps")
+
+
+def _resume(args: argparse.Namespace, settings: dict[str, Any]):  # noqa: ANN202
+    """The run in ``--resume DIR``, continued. The command that started it may be repeated with ``--resume DIR``
+    appended: flags equal to the saved configuration are accepted, ``--epochs``/``--max-steps`` may extend the
+    budget, paths and threads may change; every flag that would change the model, data or rule is refused, all
+    of them named at once. A finished run is left as it is (returns None)."""
+    from pathlib import Path
+
+    from torchsal.train import Trainer, saved_run_config
+
+    saved = saved_run_config(args.resume)
+    given = dict(settings)
+    if args.config:
+        given = {**read_config_file(args.config), **given}
+    if args.recipe:
+        given = {**RECIPES[args.recipe], **given}
+    given.pop("recipe", None)
+    if args.rule:
+        given["rule"] = args.rule
+    if "out" in given and Path(given["out"]).resolve() != Path(args.resume).resolve():
+        raise ConfigError(f"--out {given['out']} with --resume {args.resume}: a resumed run writes into its own "
+                          "folder; drop --out")
+    changed = [k for k, v in given.items() if k not in _RESUME_FREE and k not in _BUDGET and saved.get(k) != v]
+    overrides = {k: v for k, v in given.items() if k in _RESUME_FREE - {"out"} or k in _BUDGET}
+    trainer = Trainer.resume(args.resume, overrides=overrides) if not changed else None
+    shrunk = []
+    if trainer is not None:
+        per_epoch = math.ceil(len(trainer.y_train) / trainer.config.train.batch_size)
+        saved_budget = min(saved["max_steps"] or math.inf, saved["epochs"] * per_epoch)
+        shrunk = [k for k in _BUDGET if k in given and trainer.total_steps < saved_budget]
+    if changed or shrunk:
+        parts = [f"--{k.replace('_', '-')} {given[k]} (saved: {saved.get(k)})" for k in changed + shrunk]
+        raise ConfigError(f"--resume {args.resume} continues the saved run; these flags would change it: "
+                          f"{', '.join(parts)}. Drop them, or start a new run with another --out"
+                          + (" (the budget, --epochs and --max-steps, may only grow)" if shrunk else ""))
+    if trainer.step >= trainer.total_steps:
+        print(f"run {args.resume} is finished ({trainer.step} of {trainer.total_steps} steps); nothing changed. "
+              "To train on, resume with a larger --epochs or --max-steps")
+        return None
+    return trainer
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -238,6 +292,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
         commands = {"train": _train, "bench": _bench, "eval": _eval, "report": _report, "info": _info}

@@ -154,6 +154,11 @@ class TrainConfig:
         if self.momentum and self.optimizer != "sgd":
             raise ConfigError(f"--momentum applies to --optimizer sgd only (got {self.optimizer}); "
                               "Adam's betas play that role")
+        # Paths are stored resolved, so `eval` and `--resume` work from any directory.
+        for name in ("data_dir", "out"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, str(Path(value).expanduser().resolve()))
 
 
 # Measured defaults per rule: the best mean validation accuracy on digits (3 seeds) over Adam lr

@@ -19,3 +19,11 @@ class DivergenceError(TorchsalError, RuntimeError):
 
 class DistributedError(TorchsalError, RuntimeError):
     """A peer process of a distributed run stopped or could not be reached."""
+
+
+class RunInterrupted(TorchsalError):
+    """SIGINT or SIGTERM stopped a run after a finished step; its checkpoint was written to ``checkpoint``."""
+
+    def __init__(self, checkpoint: str, step: int) -> None:
+        super().__init__(f"interrupted after step {step}; checkpoint written to {checkpoint}")
+        self.checkpoint, self.step = checkpoint, step

@@ -9,7 +9,9 @@ import io
 import logging
 import math
 import platform
+import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,7 @@ from torchsal.config import RunConfig, TrainConfig, make_config
 from torchsal.data import Splits, load_dataset, make_splits
 from torchsal.diagnostics import alignment, area_statistics, interference
 from torchsal.dispatch import release_gradients, sgd_in_backward
-from torchsal.errors import ConfigError, DivergenceError
+from torchsal.errors import ConfigError, DivergenceError, RunInterrupted
 from torchsal.models import AreaMLP, build_model, count_parameters
 from torchsal.rules import LearningRule, build_rule
 from torchsal.storage import load_plain, write_bytes_atomic, write_json_atomic
@@ -40,6 +42,31 @@ MODEL = "model.pt"
 MODEL_FIELDS = ("format", "config", "model", "in_features", "classes", "mean", "std")
 CHECKPOINT_FIELDS = ("config", "model", "rule", "optimizer", "scheduler", "shuffle", "torch_rng", "epoch", "batch",
                      "step", "order", "sums", "history", "elapsed")
+
+
+class _StopRequests:
+    """While active, SIGINT and SIGTERM ask the loop to stop after the current step instead of killing the run
+    mid-step (the loop then writes a checkpoint). A second signal interrupts at once, as usual."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:  # noqa: ARG002
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> _StopRequests:
+        if self.enabled:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass
@@ -154,6 +181,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.elapsed = 0.0
         self.first_bad_step = torch.tensor(-1, device=self.device)     # (GPU) first step with a non-finite loss
+        self.checkpoint_every: int | None = None
 
     def _owned_areas(self) -> range | None:
         """Under ``--parallel area`` the block of areas this process holds; None (all) otherwise."""
@@ -189,7 +217,8 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "shuffle": self.shuffle.get_state(), "torch_rng": torch.get_rng_state(),
                 "epoch": self.epoch, "batch": self.batch, "step": self.step, "order": self.order,
-                "sums": dict(self.sums), "history": list(self.history), "elapsed": self.elapsed}
+                "sums": dict(self.sums), "history": list(self.history), "elapsed": self.elapsed,
+                "checkpoint_every": self.checkpoint_every}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -201,6 +230,7 @@ class Trainer:
         self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
         self.order = None if state["order"] is None else state["order"].to(self.device)
         self.sums, self.history, self.elapsed = dict(state["sums"]), list(state["history"]), state["elapsed"]
+        self.checkpoint_every = state.get("checkpoint_every")
 
     def save_checkpoint(self) -> Path:
         """Write ``out/checkpoint.pt`` atomically; never over a good checkpoint with non-finite weights."""
@@ -212,17 +242,15 @@ class Trainer:
         return path
 
     @classmethod
-    def resume(cls, run_dir: str | Path, splits: Splits | None = None) -> Trainer:
-        """Continue the run whose checkpoint is in ``run_dir``, with the configuration saved in it."""
-        path = Path(run_dir) / CHECKPOINT
-        for stale in Path(run_dir).glob(f".{CHECKPOINT}.*.tmp"):    # left by a crash in the middle of a write
-            stale.unlink()
-        if not path.is_file():
-            raise ConfigError(f"--resume {run_dir}: no {CHECKPOINT} there; train with --out DIR "
-                              "--checkpoint-every N to write one")
-        state = load_plain(path, "checkpoint", CHECKPOINT_FIELDS)
+    def resume(cls, run_dir: str | Path, splits: Splits | None = None,
+               overrides: dict[str, Any] | None = None) -> Trainer:
+        """Continue the run whose checkpoint is in ``run_dir``, with the configuration saved in it; ``overrides``
+        may extend the budget (``epochs``, ``max_steps``) or say where the data is and how to run (``data_dir``,
+        ``threads``, ``device``)."""
+        state = _read_checkpoint(run_dir)
         saved = dict(state["config"])
-        trainer = cls(make_config(saved.pop("rule"), **{**saved, "out": str(run_dir)}), splits)
+        settings = {**saved, **(overrides or {}), "out": str(run_dir)}
+        trainer = cls(make_config(settings.pop("rule"), **settings), splits)
         try:
             trainer.load_state_dict(state)
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
@@ -243,25 +271,14 @@ class Trainer:
         if self.out:
             self.out.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.out / "config.json", self.config.to_dict())
+        if checkpoint_every:
+            self.checkpoint_every = checkpoint_every        # saved with the run, used again on resume
         start = time.perf_counter() - self.elapsed
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{rule_name} {cfg.dataset}", unit="step",
                    disable=not (progress and self.ctx.is_main), leave=False)
         self.model.train()
-        while self.step < self.total_steps:
-            if self.order is None:
-                self.order = torch.randperm(len(self.y_train), generator=self.shuffle).to(self.device)
-            batches = self.order.split(cfg.batch_size)
-            while self.batch < len(batches) and self.step < self.total_steps:
-                self.train_step(batches[self.batch])
-                self.batch += 1
-                self.step += 1
-                bar.update()
-                if checkpoint_every and self.step % checkpoint_every == 0 and self.out:
-                    self.elapsed = time.perf_counter() - start
-                    self.save_checkpoint()
-            self._end_epoch(start)
-            bar.set_postfix(val=f"{self.history[-1]['val_accuracy']:.3f}",
-                            loss=f"{self.history[-1]['train_loss']:.3f}")
+        with _StopRequests(enabled=bool(self.out) and self.ctx.world == 1) as stop:
+            self._loop(start, bar, stop, checkpoint_every)
         bar.close()
         self.elapsed = time.perf_counter() - start
         self._check_finite()
@@ -274,6 +291,28 @@ class Trainer:
             write_json_atomic(self.out / "metrics.json", metrics)
             save_model(self.out / MODEL, self.model, self.config, self.splits, state)
         return TrainResult(self.model, self.rule, metrics)
+
+    def _loop(self, start: float, bar: tqdm, stop: _StopRequests, checkpoint_every: int | None) -> None:
+        cfg = self.config.train
+        while self.step < self.total_steps:
+            if self.order is None:
+                self.order = torch.randperm(len(self.y_train), generator=self.shuffle).to(self.device)
+            batches = self.order.split(cfg.batch_size)
+            while self.batch < len(batches) and self.step < self.total_steps:
+                self.train_step(batches[self.batch])
+                self.batch += 1
+                self.step += 1
+                bar.update()
+                if stop.requested:            # Ctrl-C or SIGTERM: the step is done; keep it and say how to go on
+                    self.elapsed = time.perf_counter() - start
+                    bar.close()
+                    raise RunInterrupted(str(self.save_checkpoint()), self.step)
+                if checkpoint_every and self.step % checkpoint_every == 0 and self.out:
+                    self.elapsed = time.perf_counter() - start
+                    self.save_checkpoint()
+            self._end_epoch(start)
+            bar.set_postfix(val=f"{self.history[-1]['val_accuracy']:.3f}",
+                            loss=f"{self.history[-1]['train_loss']:.3f}")
 
     def train_step(self, batch: Tensor) -> None:
         local = distributed.shard(batch, self.ctx)     # this rank's share of the global batch
@@ -409,6 +448,21 @@ class Trainer:
             "n_train": len(self.y_train), "n_val": len(self.splits.y_val), "n_test": len(self.splits.y_test),
             "history": self.history, "config": self.config.to_dict(), "environment": _environment(),
         }
+
+
+def _read_checkpoint(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / CHECKPOINT
+    for stale in Path(run_dir).glob(f".{CHECKPOINT}.*.tmp"):    # left by a crash in the middle of a write
+        stale.unlink()
+    if not path.is_file():
+        raise ConfigError(f"--resume {run_dir}: no {CHECKPOINT} there; train with --out DIR "
+                          "--checkpoint-every N to write one (or interrupt a run with --out: Ctrl-C writes one)")
+    return load_plain(path, "checkpoint", CHECKPOINT_FIELDS)
+
+
+def saved_run_config(run_dir: str | Path) -> dict[str, Any]:
+    """The flat configuration a run's checkpoint was written with."""
+    return dict(_read_checkpoint(run_dir)["config"])
 
 
 def train(config: RunConfig, splits: Splits | None = None, progress: bool = True,
