@@ -105,6 +105,14 @@ MISTAKES = {
     "no cuda": (["--device", "cuda:0"], "CUDA is not available"),
     # contradictory flags
     "momentum with adam": (["--optimizer", "adam", "--momentum", "0.9"], "--momentum applies to --optimizer sgd"),
+    # flags the chosen rule or model would ignore
+    "signal with bp": (["--rule", "bp", "--signal", "local"], "--signal (--rule bp has no choice of signal"),
+    "readout with fa": (["--rule", "fa", "--readout", "shared"], "--readout (the local readouts exist only"),
+    "feedback with bp": (["--rule", "bp", "--feedback", "per-area"], "--feedback (--rule bp has no per-layer"),
+    "router with one area": (["--areas", "1", "--router", "frozen"], "--router (a model with --areas 1 has no"),
+    "residual at depth 1": (["--depth", "1", "--block", "residual"], "--block (--block residual applies"),
+    "two at once": (["--rule", "dfa", "--signal", "local", "--readout", "shared"],
+                    "these flags do not apply here: --signal"),
     "resume without checkpoint": (["--resume", "{d}/norun"], "no checkpoint.pt there"),
     # config files
     "config unknown key": (["--config", "{d}/unknown.toml"], "unknown key 'learning_rate'"),

@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from torchsal.config import RECIPES, RULE_DEFAULTS, make_config, read_config_file
+from torchsal.config import RECIPES, RULE_DEFAULTS, check_applicable, make_config, read_config_file
 from torchsal.errors import ConfigError, RunInterrupted, TorchsalError
 
 
@@ -160,7 +160,9 @@ def _train(args: argparse.Namespace) -> int:
         from_file = read_config_file(args.config) if args.config else {}
         rule = args.rule or from_file.pop("rule", "sal")
         recipe = args.recipe or from_file.pop("recipe", "default")
-        trainer = Trainer(make_config(rule, recipe, **{**from_file, **settings}))
+        config = make_config(rule, recipe, **{**from_file, **settings})
+        check_applicable(config, set(from_file) | set(settings))
+        trainer = Trainer(config)
     if args.checkpoint_every and not trainer.config.train.out:
         raise ConfigError("--checkpoint-every needs --out DIR to write checkpoints into")
     try:

@@ -290,3 +290,25 @@ def make_config(rule: str = "sal", recipe: str = "default", **overrides: Any) ->
     routing_cfg = build(RoutingConfig)
     return RunConfig(model=build(ModelConfig, routing_config=routing_cfg), rule=build(RuleConfig),
                      train=build(TrainConfig))
+
+
+def check_applicable(config: RunConfig, explicit: set[str]) -> None:
+    """Refuse settings the user gave that the chosen rule or model would silently ignore, all named at once
+    (``--rule bp --signal local``, ``--rule fa --readout shared``, routing options on a one-area model)."""
+    rule, model, routing = config.rule, config.model, config.model.routing_config
+    local = rule.rule == "sal" and rule.signal in ("local", "both")
+    reasons = {
+        "signal": None if rule.rule == "sal" else f"--rule {rule.rule} has no choice of signal (only sal does"
+                  + ("; dfa always sends the output error directly)" if rule.rule == "dfa" else ")"),
+        "readout": None if local else "the local readouts exist only with --rule sal --signal local or both",
+        "feedback": None if rule.rule in ("dfa", "sal") else f"--rule {rule.rule} has no per-layer feedback "
+                    "matrices to split by area (dfa and sal do)",
+        **{name: None if routing.areas > 1 else "a model with --areas 1 has no router"
+           for name in ("routing", "router", "routing_dim", "routing_temperature")},
+        "block": None if model.depth > 1 or model.block == "plain" else "--block residual applies to hidden "
+                 "layers after the first, and --depth 1 has none",
+    }
+    refused = [f"--{name.replace('_', '-')} ({why})" for name, why in reasons.items() if name in explicit and why]
+    if refused:
+        raise ConfigError(f"{'this flag does' if len(refused) == 1 else 'these flags do'} not apply here: "
+                          f"{'; '.join(refused)}. Drop {'it' if len(refused) == 1 else 'them'}")
