@@ -28,6 +28,36 @@ def test_eval_rejects_a_mismatched_dataset(run_dir, capsys):
     assert "dataset 'wine' has 13 features; the model was trained on 64" in capsys.readouterr().err
 
 
+def _csv_of_digits(path, keep_classes):
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    rows = [i for i in range(len(y)) if y[i] in keep_classes]
+    header = ",".join(f"p{j}" for j in range(64)) + ",label\n"
+    path.write_text(header + "".join(",".join(str(int(v)) for v in x[i]) + f",{y[i]}\n" for i in rows))
+    return len(rows)
+
+
+def test_eval_split_all_scores_every_row_of_a_new_file_with_some_classes(run_dir, capsys, tmp_path):
+    """A new CSV holding only classes 3 and 7 of the model's ten: every row is scored against the model's own
+    class indices."""
+    n = _csv_of_digits(tmp_path / "new.csv", {3, 7})
+    capsys.readouterr()
+    assert main(["eval", "--model", str(run_dir), "--dataset", f"csv:{tmp_path / 'new.csv'}", "--split", "all",
+                 "--out", str(tmp_path / "eval.json")]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["samples"] == n and result["classes_present"] == 2
+    assert result["accuracy"] > 0.8                       # a trained digits model recognises 3s and 7s
+    assert "2 of the model's 10 classes" in capsys.readouterr().out
+
+
+def test_eval_names_a_class_the_model_does_not_know(run_dir, capsys, tmp_path):
+    header = ",".join(f"p{j}" for j in range(64)) + ",label\n"
+    (tmp_path / "odd.csv").write_text(header + "".join(",".join(["0"] * 64) + ",cat\n" for _ in range(5)))
+    assert main(["eval", "--model", str(run_dir), "--dataset", f"csv:{tmp_path / 'odd.csv'}", "--split", "all"]) == 2
+    assert "classes the model was not trained on: cat" in capsys.readouterr().err
+
+
 def test_eval_without_a_model_is_one_line(tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0

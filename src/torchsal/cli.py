@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     eval_p.add_argument("--model", required=True, help="DIR or DIR/model.pt written by train --out DIR")
     eval_p.add_argument("--dataset", help="default: the dataset the model was trained on")
     eval_p.add_argument("--data-dir", help="folder holding dataset files")
-    eval_p.add_argument("--split", choices=["test", "val", "train"], default="test")
+    eval_p.add_argument("--split", choices=["test", "val", "train", "all"], default="test",
+                        help="which rows to score (default test); all: every row of the file")
     eval_p.add_argument("--out", help="write the result as JSON to this file")
     report_p = sub.add_parser("report", help="a run's per-epoch metrics as a table and a plot")
     report_p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
@@ -229,7 +230,7 @@ def _resume(args: argparse.Namespace, settings: dict[str, Any]):  # noqa: ANN202
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from torchsal.data import load_dataset, make_splits
+    from torchsal.data import all_rows, load_dataset, make_splits, to_model_classes
     from torchsal.storage import write_json_atomic
     from torchsal.train import evaluate, load_model
 
@@ -237,17 +238,23 @@ def _eval(args: argparse.Namespace) -> int:
     cfg = info["config"]
     dataset = args.dataset or cfg["dataset"]
     data = load_dataset(dataset, args.data_dir or cfg["data_dir"], cfg["grayscale"])
-    splits = make_splits(data, cfg["seed"], scaling=(info["mean"].numpy(), info["std"].numpy()))
-    if splits.in_features != info["in_features"] or splits.classes != info["classes"]:
-        raise ConfigError(f"dataset {dataset!r} does not match the model: {splits.in_features} features and "
-                          f"{len(splits.classes)} classes, the model has {info['in_features']} and "
-                          f"{len(info['classes'])}")
-    x, y = getattr(splits, f"x_{args.split}"), getattr(splits, f"y_{args.split}")
+    if data.x.shape[1] != info["in_features"]:
+        raise ConfigError(f"dataset {dataset!r} has {data.x.shape[1]} features; the model was trained on "
+                          f"{info['in_features']}")
+    scaling = (info["mean"].numpy(), info["std"].numpy())
+    if args.split == "all":                   # every row of the file (a new file: no split of it is special)
+        x, y = all_rows(data, scaling)
+    else:
+        splits = make_splits(data, cfg["seed"], scaling=scaling)
+        x, y = getattr(splits, f"x_{args.split}"), getattr(splits, f"y_{args.split}")
+    y = to_model_classes(y, data.classes, list(info["classes"]), dataset)
     accuracy = evaluate(model, x, y)
-    print(f"{cfg['rule']} model on {dataset} ({args.split}, {len(y)} samples): accuracy {accuracy:.4f}")
+    present = len(set(y.tolist()))
+    print(f"{cfg['rule']} model on {dataset} ({args.split}, {len(y)} samples, {present} of the model's "
+          f"{len(info['classes'])} classes): accuracy {accuracy:.4f}")
     if args.out:
         write_json_atomic(args.out, {"model": str(args.model), "dataset": dataset, "split": args.split,
-                                     "samples": len(y), "accuracy": accuracy})
+                                     "samples": len(y), "classes_present": present, "accuracy": accuracy})
     return 0
 
 

@@ -301,4 +301,26 @@ def make_splits(ds: Dataset, seed: int, scaling: tuple[np.ndarray, np.ndarray] |
                   mean, std)
 
 
+def all_rows(ds: Dataset, scaling: tuple[np.ndarray, np.ndarray]) -> tuple[Tensor, Tensor]:
+    """Every row of ``ds`` (its test part too), standardised with a model's saved ``scaling``: for scoring a
+    trained model on a whole new file."""
+    x = ds.x if ds.x_test is None else np.concatenate([ds.x, ds.x_test])
+    y = ds.y if ds.y_test is None else np.concatenate([ds.y, ds.y_test])
+    mean, std = (np.asarray(a, dtype=np.float32) for a in scaling)
+    if mean.size not in (1, x.shape[1]):
+        raise DataError(f"dataset {ds.name!r} has {x.shape[1]} features; the model was trained on {mean.size}")
+    return torch.from_numpy(((x - mean) / std).astype(np.float32)), torch.from_numpy(y.astype(np.int64))
+
+
+def to_model_classes(y: Tensor, classes: list[str], model_classes: list[str], name: str) -> Tensor:
+    """Labels indexed by a dataset's own ``classes``, re-indexed by a model's: a file may hold only some of the
+    model's classes, in any order; a class the model does not know is an error naming it."""
+    unknown = [c for c in classes if c not in model_classes]
+    if unknown:
+        raise DataError(f"dataset {name!r} has classes the model was not trained on: {', '.join(unknown[:10])}"
+                        f"{' ...' if len(unknown) > 10 else ''} (the model knows {', '.join(model_classes[:10])}"
+                        f"{' ...' if len(model_classes) > 10 else ''})")
+    return torch.tensor([model_classes.index(c) for c in classes], dtype=torch.int64)[y]
+
+
 from torchsal import datasets as _datasets  # noqa: E402,F401  (registers the named datasets)
