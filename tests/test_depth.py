@@ -113,3 +113,22 @@ def test_lean_activation_memory_does_not_grow_with_depth():
     assert peak(128, rule="sal", signal="local", memory="lean") <= 1.5 * peak(8, rule="sal", signal="local",
                                                                              memory="lean")
     assert peak(128, rule="bp") > 8 * peak(8, rule="bp")
+
+
+def test_depth_aware_defaults_choose_the_architecture_that_trains_at_depth(tmp_path, capsys):
+    """From 8 hidden layers on, unset block, norm and readout default to residual pre-norm blocks with one shared
+    readout; explicit flags, recipes and config files still win; the run summary says what was chosen."""
+    from torchsal import make_config
+    from torchsal.cli import main
+    from torchsal.config import DEEP_FROM
+
+    shallow, deep = make_config("sal", depth=DEEP_FROM - 1), make_config("sal", depth=DEEP_FROM)
+    assert (shallow.model.block, shallow.model.norm, shallow.rule.readout) == ("plain", "none", "per-layer")
+    assert (deep.model.block, deep.model.norm, deep.rule.readout) == ("residual", "layer", "shared")
+    mine = make_config("bp", depth=64, block="plain", norm="rms")
+    assert (mine.model.block, mine.model.norm) == ("plain", "rms")
+    (tmp_path / "deep.toml").write_text("depth = 16\nnorm = 'rms'\n")
+    assert main(["train", "--config", str(tmp_path / "deep.toml"), "--width", "8", "--max-steps", "2",
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "architecture: 16 hidden layers of 8, residual blocks, rms norm, shared local readout" in out

@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from torchsal.config import RECIPES, RULE_DEFAULTS, check_applicable, make_config, read_config_file
+from torchsal.config import DEEP_FROM, RECIPES, RULE_DEFAULTS, check_applicable, make_config, read_config_file
 from torchsal.errors import ConfigError, RunInterrupted, TorchsalError
 
 
@@ -138,11 +138,16 @@ def _summary(m: dict[str, Any]) -> str:
     layers = shares if isinstance(shares[0], list) else [shares]
     used = ", ".join(f"{sum(s > 0 for s in layer)}/{len(layer)} used, max share {max(layer):.3f}"
                      for layer in layers)
+    c = m["config"]
+    deep = (f"\narchitecture: {c['depth']} hidden layers of {c['width']}, {c['block']} blocks, {c['norm']} norm"
+            + (f", {c['readout']} local readout" if c["rule"] == "sal" and c["signal"] != "direct" else "")
+            + f" (from {DEEP_FROM} layers on the defaults are residual, layer, shared; "
+            "--block/--norm/--readout choose)") if c["depth"] >= DEEP_FROM else ""
     return (f"{m['rule']} on {m['dataset']}: test accuracy {m['test_accuracy']:.4f} "
             f"(val {m['val_accuracy']:.4f}) after {m['epochs']} epochs, {m['steps']} steps, "
             f"{m['train_seconds']:.1f} s\n"
             f"parameters: {m['params_total']:,} total, {m['params_active_per_sample']:,} active per sample; "
-            f"areas: {used}")
+            f"areas: {used}{deep}")
 
 
 def _train(args: argparse.Namespace) -> int:

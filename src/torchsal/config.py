@@ -267,8 +267,18 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return flat
 
 
+# Depth-aware defaults: from DEEP_FROM hidden layers on, the architecture that trains at depth (measured on MNIST,
+# width 64, 300 steps of 128: plain BP fell from 0.94 at 8 layers to 0.72 at 32 and chance at 64, plain SAL to 0.64
+# at 32; residual pre-norm blocks keep BP at 0.94-0.95 up to 128 layers and, with one shared local readout, SAL at
+# 0.89-0.91; residual blocks already help BP at 8 layers, 0.954 against 0.935; docs/defaults.md). Unset
+# block/norm/readout follow them; explicit settings, recipes and config files win.
+DEEP_FROM = 8
+DEEP_DEFAULTS: dict[str, Any] = {"block": "residual", "norm": "layer", "readout": "shared"}
+
+
 def make_config(rule: str = "sal", recipe: str = "default", **overrides: Any) -> RunConfig:
-    """Resolve a run's configuration: dataclass defaults < rule defaults < recipe < ``overrides``.
+    """Resolve a run's configuration: dataclass defaults < rule defaults < depth-aware defaults < recipe <
+    ``overrides``.
 
     ``overrides`` are flat field names (``lr=0.01, areas=4``); ``None`` values are ignored, so an unset CLI
     flag keeps the default.
@@ -281,8 +291,10 @@ def make_config(rule: str = "sal", recipe: str = "default", **overrides: Any) ->
         raise ConfigError(f"unknown setting {unknown[0]!r}; known settings: {', '.join(sorted(KNOWN_FIELDS))}")
     values: dict[str, Any] = {"rule": rule}
     values.update(RULE_DEFAULTS[rule])
-    values.update(RECIPES[recipe])
-    values.update({k: check_type(k, v) for k, v in overrides.items() if v is not None})
+    given = {**RECIPES[recipe], **{k: check_type(k, v) for k, v in overrides.items() if v is not None}}
+    if given.get("depth", ModelConfig.depth) >= DEEP_FROM:
+        values.update(DEEP_DEFAULTS)
+    values.update(given)
 
     def build(cls: type, **extra: Any) -> Any:
         return cls(**{k: values[k] for k in _fields(cls) if k in values}, **extra)
