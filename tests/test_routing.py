@@ -90,3 +90,15 @@ def test_sinkhorn_equals_the_log_domain_iteration():
         log_q = log_q - log_q.logsumexp(dim=0, keepdim=True) - math.log(16)
         log_q = log_q - log_q.logsumexp(dim=1, keepdim=True) - math.log(64)
     torch.testing.assert_close(sinkhorn(scores), (log_q + math.log(64)).exp(), rtol=1e-4, atol=1e-6)
+
+
+def test_a_shard_reports_the_whole_models_parameters():
+    """Under --parallel area a process holds some areas; the run still reports the whole model's size."""
+    from torchsal.config import ModelConfig, RoutingConfig
+    from torchsal.models import build_model
+
+    cfg = ModelConfig(depth=2, width=16, shared=True, routing_config=RoutingConfig(areas=8))
+    whole, shard = build_model(20, 3, cfg), build_model(20, 3, cfg, owned=range(4, 8))
+    assert shard.parameter_counts()["params_total"] == whole.parameter_counts()["params_total"]
+    assert shard.parameter_counts()["params_held_by_this_process"] < whole.parameter_counts()["params_total"]
+    assert "params_held_by_this_process" not in whole.parameter_counts()

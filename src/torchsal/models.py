@@ -147,10 +147,16 @@ class AreaMLP(nn.Module):
         return [p for p in self.parameters() if id(p) not in sharded]
 
     def parameter_counts(self) -> dict[str, int]:
-        """Total parameters and parameters used per sample (one area per layer, shared paths, routers)."""
+        """Total parameters of the whole model (all areas, also when this process holds only a shard of them, as
+        under ``--parallel area``), parameters used per sample (one area per layer, shared paths, routers) and,
+        for a shard, the parameters this process holds."""
         router = sum(p.numel() for p in self.routers.parameters())
-        return {"params_total": sum(p.numel() for p in self.parameters()),
-                "params_active_per_sample": router + sum(layer.active_parameters() for layer in self.layers)}
+        held = sum(p.numel() for p in self.parameters())
+        elsewhere = sum((layer.areas - len(layer.owned)) * (layer.in_features + 1) * layer.out_features
+                        for layer in self.layers)
+        counts = {"params_total": held + elsewhere,
+                  "params_active_per_sample": router + sum(layer.active_parameters() for layer in self.layers)}
+        return {**counts, "params_held_by_this_process": held} if elsewhere else counts
 
 
 def _norm(kind: str, features: int, dtype: torch.dtype) -> nn.Module:
