@@ -168,3 +168,15 @@ def test_user_mistakes_are_one_line_in_a_real_process(args, message):
 def test_debug_shows_the_traceback():
     res = run("--debug", "train", "--dataset", "nope")
     assert res.returncode != 0 and "Traceback" in res.stderr
+
+
+def test_without_a_terminal_progress_is_one_line_per_epoch():
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "torchsal", "train", "--epochs", "3", "--width", "16"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert [line.split(", step")[0] for line in lines] == [f"INFO: sal digits epoch {e}/3" for e in (1, 2, 3)]
+    assert "\r" not in res.stderr and "val accuracy" in lines[-1]

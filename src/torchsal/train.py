@@ -11,6 +11,7 @@ import math
 import platform
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from torchsal.storage import load_plain, write_bytes_atomic, write_json_atomic
 log = logging.getLogger(__name__)
 
 EVAL_BATCH = 4096
+LIVE_LOSS_EVERY = 20            # steps between live-loss updates of the progress bar (each reads the device once)
 PROBE = 512                    # samples of the fixed batch on which --diagnostics measures alignment
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
@@ -182,6 +184,7 @@ class Trainer:
         self.elapsed = 0.0
         self.first_bad_step = torch.tensor(-1, device=self.device)     # (GPU) first step with a non-finite loss
         self.checkpoint_every: int | None = None
+        self.epoch_lines = False
 
     def _owned_areas(self) -> range | None:
         """Under ``--parallel area`` the block of areas this process holds; None (all) otherwise."""
@@ -205,6 +208,11 @@ class Trainer:
         cfg = self.config.train
         self.total_steps = self.step + cfg.epochs * math.ceil(len(self.y_train) / cfg.batch_size)
         self.epoch, self.batch, self.order = 1, 0, None
+
+    @property
+    def total_epochs(self) -> int:
+        """Epochs of the budget (the one ``--max-steps`` ends in, if that comes first)."""
+        return math.ceil(self.total_steps / math.ceil(len(self.y_train) / self.config.train.batch_size))
 
     @property
     def out(self) -> Path | None:
@@ -274,8 +282,11 @@ class Trainer:
         if checkpoint_every:
             self.checkpoint_every = checkpoint_every        # saved with the run, used again on resume
         start = time.perf_counter() - self.elapsed
+        # A bar on a terminal (epoch, step, live loss); elsewhere (a log file, a pipe) one line per epoch.
+        interactive = progress and self.ctx.is_main and sys.stderr.isatty()
+        self.epoch_lines = progress and self.ctx.is_main and not interactive
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{rule_name} {cfg.dataset}", unit="step",
-                   disable=not (progress and self.ctx.is_main), leave=False)
+                   disable=not interactive, leave=False, dynamic_ncols=True)
         self.model.train()
         with _StopRequests(enabled=bool(self.out) and self.ctx.world == 1) as stop:
             self._loop(start, bar, stop, checkpoint_every)
@@ -298,11 +309,16 @@ class Trainer:
             if self.order is None:
                 self.order = torch.randperm(len(self.y_train), generator=self.shuffle).to(self.device)
             batches = self.order.split(cfg.batch_size)
+            bar.set_description(f"{self.config.rule.rule} {cfg.dataset} epoch {self.epoch}/{self.total_epochs}",
+                                refresh=False)
             while self.batch < len(batches) and self.step < self.total_steps:
                 self.train_step(batches[self.batch])
                 self.batch += 1
                 self.step += 1
                 bar.update()
+                if not bar.disable and self.step % LIVE_LOSS_EVERY == 0:   # one host read per so many steps
+                    bar.set_postfix(loss=f"{float(self.sums['loss']) / max(self.sums['seen'], 1):.3f}",
+                                    refresh=False)
                 if stop.requested:            # Ctrl-C or SIGTERM: the step is done; keep it and say how to go on
                     self.elapsed = time.perf_counter() - start
                     bar.close()
@@ -311,8 +327,13 @@ class Trainer:
                     self.elapsed = time.perf_counter() - start
                     self.save_checkpoint()
             self._end_epoch(start)
-            bar.set_postfix(val=f"{self.history[-1]['val_accuracy']:.3f}",
-                            loss=f"{self.history[-1]['train_loss']:.3f}")
+            last = self.history[-1]
+            bar.set_postfix(val=f"{last['val_accuracy']:.3f}", loss=f"{last['train_loss']:.3f}")
+            if self.epoch_lines:
+                log.info("%s %s epoch %d/%d, step %d/%d: train loss %.4f, train accuracy %.4f, val accuracy %.4f "
+                         "(%.1f s)", self.config.rule.rule, cfg.dataset, last["epoch"], self.total_epochs,
+                         last["step"], self.total_steps, last["train_loss"], last["train_accuracy"],
+                         last["val_accuracy"], last["seconds"])
 
     def train_step(self, batch: Tensor) -> None:
         local = distributed.shard(batch, self.ctx)     # this rank's share of the global batch
