@@ -325,7 +325,9 @@ def plot_curves(records: list[dict[str, Any]], path: Path, recipe: str) -> None:
         return
     cols = min(5, len(datasets))
     rows = -(-len(datasets) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(rows, cols, figsize=(max(3.2 * cols, 6.5), 2.6 * rows + 0.5), squeeze=False)
     for ax, d in zip(axes.flat, datasets):
         for preset in dict.fromkeys(r["preset"] for r in chosen if r["dataset"] == d):
             curves = [r["test_curve"] for r in chosen if r["dataset"] == d and r["preset"] == preset]
@@ -336,11 +338,12 @@ def plot_curves(records: list[dict[str, Any]], path: Path, recipe: str) -> None:
         ax.set_xlabel("epoch", fontsize=8)
         ax.set_ylabel("test accuracy %", fontsize=8)
         ax.tick_params(labelsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in list(axes.flat)[len(datasets):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=6)
     fig.suptitle(f"recipe {recipe}: test accuracy per epoch (mean over seeds)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.95))          # room for the title, which tight_layout alone may cut
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)

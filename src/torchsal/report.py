@@ -40,24 +40,40 @@ def report(run_dir: str | Path) -> str:
     head = (f"{metrics['rule']} on {metrics['dataset']}: test {metrics['test_accuracy']:.4f}, "
             f"val {metrics['val_accuracy']:.4f}, {metrics['train_seconds']:.1f} s" if metrics
             else "unfinished run (from metrics.csv)")
-    _plot(history, run_dir / "report.png")
+    title = (f"{metrics['rule']} on {metrics['dataset']}, run {run_dir.resolve().name}" if metrics
+             else f"run {run_dir.resolve().name} (unfinished)")
+    _plot(history, run_dir / "report.png", title)
     return "\n".join([head, "", *lines, "", f"plot: {run_dir / 'report.png'}"])
 
 
-def _plot(history: list[dict[str, float]], path: Path) -> None:
+def _plot(history: list[dict[str, float]], path: Path, title: str) -> None:
+    """Training loss on a log scale; accuracies on an axis zoomed to the data (not 0 to 1); integer epochs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] for row in history]
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(8, 3))
-    loss_ax.plot(epochs, [row["train_loss"] for row in history])
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(9, 3.4))
+    losses = [row["train_loss"] for row in history]
+    loss_ax.plot(epochs, losses, marker="." if len(epochs) < 30 else None)
     loss_ax.set(xlabel="epoch", ylabel="training loss")
+    if min(losses) > 0:
+        loss_ax.set_yscale("log")
+    values = []
     for key in ("train_accuracy", "val_accuracy", "test_accuracy"):
-        acc_ax.plot(epochs, [row[key] for row in history], label=key.split("_")[0])
+        values += [row[key] for row in history]
+        acc_ax.plot(epochs, [row[key] for row in history], label=key.split("_")[0],
+                    marker="." if len(epochs) < 30 else None)
+    low, high = min(values), max(values)
+    pad = max(0.01, 0.08 * (high - low))
+    acc_ax.set_ylim(max(0.0, low - pad), min(1.0, high + pad))
     acc_ax.set(xlabel="epoch", ylabel="accuracy")
     acc_ax.legend()
+    for ax in (loss_ax, acc_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
