@@ -137,3 +137,23 @@ def test_runs_finished_before_new_settings_existed_are_reused():
     assert not _same_run(older, {**wanted, "memory": "lean"}, defaults)       # a new setting off its default
     assert not _same_run({**older, "lr": 0.5}, wanted, defaults)              # a setting that differs
     assert _same_run({**wanted, "data_dir": "/elsewhere"}, wanted, defaults)   # where data lives is not identity
+
+
+def test_every_dataset_is_checked_before_anything_trains(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, "train", fake_train(calls))
+    b = Bench("tuned", ["digits", "mnist", "csv:/no/such.csv"], ["sal"], [0], tmp_path / "out",
+              data_dir=str(tmp_path))
+    with pytest.raises(bench.DataError, match="2 of 3 datasets not found, nothing was trained") as err:
+        b.run()
+    assert "mnist" in str(err.value) and "/no/such.csv" in str(err.value)
+    assert calls == []
+
+
+def test_a_fixed_row_the_user_did_not_ask_for_is_announced(tmp_path, monkeypatch, caplog):
+    import logging
+
+    monkeypatch.setattr(bench, "train", fake_train([]))
+    with caplog.at_level(logging.INFO, logger="torchsal.bench"):
+        Bench("paper", ["digits"], ["bp"], [0], tmp_path / "out").run()
+    assert "besides the presets asked for, bp-published also runs with bp" in caplog.text

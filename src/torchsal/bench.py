@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,11 +25,17 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from torchsal.config import ConfigError, ModelConfig, RoutingConfig, RuleConfig, RunConfig, TrainConfig, make_config
-from torchsal.data import load_dataset, make_splits
+from torchsal.data import load_dataset, locate_dataset, make_splits
+from torchsal.errors import DataError
 from torchsal.models import count_parameters
 from torchsal.storage import write_bytes_atomic, write_json_atomic
 from torchsal.train import train
 
+log = logging.getLogger(__name__)
+
+# CPU-hours the whole suite took on the 2-core development box (sum of the stored runs' training seconds, ten
+# datasets, the main presets, 3 seeds, lr selection included; docs/results.md "Cost"): printed before a bench of all.
+SUITE_CPU_HOURS = {"tuned": 14.5, "paper": 16.5}
 TEN_DATASETS = ("mnist", "fashion-mnist", "cifar10", "mnist1d", "digits", "wine", "breast-cancer", "letter",
                 "satellite", "dna")
 
@@ -164,8 +171,30 @@ class Bench:
         self._finished: list[tuple[dict[str, Any], Path]] | None = None
         self.records: list[dict[str, Any]] = []
 
+    def check_datasets(self) -> None:
+        """Every requested dataset must be found before anything trains: one error naming all that are missing."""
+        missing = []
+        for name in self.datasets:
+            kind, _, path = name.partition(":")
+            try:
+                if path and kind in ("csv", "npz"):
+                    if not Path(path).expanduser().is_file():
+                        raise DataError(f"{name}: no such file")
+                else:
+                    for part in (path.split(",") if kind == "union" else [name]):
+                        locate_dataset(part, self.data_dir)
+            except DataError as exc:
+                missing.append(str(exc).split(";")[0])
+        if missing:
+            raise DataError(f"bench: {len(missing)} of {len(self.datasets)} datasets not found, nothing was "
+                            f"trained: {' | '.join(missing)}. Give --data-dir, or leave them out of --datasets")
+
     def run(self) -> list[dict[str, Any]]:
+        self.check_datasets()
         rows = list(self.recipe.fixed) if "bp" in self.presets else []
+        if rows and not self.report_only:
+            log.info("bench %s: besides the presets asked for, %s also runs with bp (%s); it is a fixed row of "
+                     "the recipe", self.recipe.name, ", ".join(rows), "the published setup, no search")
         total = len(self.datasets) * (len(self.presets) * (len(self.recipe.trials("bp")) + len(self.seeds) - 1)
                                       + len(rows) * len(self.seeds))
         self.bar = tqdm(total=total, desc=f"bench {self.recipe.name}", unit="run")

@@ -291,9 +291,14 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from torchsal.bench import ABLATIONS
+    from torchsal.bench import ABLATIONS, SUITE_CPU_HOURS, TEN_DATASETS
 
     presets = [q for p in args.rules.split(",") if p for q in (ABLATIONS if p == "ablations" else [p])]
+    if args.datasets == ",".join(TEN_DATASETS) and not args.report_only:
+        hours = SUITE_CPU_HOURS.get(args.recipe)
+        print(f"bench {args.recipe}: all ten datasets" + (f", about {hours:.0f} CPU-hours on 2 cores if nothing is "
+              "finished yet (docs/results.md); finished runs in --out are reused" if hours else "")
+              + ". --datasets picks fewer.", flush=True)
     bench = Bench(args.recipe, [d for d in args.datasets.split(",") if d], list(dict.fromkeys(presets)),
                   _int_list(args.seeds, "--seeds"), Path(args.out), data_dir=args.data_dir, threads=args.threads,
                   epochs=args.epochs, report_only=args.report_only, grayscale=args.grayscale,
