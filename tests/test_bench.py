@@ -16,8 +16,8 @@ def fake_train(calls):
     def train(config, splits=None, progress=False):
         calls.append(config)
         lr = config.train.lr
-        val = {3e-4: 0.9, 1e-3: 0.8, 3e-3: 0.7}[lr]
-        test = {3e-4: 0.5, 1e-3: 0.6, 3e-3: 0.99}[lr] + config.train.seed / 100
+        val = {3e-4: 0.9, 1e-3: 0.8, 3e-3: 0.7}.get(lr, 0.6)
+        test = {3e-4: 0.5, 1e-3: 0.6, 3e-3: 0.99}.get(lr, 0.4) + config.train.seed / 100
         history = [{"test_accuracy": test, "val_accuracy": val}]
         return SimpleNamespace(metrics={"test_accuracy": test, "val_accuracy": val, "epochs": 1, "train_seconds": 0.1,
                                         "params_total": 1, "params_active_per_sample": 1, "history": history,
