@@ -180,3 +180,15 @@ def test_without_a_terminal_progress_is_one_line_per_epoch():
     lines = res.stderr.strip().splitlines()
     assert [line.split(", step")[0] for line in lines] == [f"INFO: sal digits epoch {e}/3" for e in (1, 2, 3)]
     assert "\r" not in res.stderr and "val accuracy" in lines[-1]
+
+
+def test_help_shows_every_default(capsys):
+    from torchsal.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for piece in ("--lr LR learning rate (default: bp/fa/dfa: 0.003; sal: 0.001)", "--width WIDTH units per hidden "
+                  "layer (default: 256)", "(default: plain; residual from 8 hidden layers)", "--epochs EPOCHS "
+                  "(default: 30)", "(default: bp/fa/dfa: False; sal: True)"):
+        assert piece in text, piece

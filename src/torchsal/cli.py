@@ -16,7 +16,15 @@ from typing import Any, NoReturn
 
 import torch
 
-from torchsal.config import DEEP_FROM, RECIPES, RULE_DEFAULTS, check_applicable, make_config, read_config_file
+from torchsal.config import (
+    DEEP_DEFAULTS,
+    DEEP_FROM,
+    RECIPES,
+    RULE_DEFAULTS,
+    check_applicable,
+    make_config,
+    read_config_file,
+)
 from torchsal.errors import ConfigError, RunInterrupted, TorchsalError
 
 
@@ -29,8 +37,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     # Unset flags are None: the rule's measured defaults and the recipe then apply (see config.RULE_DEFAULTS).
-    p.add_argument("--rule", choices=sorted(RULE_DEFAULTS), help="learning rule (default: sal)")
-    p.add_argument("--dataset", help="registered name, csv:PATH or npz:PATH (default: digits)")
+    p.add_argument("--rule", choices=sorted(RULE_DEFAULTS), help="learning rule")
+    p.add_argument("--dataset", help="registered name, csv:PATH or npz:PATH")
     p.add_argument("--recipe", choices=sorted(RECIPES),
                    help="default: each rule's measured best settings; paper: the paper's setup")
     p.add_argument("--config", help="TOML or YAML file of settings; flags given on the command line win")
@@ -52,7 +60,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--depth", type=int, help="hidden layers")
     g.add_argument("--width", type=int, help="units per hidden layer")
     g.add_argument("--areas", type=int, help="K areas per layer (1 = dense)")
-    g.add_argument("--dtype", choices=["float32", "bfloat16"], help="weight type (default float32)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], help="weight type")
     g.add_argument("--shared", action=argparse.BooleanOptionalAction, default=None,
                    help="always-on shared path beside the areas (dual path)")
     g.add_argument("--routing-dim", type=int, help="dimension of the routing space")
@@ -80,7 +88,41 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="cpu, cuda or cuda:N")
     g.add_argument("--threads", type=int, help="CPU threads for torch")
     g.add_argument("--precision", choices=["fp32", "bf16-mixed"],
-                   help="bf16-mixed: forward and signals in bfloat16 autocast, float32 weights (default fp32)")
+                   help="bf16-mixed: forward and signals in bfloat16 autocast, float32 weights")
+
+
+def _field_defaults() -> dict[str, Any]:
+    from dataclasses import MISSING, fields
+
+    from torchsal.config import ModelConfig, RoutingConfig, RuleConfig, TrainConfig
+
+    return {f.name: f.default for cls in (RoutingConfig, ModelConfig, RuleConfig, TrainConfig) for f in fields(cls)
+            if f.default is not MISSING}
+
+
+def _show_defaults(p: argparse.ArgumentParser) -> None:
+    """Append each setting's default to its help (flags are None until resolved, so argparse cannot show them):
+    the rule-dependent ones per rule, the depth-aware ones with their depth."""
+    base = _field_defaults()
+    for action in p._actions:
+        name = action.dest
+        if name not in base and name not in ("rule", "recipe"):
+            continue
+        per_rule = {r: d[name] for r, d in RULE_DEFAULTS.items() if name in d}
+        if name == "rule":
+            text = "sal"
+        elif name == "recipe":
+            text = "default"
+        elif per_rule:
+            groups: dict[Any, list[str]] = {}
+            for r in RULE_DEFAULTS:
+                groups.setdefault(per_rule.get(r, base[name]), []).append(r)
+            text = "; ".join(f"{'/'.join(rules)}: {value}" for value, rules in groups.items())
+        else:
+            text = str(base[name])
+        if name in DEEP_DEFAULTS:
+            text += f"; {DEEP_DEFAULTS[name]} from {DEEP_FROM} hidden layers"
+        action.help = f"{action.help or ''} (default: {text})".lstrip()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_p.add_argument("--quiet", action="store_true", help="no progress bar")
     train_p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     _add_train_flags(train_p)
+    _show_defaults(train_p)
 
     eval_p = sub.add_parser("eval", help="evaluate a trained model (DIR/model.pt) on a dataset")
     eval_p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
