@@ -27,8 +27,8 @@ PRESETS = {
     "bp": {"rule": "bp", "areas": 1, "shared": False},
     "dfa": {"rule": "dfa", "areas": 1, "shared": False},
     "sal-direct": {"rule": "sal", "signal": "direct"},
-    "sal-local": {"rule": "sal", "signal": "local", "readout": "shared"},
-    "sal-lean": {"rule": "sal", "signal": "local", "readout": "shared", "memory": "lean"},
+    "sal-local": {"rule": "sal", "signal": "local", "readout": "single"},
+    "sal-lean": {"rule": "sal", "signal": "local", "readout": "single", "memory": "lean"},
 }
 DEEP = {"block": "residual", "norm": "layer"}
 

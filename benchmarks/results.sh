@@ -7,5 +7,5 @@ DATA=${DATA:-../shared/data}
 DATASETS=${DATASETS:-digits,wine,breast-cancer,mnist1d,dna,satellite,letter,mnist,fashion-mnist,cifar10}
 RULES=${RULES:-bp,fa,dfa,sal,sal-direct,sal-local,bp-areas,bp-wide}
 recipe=${1:?usage: benchmarks/results.sh paper|tuned}
-torchsal bench --recipe "$recipe" --datasets "$DATASETS" --rules "$RULES" --seeds 0,1,2 --data-dir "$DATA" \
+torchsal bench --protocol "$recipe" --datasets "$DATASETS" --presets "$RULES" --seeds 0,1,2 --data-dir "$DATA" \
                --threads 1 --out "docs/results/$recipe"

@@ -107,11 +107,11 @@ MISTAKES = {
     "momentum with adam": (["--optimizer", "adam", "--momentum", "0.9"], "--momentum applies to --optimizer sgd"),
     # flags the chosen rule or model would ignore
     "signal with bp": (["--rule", "bp", "--signal", "local"], "--signal (--rule bp has no choice of signal"),
-    "readout with fa": (["--rule", "fa", "--readout", "shared"], "--readout (the local readouts exist only"),
+    "readout with fa": (["--rule", "fa", "--readout", "single"], "--readout (the local readouts exist only"),
     "feedback with bp": (["--rule", "bp", "--feedback", "per-area"], "--feedback (--rule bp has no per-layer"),
     "router with one area": (["--areas", "1", "--router", "frozen"], "--router (a model with --areas 1 has no"),
     "residual at depth 1": (["--depth", "1", "--block", "residual"], "--block (--block residual applies"),
-    "two at once": (["--rule", "dfa", "--signal", "local", "--readout", "shared"],
+    "two at once": (["--rule", "dfa", "--signal", "local", "--readout", "single"],
                     "these flags do not apply here: --signal"),
     "resume without checkpoint": (["--resume", "{d}/norun"], "no checkpoint.pt there"),
     # config files
@@ -192,3 +192,18 @@ def test_help_shows_every_default(capsys):
                   "layer (default: 256)", "(default: plain; residual from 8 hidden layers)", "--epochs EPOCHS "
                   "(default: 30)", "(default: bp/fa/dfa: False; sal: True)"):
         assert piece in text, piece
+
+
+def test_old_spellings_still_work_with_a_warning(tmp_path, caplog):
+    """"shared" named three things; the readout and feedback values are renamed, the old ones kept for a release."""
+    import logging
+
+    from torchsal.cli import main
+
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", "--readout", "shared", "--feedback", "shared", "--max-steps", "2", "--quiet",
+                     "--out", str(tmp_path)]) == 0
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["readout"], config["feedback"]) == ("single", "per-layer")
+    assert "readout 'shared' is deprecated, say 'single'" in caplog.text
+    assert "feedback 'shared' is deprecated, say 'per-layer'" in caplog.text

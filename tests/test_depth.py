@@ -42,7 +42,7 @@ def test_128_layers_forward_is_finite():
     assert logits.shape == (32, 3) and torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("readout", ["per-layer", "shared"])
+@pytest.mark.parametrize("readout", ["per-layer", "single"])
 @pytest.mark.parametrize("areas,routing", [(1, "input"), (3, "input"), (3, "layer")])
 def test_lean_memory_gives_the_same_updates(readout, areas, routing):
     x, y = torch.randn(24, 5, generator=torch.Generator().manual_seed(0)), torch.arange(24) % 3
@@ -61,7 +61,7 @@ def test_lean_memory_gives_the_same_updates(readout, areas, routing):
 
 def test_shared_readout_is_one_matrix():
     model = deep(depth=6, areas=1)
-    rule = build_rule(model, RuleConfig(rule="sal", signal="local", readout="shared"), 0)
+    rule = build_rule(model, RuleConfig(rule="sal", signal="local", readout="single"), 0)
     assert len(rule._matrices("local")) == 1
     assert len(build_rule(model, RuleConfig(rule="sal", signal="local"), 0)._matrices("local")) == 6
 
@@ -124,11 +124,11 @@ def test_depth_aware_defaults_choose_the_architecture_that_trains_at_depth(tmp_p
 
     shallow, deep = make_config("sal", depth=DEEP_FROM - 1), make_config("sal", depth=DEEP_FROM)
     assert (shallow.model.block, shallow.model.norm, shallow.rule.readout) == ("plain", "none", "per-layer")
-    assert (deep.model.block, deep.model.norm, deep.rule.readout) == ("residual", "layer", "shared")
+    assert (deep.model.block, deep.model.norm, deep.rule.readout) == ("residual", "layer", "single")
     mine = make_config("bp", depth=64, block="plain", norm="rms")
     assert (mine.model.block, mine.model.norm) == ("plain", "rms")
     (tmp_path / "deep.toml").write_text("depth = 16\nnorm = 'rms'\n")
     assert main(["train", "--config", str(tmp_path / "deep.toml"), "--width", "8", "--max-steps", "2",
                  "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "architecture: 16 hidden layers of 8, residual blocks, rms norm, shared local readout" in out
+    assert "architecture: 16 hidden layers of 8, residual blocks, rms norm, single local readout" in out

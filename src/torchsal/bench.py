@@ -24,7 +24,16 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from torchsal.config import ConfigError, ModelConfig, RoutingConfig, RuleConfig, RunConfig, TrainConfig, make_config
+from torchsal.config import (
+    DEPRECATED_VALUES,
+    ConfigError,
+    ModelConfig,
+    RoutingConfig,
+    RuleConfig,
+    RunConfig,
+    TrainConfig,
+    make_config,
+)
 from torchsal.data import load_dataset, locate_dataset, make_splits
 from torchsal.errors import DataError
 from torchsal.models import count_parameters
@@ -126,7 +135,8 @@ def matched_width(in_features: int, num_classes: int, settings: dict[str, Any]) 
 def _identity(config: dict[str, Any]) -> dict[str, Any]:
     """What makes a run itself: every setting but where its data and outputs live and how many CPU threads ran it
     (a report rebuilt with another thread count finds the same runs)."""
-    return {k: v for k, v in config.items() if k not in ("data_dir", "out", "threads")}
+    current = {k: DEPRECATED_VALUES.get((k, v), v) if isinstance(v, str) else v for k, v in config.items()}
+    return {k: v for k, v in current.items() if k not in ("data_dir", "out", "threads")}
 
 
 def _key(config: RunConfig) -> str:

@@ -24,6 +24,7 @@ from torchsal.config import (
     check_applicable,
     make_config,
     read_config_file,
+    renamed,
 )
 from torchsal.errors import ConfigError, RunInterrupted, TorchsalError
 
@@ -69,9 +70,11 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block", choices=["plain", "residual"], help="hidden layers after the first")
     g.add_argument("--norm", choices=["none", "layer", "rms"], help="pre-norm in residual blocks and before the head")
     g.add_argument("--signal", choices=["direct", "local", "both"], help="SAL's hidden-layer signal")
-    g.add_argument("--readout", choices=["per-layer", "shared"], help="local readouts: one per layer or one shared")
-    g.add_argument("--feedback", choices=["shared", "per-area"],
-                   help="fixed feedback matrices/readouts: one per layer, or one per area of each layer")
+    g.add_argument("--readout", choices=["per-layer", "single", "shared"],
+                   help="local readouts: one per layer, or a single one for all ('shared': old spelling of single)")
+    g.add_argument("--feedback", choices=["per-layer", "per-area", "shared"],
+                   help="fixed feedback matrices/readouts: one per layer, or one per area of each layer ('shared': old "
+                        "spelling of per-layer)")
     g.add_argument("--memory", choices=["standard", "lean"],
                    help="lean: update each layer right after its forward step (sal, local signal)")
     g = p.add_argument_group("optimisation")
@@ -156,10 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench_p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     bench_p.add_argument("--datasets", default=",".join(TEN_DATASETS), help="comma-separated (default: the ten)")
     main_presets = [p for p in PRESETS if p not in ABLATIONS or p in ("sal", "sal-direct", "sal-local")]
-    bench_p.add_argument("--rules", default=",".join(main_presets),
-                         help=f"presets: {', '.join(PRESETS)}; 'ablations' expands to the SAL ablation set")
+    bench_p.add_argument("--presets", "--rules", dest="rules", metavar="PRESETS", default=",".join(main_presets),
+                         help=f"comma-separated presets (a rule on a model): {', '.join(PRESETS)}; 'ablations' "
+                         "expands to the SAL ablation set (--rules: old spelling; default: %(default)s)")
     bench_p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    bench_p.add_argument("--recipe", default="tuned", choices=sorted(RECIPES))
+    bench_p.add_argument("--protocol", "--recipe", dest="recipe", default="tuned", choices=sorted(RECIPES),
+                         help="the benchmark protocol: tuned (a search on validation per preset) or paper (the "
+                         "paper's setup); --recipe: old spelling, which train --recipe means otherwise "
+                         "(default: %(default)s)")
     bench_p.add_argument("--out", required=True, help="results folder (reused to resume)")
     bench_p.add_argument("--data-dir", help="folder holding dataset files")
     bench_p.add_argument("--threads", type=int, help="CPU threads for torch")
@@ -184,7 +191,7 @@ def _summary(m: dict[str, Any]) -> str:
     c = m["config"]
     deep = (f"\narchitecture: {c['depth']} hidden layers of {c['width']}, {c['block']} blocks, {c['norm']} norm"
             + (f", {c['readout']} local readout" if c["rule"] == "sal" and c["signal"] != "direct" else "")
-            + f" (from {DEEP_FROM} layers on the defaults are residual, layer, shared; "
+            + f" (from {DEEP_FROM} layers on the defaults are residual, layer, single; "
             "--block/--norm/--readout choose)") if c["depth"] >= DEEP_FROM else ""
     return (f"{m['rule']} on {m['dataset']}: test accuracy {m['test_accuracy']:.4f} "
             f"(val {m['val_accuracy']:.4f}) after {m['epochs']} epochs, {m['steps']} steps, "
@@ -198,7 +205,8 @@ def _train(args: argparse.Namespace) -> int:
     from torchsal.train import Trainer
 
     ctx = distributed.init_from_env(args.device or "cpu", args.dist_timeout)
-    settings = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS and v is not None}
+    settings = renamed({k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS and v is not None},
+                       "torchsal train")
     if args.checkpoint_every is not None and args.checkpoint_every < 1:
         raise ConfigError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
     if args.resume:
@@ -336,6 +344,10 @@ def _bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     from torchsal.bench import ABLATIONS, SUITE_CPU_HOURS, TEN_DATASETS
 
+    for old, new in (("--rules", "--presets"), ("--recipe", "--protocol")):
+        if old in args.argv:
+            logging.getLogger("torchsal").warning("bench %s is deprecated, say %s (the old spelling goes in the "
+                                                  "next release)", old, new)
     presets = [q for p in args.rules.split(",") if p for q in (ABLATIONS if p == "ablations" else [p])]
     if args.datasets == ",".join(TEN_DATASETS) and not args.report_only:
         hours = SUITE_CPU_HOURS.get(args.recipe)

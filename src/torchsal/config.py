@@ -9,6 +9,7 @@ the CLI and config files produce) and ``RunConfig.to_dict`` is flat too.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,24 @@ from pathlib import Path
 from typing import Any
 
 from torchsal.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+# Old spellings, accepted for one release: "shared" named three things (the shared path, one feedback matrix per
+# layer, one readout for all layers). (setting, old value) -> new value.
+DEPRECATED_VALUES: dict[tuple[str, str], str] = {("readout", "shared"): "single", ("feedback", "shared"): "per-layer"}
+
+
+def renamed(settings: dict[str, Any], source: str) -> dict[str, Any]:
+    """``settings`` with old spellings replaced by the new ones, each replacement warned about once."""
+    out = dict(settings)
+    for (name, old), new in DEPRECATED_VALUES.items():
+        if out.get(name) == old:
+            out[name] = new
+            log.warning("%s: %s %r is deprecated, say %r (the old spelling goes in the next release)", source,
+                        name, old, new)
+    return out
 
 
 def _choice(name: str, value: Any, options: tuple[str, ...]) -> None:
@@ -82,10 +101,10 @@ class RuleConfig:
     # SAL's hidden-layer signal: "direct" (fixed random projection of the output error), "local" (layer-local
     # alignment objective through a fixed random readout) or "both" (their sum).
     signal: str = "local"
-    # Fixed random readouts of the local signal: one per hidden layer, or one shared by all of them.
+    # Fixed random readouts of the local signal: one per hidden layer, or a single one for all of them.
     readout: str = "per-layer"
-    # Feedback matrices and readouts: one per layer ("shared" by its areas) or one per area of each layer.
-    feedback: str = "shared"
+    # Feedback matrices and readouts: one per layer (all its areas use it) or one per area of each layer.
+    feedback: str = "per-layer"
     # "lean": each hidden layer updates as soon as its own forward step is done, so no earlier layer's
     # activations are kept (needs layer-local signals: --rule sal --signal local).
     memory: str = "standard"
@@ -95,8 +114,10 @@ class RuleConfig:
 
         _choice("rule", self.rule, tuple(sorted(RULES)))
         _choice("signal", self.signal, ("direct", "local", "both"))
-        _choice("readout", self.readout, ("per-layer", "shared"))
-        _choice("feedback", self.feedback, ("shared", "per-area"))
+        for name in ("readout", "feedback"):        # old spellings (stored runs, configs): silently the new ones
+            object.__setattr__(self, name, DEPRECATED_VALUES.get((name, getattr(self, name)), getattr(self, name)))
+        _choice("readout", self.readout, ("per-layer", "single"))
+        _choice("feedback", self.feedback, ("per-layer", "per-area"))
         _choice("memory", self.memory, ("standard", "lean"))
         if self.memory == "lean" and (self.rule != "sal" or self.signal != "local"):
             raise ConfigError("--memory lean needs layer-local signals (--rule sal --signal local): other rules "
@@ -264,7 +285,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
                 flat[name] = v if name == "recipe" else check_type(name, v)
             except ConfigError as exc:
                 raise ConfigError(f"--config {path}: {exc}") from None
-    return flat
+    return renamed(flat, f"--config {path}")
 
 
 # Depth-aware defaults: from DEEP_FROM hidden layers on, the architecture that trains at depth (measured on MNIST,
@@ -273,7 +294,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 # 0.89-0.91; residual blocks already help BP at 8 layers, 0.954 against 0.935; docs/defaults.md). Unset
 # block/norm/readout follow them; explicit settings, recipes and config files win.
 DEEP_FROM = 8
-DEEP_DEFAULTS: dict[str, Any] = {"block": "residual", "norm": "layer", "readout": "shared"}
+DEEP_DEFAULTS: dict[str, Any] = {"block": "residual", "norm": "layer", "readout": "single"}
 
 
 def make_config(rule: str = "sal", recipe: str = "default", **overrides: Any) -> RunConfig:
@@ -306,7 +327,7 @@ def make_config(rule: str = "sal", recipe: str = "default", **overrides: Any) ->
 
 def check_applicable(config: RunConfig, explicit: set[str]) -> None:
     """Refuse settings the user gave that the chosen rule or model would silently ignore, all named at once
-    (``--rule bp --signal local``, ``--rule fa --readout shared``, routing options on a one-area model)."""
+    (``--rule bp --signal local``, ``--rule fa --readout single``, routing options on a one-area model)."""
     rule, model, routing = config.rule, config.model, config.model.routing_config
     local = rule.rule == "sal" and rule.signal in ("local", "both")
     reasons = {

@@ -46,13 +46,13 @@ class LocalSignalRule(LearningRule):
             self._register_matrices("direct", [random_matrix(classes, w, w, generator)
                                                for w in widths for _ in range(self.per_layer)])
         if "local" in self.signals():
-            readouts = widths[:1] if config.readout == "shared" else widths
+            readouts = widths[:1] if config.readout == "single" else widths
             self._register_matrices("local", [random_matrix(classes, w, w, generator)
                                               for w in readouts for _ in range(self.per_layer)])
 
     def _layer(self, kind: str, layer: int) -> list[Tensor]:
         """The fixed matrices of ``kind`` that serve hidden layer ``layer``: one, or one per area."""
-        if kind == "local" and self.config.readout == "shared":
+        if kind == "local" and self.config.readout == "single":
             layer = 0
         return self._matrices(kind, layer * self.per_layer, (layer + 1) * self.per_layer)
 
