@@ -37,8 +37,10 @@ def deep_config(preset: str, depth: int, width: int, batch: int, **extra):  # no
     """The run config of ``preset`` on the deep model: ``depth`` residual pre-norm blocks of ``width``."""
     from torchsal import make_config
 
+    from torchsal.config import resolve_areas
+
     settings = {**DEEP, **PRESETS[preset], "depth": depth, "width": width, "batch_size": batch, **extra}
-    return make_config(settings.pop("rule"), **settings)
+    return resolve_areas(make_config(settings.pop("rule"), **settings), 60_000)     # MNIST-sized: 16 areas
 
 
 def measure_memory(preset: str, depth: int, width: int, batch: int) -> dict:

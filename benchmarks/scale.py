@@ -36,6 +36,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from torchsal import build_model, build_rule, make_config
+from torchsal.config import resolve_areas
 from torchsal.dispatch import release_gradients
 from torchsal.train import make_optimizer
 
@@ -48,6 +49,7 @@ ELEMENT_BYTES = {"sgd": 3 * 4, "sgd-momentum": 5 * 4, "adam": 7 * 4, "adamw": 7 
 def build(rule: str, width: int, depth: int, batch: int, optimizer: str, **settings):
     config = make_config(rule, width=width, depth=depth, batch_size=batch, optimizer=optimizer,
                          **({"momentum": 0.9} if optimizer == "sgd" else {}), **settings)
+    config = resolve_areas(config, 60_000)                  # MNIST-sized: areas "auto" are 16
     model = build_model(784, 10, config.model)
     learning_rule = build_rule(model, config.rule)
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], config.train)

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -93,3 +95,21 @@ def test_bfloat16_models_hold_and_train_bfloat16_weights(digits, rule):
     assert nbytes["bfloat16"] * 2 == nbytes["float32"]
     assert half.metrics["test_accuracy"] >= runs["float32"].metrics["test_accuracy"] - 0.05
     assert half.metrics["test_accuracy"] > 0.8
+
+
+def test_areas_auto_follow_the_training_set_and_are_stored_resolved(tmp_path):
+    from torchsal.config import auto_areas
+    from torchsal.train import Trainer
+
+    assert [auto_areas(n) for n in (127, 409, 1293, 1600, 60_000)] == [2, 4, 8, 16, 16]
+    trainer = Trainer(make_config("sal", dataset="wine", areas="auto", epochs=1, out=str(tmp_path)))
+    assert trainer.config.model.routing_config.areas == 2 == len(trainer.model.layers[0].weight)
+    trainer.fit(progress=False)
+    assert json.loads((tmp_path / "config.json").read_text())["areas"] == 2
+
+
+def test_areas_take_a_number_or_auto():
+    from torchsal.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--areas takes a number or auto, got 'many'"):
+        make_config("sal", areas="many")

@@ -33,6 +33,7 @@ from torchsal.config import (
     RunConfig,
     TrainConfig,
     make_config,
+    resolve_areas,
 )
 from torchsal.data import load_dataset, locate_dataset, make_splits
 from torchsal.errors import DataError
@@ -119,12 +120,18 @@ RECIPES: dict[str, Recipe] = {
 def preset_config(preset: str, **settings: Any) -> RunConfig:
     """The run configuration of a named preset, with ``settings`` on top (the studies in benchmarks/ use it)."""
     merged = {**PRESETS[preset], **settings}
-    return make_config(merged.pop("rule"), **merged)
+    return _with_paper_areas(make_config(merged.pop("rule"), **merged))
+
+
+def _with_paper_areas(config: RunConfig) -> RunConfig:
+    """The benchmark keeps the paper's 16 areas on every dataset where a preset leaves the number to the default
+    (``auto`` would pick fewer on the small sets), so its runs and tables stay comparable with the paper's."""
+    return resolve_areas(config, 10**9)
 
 
 def matched_width(in_features: int, num_classes: int, settings: dict[str, Any]) -> int:
     """Dense width whose total parameters equal those of SAL's routed model with the same settings."""
-    sal = make_config("sal", **{k: v for k, v in settings.items() if k != "rule"})
+    sal = _with_paper_areas(make_config("sal", **{k: v for k, v in settings.items() if k != "rule"}))
     target = count_parameters(in_features, num_classes, sal.model)
     depth = sal.model.depth
     # total(w) = (d+1)w + (depth-1)(w^2+w) + (w+1)C ; solve for the dense width w (quadratic when depth > 1)
@@ -238,7 +245,7 @@ class Bench:
 
     def _run(self, dataset: str, preset: str, settings: dict[str, Any], trial: dict[str, Any],
              chosen: bool = False) -> dict[str, Any] | None:
-        config = make_config(settings["rule"], **{k: v for k, v in settings.items() if k != "rule"})
+        config = _with_paper_areas(make_config(settings["rule"], **{k: v for k, v in settings.items() if k != "rule"}))
         path = self.runs / _key(config) / "metrics.json"
         path = path if path.is_file() else self._older_run(config) or path
         if path.is_file():

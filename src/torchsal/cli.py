@@ -36,6 +36,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _areas(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number of areas or auto, got {text!r}") from None
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     # Unset flags are None: the rule's measured defaults and the recipe then apply (see config.RULE_DEFAULTS).
     p.add_argument("--rule", choices=sorted(RULE_DEFAULTS), help="learning rule")
@@ -60,7 +69,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--depth", type=int, help="hidden layers")
     g.add_argument("--width", type=int, help="units per hidden layer")
-    g.add_argument("--areas", type=int, help="K areas per layer (1 = dense)")
+    g.add_argument("--areas", type=_areas, metavar="K|auto",
+                   help="K areas per layer (1 = dense); auto: a power of two from 2 to 16, about 100 training "
+                   "samples per area or more")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], help="weight type")
     g.add_argument("--shared", action=argparse.BooleanOptionalAction, default=None,
                    help="always-on shared path beside the areas (dual path)")

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from torchsal.config import ModelConfig
 from torchsal.dispatch import Groups, group_by_area
+from torchsal.errors import ConfigError
 from torchsal.layers import AreaLinear
 from torchsal.routing import Router
 
@@ -66,6 +67,9 @@ class AreaMLP(nn.Module):
                  generator: torch.Generator | None = None, owned: range | None = None) -> None:
         super().__init__()
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        if not isinstance(config.routing_config.areas, int):
+            raise ConfigError("areas 'auto' follow the training set's size: resolve them first with "
+                              "torchsal.config.resolve_areas(config, n_train), as the trainer does, or give a number")
         self.config = config
         self.dtype = dtype = getattr(torch, config.dtype)
         rc = config.routing_config
@@ -174,6 +178,8 @@ def count_parameters(in_features: int, num_classes: int, config: ModelConfig) ->
     """Total parameters of the model ``config`` describes, without allocating it (for memory checks and for
     matching a dense model's size to a routed one)."""
     rc, k = config.routing_config, config.routing_config.areas
+    if not isinstance(k, int):
+        raise ConfigError("count_parameters needs a number of areas; resolve areas 'auto' first (resolve_areas)")
     sizes = [in_features] + [config.width] * config.depth + [num_classes]
     layers = sum((k + config.shared) * a * b + k * b for a, b in zip(sizes, sizes[1:]))
     if config.norm != "none":

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 import torchsal
 from torchsal import distributed, optim
-from torchsal.config import RunConfig, TrainConfig, make_config
+from torchsal.config import RunConfig, TrainConfig, make_config, resolve_areas
 from torchsal.data import Splits, load_dataset, make_splits
 from torchsal.diagnostics import alignment, area_statistics, interference
 from torchsal.dispatch import release_gradients, sgd_in_backward
@@ -166,6 +166,11 @@ class Trainer:
         if splits is None:
             splits = make_splits(load_dataset(cfg.dataset, cfg.data_dir, cfg.grayscale), cfg.seed)
         self.splits = splits
+        resolved = resolve_areas(config, len(splits.y_train))
+        if resolved is not config:
+            log.info("areas auto: %d areas for %d training samples", resolved.model.routing_config.areas,
+                     len(splits.y_train))
+            self.config = config = resolved
         check_sizes(config, splits)
         self.model = build_model(splits.in_features, splits.num_classes, config.model, cfg.seed,
                                  self._owned_areas()).to(self.device)
