@@ -102,7 +102,7 @@ def fake_train_any(calls):
 @pytest.mark.parametrize("depth", [1, 2])
 def test_bp_wide_matches_sal_parameter_count(depth):
     width = matched_width(64, 10, {"depth": depth, "width": 256})
-    sal = build_model(64, 10, make_config("sal", depth=depth).model).parameter_counts()["params_total"]
+    sal = build_model(64, 10, make_config("sal", depth=depth, areas=16).model).parameter_counts()["params_total"]
     dense = build_model(64, 10, make_config("bp", depth=depth, width=width).model).parameter_counts()["params_total"]
     assert abs(dense - sal) / sal < 0.01
 

@@ -177,7 +177,8 @@ def test_without_a_terminal_progress_is_one_line_per_epoch():
     res = subprocess.run([sys.executable, "-m", "torchsal", "train", "--epochs", "3", "--width", "16"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    lines = res.stderr.strip().splitlines()
+    lines = [line for line in res.stderr.strip().splitlines() if "epoch" in line]
+    assert res.stderr.startswith("INFO: areas auto: 8 areas for 1293 training samples")
     assert [line.split(", step")[0] for line in lines] == [f"INFO: sal digits epoch {e}/3" for e in (1, 2, 3)]
     assert "\r" not in res.stderr and "val accuracy" in lines[-1]
 
@@ -188,9 +189,10 @@ def test_help_shows_every_default(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for piece in ("--lr LR learning rate (default: bp/fa/dfa: 0.003; sal: 0.001)", "--width WIDTH units per hidden "
+    for piece in ("--lr LR learning rate (default: bp/fa/dfa/sal: 0.003)", "--width WIDTH units per hidden "
                   "layer (default: 256)", "(default: plain; residual from 8 hidden layers)", "--epochs EPOCHS "
-                  "(default: 30)", "(default: bp/fa/dfa: False; sal: True)"):
+                  "(default: bp/sal: 60; fa/dfa: 30)", "(default: bp/fa/dfa: False; sal: True)",
+                  "(default: bp/fa/dfa: 1; sal: auto)"):
         assert piece in text, piece
 
 

@@ -73,14 +73,14 @@ def test_a_dead_rank_stops_the_job_and_the_run_resumes_on_one_process(tmp_path):
     script.write_text(RANK_1_DIES_AT_STEP_9)
     run = tmp_path / "run"
     started = time.time()
-    res = torchrun(*ARGS, "--rule", "sal", "--checkpoint-every", "4", "--dist-timeout", "30", "--out", str(run),
-                   script=str(script), timeout=240)
+    res = torchrun(*ARGS, "--rule", "sal", "--areas", "16", "--checkpoint-every", "4", "--dist-timeout", "30",
+                   "--out", str(run), script=str(script), timeout=240)
     assert res.returncode != 0 and time.time() - started < 200          # stops, within a bounded time
     assert not (run / "model.pt").exists()
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 8
     res = single("train", "--resume", str(run), "--checkpoint-every", "4", "--quiet", "--threads", "1")
     assert res.returncode == 0, res.stderr
-    res = single(*ARGS, "--rule", "sal", "--out", str(tmp_path / "one"))
+    res = single(*ARGS, "--rule", "sal", "--areas", "16", "--out", str(tmp_path / "one"))
     assert res.returncode == 0, res.stderr
     assert_close_weights(weights(run), weights(tmp_path / "one"))
 

@@ -276,7 +276,8 @@ def _resume(args: argparse.Namespace, settings: dict[str, Any]):  # noqa: ANN202
     if "out" in given and Path(given["out"]).resolve() != Path(args.resume).resolve():
         raise ConfigError(f"--out {given['out']} with --resume {args.resume}: a resumed run writes into its own "
                           "folder; drop --out")
-    changed = [k for k, v in given.items() if k not in _RESUME_FREE and k not in _BUDGET and saved.get(k) != v]
+    changed = [k for k, v in given.items() if k not in _RESUME_FREE and k not in _BUDGET and saved.get(k) != v
+               and not (k == "areas" and v == "auto")]            # auto was resolved to the saved number
     overrides = {k: v for k, v in given.items() if k in _RESUME_FREE - {"out"} or k in _BUDGET}
     trainer = Trainer.resume(args.resume, overrides=overrides) if not changed else None
     shrunk = []
