@@ -36,7 +36,6 @@ DEEP = {"block": "residual", "norm": "layer"}
 def deep_config(preset: str, depth: int, width: int, batch: int, **extra):  # noqa: ANN201
     """The run config of ``preset`` on the deep model: ``depth`` residual pre-norm blocks of ``width``."""
     from torchsal import make_config
-
     from torchsal.config import resolve_areas
 
     settings = {**DEEP, **PRESETS[preset], "depth": depth, "width": width, "batch_size": batch, **extra}
