@@ -209,3 +209,16 @@ def test_old_spellings_still_work_with_a_warning(tmp_path, caplog):
     assert (config["readout"], config["feedback"]) == ("single", "per-layer")
     assert "readout 'shared' is deprecated, say 'single'" in caplog.text
     assert "feedback 'shared' is deprecated, say 'per-layer'" in caplog.text
+
+
+def test_route_from_is_the_new_spelling_of_routing(tmp_path, caplog):
+    import logging
+
+    from torchsal.cli import main
+
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", "--routing", "layer", "--max-steps", "2", "--quiet", "--out", str(tmp_path / "a")]) == 0
+    assert "--routing is deprecated, say --route-from" in caplog.text
+    assert main(["train", "--route-from", "layer", "--max-steps", "2", "--quiet", "--out", str(tmp_path / "b")]) == 0
+    for run in ("a", "b"):
+        assert json.loads((tmp_path / run / "config.json").read_text())["routing"] == "layer"

@@ -76,7 +76,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shared", action=argparse.BooleanOptionalAction, default=None,
                    help="always-on shared path beside the areas (dual path)")
     g.add_argument("--routing-dim", type=int, help="dimension of the routing space")
-    g.add_argument("--routing", choices=["input", "layer"], help="route once from the input, or per layer")
+    g.add_argument("--route-from", "--routing", dest="routing", choices=["input", "layer"],
+                   help="route once from the input, or per layer from its own input (--routing: old spelling, "
+                   "too close to --router)")
     g.add_argument("--router", choices=["learned", "frozen", "random"], help="routing projection (ablations)")
     g.add_argument("--block", choices=["plain", "residual"], help="hidden layers after the first")
     g.add_argument("--norm", choices=["none", "layer", "rms"], help="pre-norm in residual blocks and before the head")
@@ -211,10 +213,23 @@ def _summary(m: dict[str, Any]) -> str:
             f"areas: {used}{deep}")
 
 
+# Old flag spellings, accepted for one release: per command, old -> new.
+_DEPRECATED_FLAGS = {"train": {"--routing": "--route-from"},
+                     "bench": {"--rules": "--presets", "--recipe": "--protocol"}}
+
+
+def _warn_old_flags(args: argparse.Namespace) -> None:
+    for old, new in _DEPRECATED_FLAGS.get(args.command, {}).items():
+        if old in args.argv:
+            logging.getLogger("torchsal").warning("%s is deprecated, say %s (the old spelling goes in the next "
+                                                  "release)", old, new)
+
+
 def _train(args: argparse.Namespace) -> int:
     from torchsal import distributed
     from torchsal.train import Trainer
 
+    _warn_old_flags(args)
     ctx = distributed.init_from_env(args.device or "cpu", args.dist_timeout)
     settings = renamed({k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS and v is not None},
                        "torchsal train")
@@ -356,10 +371,7 @@ def _bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     from torchsal.bench import ABLATIONS, SUITE_CPU_HOURS, TEN_DATASETS
 
-    for old, new in (("--rules", "--presets"), ("--recipe", "--protocol")):
-        if old in args.argv:
-            logging.getLogger("torchsal").warning("bench %s is deprecated, say %s (the old spelling goes in the "
-                                                  "next release)", old, new)
+    _warn_old_flags(args)
     presets = [q for p in args.rules.split(",") if p for q in (ABLATIONS if p == "ablations" else [p])]
     if args.datasets == ",".join(TEN_DATASETS) and not args.report_only:
         hours = SUITE_CPU_HOURS.get(args.recipe)

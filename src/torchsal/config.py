@@ -284,6 +284,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         items = value.items() if isinstance(value, dict) else [(key, value)]
         for name, v in items:
             name = str(name).replace("-", "_")
+            name = {"route_from": "routing"}.get(name, name)     # the --route-from flag's setting
             if name not in KNOWN_FIELDS | {"rule", "recipe"}:
                 raise ConfigError(f"--config {path}: unknown key {name!r}; known keys: "
                                   f"{', '.join(sorted(KNOWN_FIELDS | {'recipe'}))}")
