@@ -77,7 +77,7 @@ def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def _ancestors(event) -> list[str]:
+def ancestors(event) -> list[str]:
     names, parent = [], event.cpu_parent
     while parent is not None:
         names.append(parent.name)
@@ -86,7 +86,7 @@ def _ancestors(event) -> list[str]:
 
 
 def category(event, backward: str) -> str:
-    above = _ancestors(event)
+    above = ancestors(event)
     if any(n.startswith("Optimizer.") for n in above + [event.name]):
         return "optimizer"
     if "torchsal.route" in above:

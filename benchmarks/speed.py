@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from scale import MATMULS  # benchmarks/scale.py: the matmul kernels a profile counts as matmuls
+from scale import MATMULS, ancestors, median_seconds  # benchmarks/scale.py: shared profiling helpers
 from torch.profiler import ProfilerActivity, profile
 
 from torchsal import make_config
@@ -120,16 +120,8 @@ def in_turns(steppers: dict[str, Stepper], rounds: int, steps: int) -> dict[str,
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _ancestors(event) -> list[str]:
-    names, parent = [], event.cpu_parent
-    while parent is not None:
-        names.append(parent.name)
-        parent = parent.cpu_parent
-    return names
-
-
 def category(event) -> str:
-    above = [event.name, *_ancestors(event)]
+    above = [event.name, *ancestors(event)]
     if any(n.startswith("Optimizer.") for n in above):
         return "optimizer"
     if "torchsal.route" in above:
@@ -155,20 +147,10 @@ def profile_split(stepper: Stepper, wall: float, steps: int) -> dict[str, float]
 
 
 # ----------------------------------------------------------------------------------------------- the floor
-def median_seconds(fn, repeats: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def copy_bandwidth(device: str) -> float:
     """Bytes per second (read + write) of a 256 MB copy: the ceiling of a memory-bound update."""
     src, dst = torch.randn(64 * 2**20, device=device), torch.randn(64 * 2**20, device=device)
-    return 2 * src.numel() * 4 / median_seconds(lambda: _synced(dst.copy_, src))
+    return 2 * src.numel() * 4 / median_seconds(lambda: _synced(dst.copy_, src), 7)
 
 
 def _synced(fn, *args) -> None:
@@ -181,7 +163,7 @@ def matmul_rate(rows: int, n_in: int, n_out: int, device: str) -> float:
     """FLOP/s of the regime's own dense matmul shape (batch x in -> out)."""
     a, b = torch.randn(rows, n_in, device=device), torch.randn(n_out, n_in, device=device)
     reps = max(1, int(2e8 // (2 * rows * n_in * n_out)))
-    seconds = median_seconds(lambda: _synced(lambda: [a @ b.T for _ in range(reps)])) / reps
+    seconds = median_seconds(lambda: _synced(lambda: [a @ b.T for _ in range(reps)]), 7) / reps
     return 2 * rows * n_in * n_out / seconds
 
 
