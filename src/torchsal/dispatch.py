@@ -30,9 +30,6 @@ import torch
 from torch import Tensor
 from torch.autograd.profiler import record_function
 
-# Gradient buffers of parameters whose gradient was released, reused by the next backward pass; keyed by the
-# parameter's id, each entry dropped as soon as its parameter is garbage-collected.
-_SPARE: dict[int, tuple[weakref.ref, Tensor]] = {}
 # (shape, dtype, device) keys on which torch._grouped_mm refused the layout: those run the per-area loop.
 _NO_GROUPED_MM: set[tuple] = set()
 # Parameters (by id) whose plain-SGD update is applied during their own backward, with their param group (lr).
@@ -103,13 +100,14 @@ def release_gradients(params: Iterable[Tensor]) -> None:
     Every ``.grad`` becomes None; the memory is reused instead of being freed and allocated again."""
     for p in params:
         if p.grad is not None:
-            _keep_spare(p, p.grad)
+            _give(p, "gradient", p.grad)
             p.grad = None
 
 
-# Scratch memory per (parameter, purpose), handed back after use for the next step: the weights a layer computes
-# with (folded with the shared path, or cast to bfloat16) and mixed precision's weight-gradient product. A fresh
-# weight-sized block per step costs its page faults (8 ms for 64 MB, measured) on top of the work (2 ms).
+# Memory per (parameter, purpose), handed back after use for the next step: released gradients, the weights a
+# layer computes with (folded with the shared path, or cast to bfloat16) and mixed precision's weight-gradient
+# product. A fresh weight-sized block per step costs its page faults (8 ms for 64 MB, measured) on top of the work
+# (2 ms); each entry is dropped as soon as its parameter is garbage-collected.
 _SCRATCH: dict[tuple[int, str], tuple[weakref.ref, Tensor]] = {}
 
 
@@ -135,20 +133,6 @@ def _compute_weights(weight: Tensor, shared: Tensor | None, dtype: torch.dtype) 
         return torch.add(weight, shared, out=out)
     out.copy_(weight)
     return out if shared is None else out.add_(shared.to(dtype))
-
-
-def _keep_spare(p: Tensor, buffer: Tensor) -> None:
-    """Keep ``buffer`` for ``p``'s next gradient; dropped as soon as ``p`` is garbage-collected."""
-    key = id(p)
-    _SPARE[key] = (weakref.ref(p, lambda _, key=key: _SPARE.pop(key, None)), buffer)
-
-
-def _gradient_buffer(p: Tensor) -> Tensor:
-    owner, spare = _SPARE.pop(id(p), (None, None))
-    if owner is not None and owner() is p and spare.shape == p.shape and spare.dtype == p.dtype \
-            and spare.device == p.device:
-        return spare
-    return torch.empty_like(p, memory_format=torch.contiguous_format)
 
 
 def _mark_touched(p: Tensor, groups: Groups) -> None:
@@ -298,13 +282,13 @@ class _GroupedLinear(torch.autograd.Function):
             if group is not None and not wants_shared:    # plain SGD in place: w[k] += (-lr) grad_k.T rows_k
                 _weight_gradient(grad, rows, groups, ctx.weight, -group["lr"], padded_grad, padded_rows)
             else:
-                grad_w = _weight_gradient(grad, rows, groups, _gradient_buffer(ctx.weight), None, padded_grad,
-                                          padded_rows)
+                buffer = _take(ctx.weight, "gradient", ctx.weight.dtype)
+                grad_w = _weight_gradient(grad, rows, groups, buffer, None, padded_grad, padded_rows)
                 if wants_shared:
                     grad_s = grad_w.sum(0)                     # every row is in one area: S gets their sum
                 if group is not None:                          # in place after all, from the product
                     ctx.weight.add_(grad_w, alpha=-group["lr"])   # empty areas: + 0, bit-identical
-                    _keep_spare(ctx.weight, grad_w)
+                    _give(ctx.weight, "gradient", grad_w)
                     grad_w = None
                 elif ctx.needs_input_grad[2]:
                     _mark_touched(ctx.weight, groups)
