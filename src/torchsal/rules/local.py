@@ -25,7 +25,7 @@ from torchsal.config import RuleConfig
 from torchsal.dispatch import Groups, area_linear, grouped_linear
 from torchsal.feedback import random_matrix
 from torchsal.models import AreaMLP
-from torchsal.rules.base import LearningRule, StepOutput, output_step, register_rule, rms
+from torchsal.rules.base import LearningRule, StepOutput, output_step, register_rule, rms, surrogate
 
 SIGNALS = {"direct": ("direct",), "local": ("local",), "both": ("direct", "local")}
 
@@ -93,7 +93,7 @@ class LocalSignalRule(LearningRule):
             def update(i: int, h: Tensor, groups: Groups | None, rows: Tensor | None) -> None:
                 onehot = labels if rows is None else labels[rows]
                 g = self.signal(i, h.detach(), None, onehot, groups, rows is not None)
-                ((h * g).sum() / batch).backward()
+                surrogate([h], [g], batch).backward()
                 mean_squares.append(torch.stack([h.detach().pow(2).mean(), g.pow(2).mean()]))
 
             trace = model.trace(x, detach=True, on_hidden=update)
@@ -105,8 +105,7 @@ class LocalSignalRule(LearningRule):
         grouped = trace.rows is not None
         signals = [self.signal(i, h.detach(), error, onehot, groups, grouped)
                    for i, (h, groups) in enumerate(zip(trace.hidden, trace.groups))]
-        surrogate = sum(((h * g).sum() for h, g in zip(trace.hidden, signals)), x.new_zeros(()))
-        return output_step(trace, y, surrogate / batch, signal_rms=rms(signals))
+        return output_step(trace, y, surrogate(trace.hidden, signals, batch), signal_rms=rms(signals))
 
 
 @register_rule("dfa")
