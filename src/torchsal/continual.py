@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from torchsal.config import RunConfig
+from torchsal.continual_methods import ContinualMethod
 from torchsal.data import Splits
 from torchsal.errors import ConfigError
 from torchsal.train import EVAL_BATCH, Trainer
@@ -73,17 +74,21 @@ def accuracy(model: torch.nn.Module, x: Tensor, y: Tensor, classes: list[int] | 
     return correct / len(y)
 
 
-def run_sequence(config: RunConfig, tasks: list[tuple[Splits, list[int]]]) -> dict[str, Any]:
-    """Train ``tasks`` in order with one model; the accuracy matrix, average accuracy and forgetting, for the
-    class-incremental and the task-incremental evaluation."""
+def run_sequence(config: RunConfig, tasks: list[tuple[Splits, list[int]]],
+                 method: ContinualMethod | None = None) -> dict[str, Any]:
+    """Train ``tasks`` in order with one model (and a continual-learning ``method``, any rule); the accuracy matrix,
+    average accuracy and forgetting, for the class-incremental and the task-incremental evaluation."""
     if len(tasks) < 2:
         raise ConfigError("a continual-learning sequence needs at least two tasks")
     trainer = Trainer(config, tasks[0][0])
+    trainer.method = method
     matrices: dict[str, list[list[float]]] = {"class_incremental": [], "task_incremental": []}
     for i, (task, _) in enumerate(tasks):
         if i:
             trainer.next_task(task)
         trainer.fit(progress=False)
+        if method is not None:
+            method.after_task(trainer, task)
         d = trainer.device
         matrices["class_incremental"].append([accuracy(trainer.model, t.x_test.to(d), t.y_test.to(d))
                                               for t, _ in tasks])

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 import torchsal
 from torchsal import distributed, optim
 from torchsal.config import RunConfig, TrainConfig, make_config, resolve_areas
+from torchsal.continual_methods import ContinualMethod
 from torchsal.data import Splits, load_dataset, make_splits
 from torchsal.diagnostics import alignment, area_statistics, interference
 from torchsal.dispatch import release_gradients, sgd_in_backward
@@ -190,6 +191,7 @@ class Trainer:
         self.first_bad_step = torch.tensor(-1, device=self.device)     # (GPU) first step with a non-finite loss
         self.checkpoint_every: int | None = None
         self.epoch_lines = False
+        self.method: ContinualMethod | None = None      # continual learning (torchsal.continual_methods)
 
     def _owned_areas(self) -> range | None:
         """Under ``--parallel area`` the block of areas this process holds; None (all) otherwise."""
@@ -343,6 +345,8 @@ class Trainer:
     def train_step(self, batch: Tensor) -> None:
         local = distributed.shard(batch, self.ctx)     # this rank's share of the global batch
         x, y = self.x_train[local], self.y_train[local]
+        if self.method is not None:                    # continual learning: replay joins stored samples
+            x, y = self.method.batch(x, y)
         release_gradients(self.model.parameters())   # .grad None, not zero: untouched areas stay untouched
         with self._updates_in_backward():
             with self._autocast():
@@ -350,7 +354,11 @@ class Trainer:
             self._check_loss(out.loss, x)
             out.loss.backward()
         distributed.sync_gradients(self.model, len(local), len(batch))
+        if self.method is not None:                    # EWC, SI: a per-parameter term added to the update
+            self.method.penalize(self.model)
         self.optimizer.step()
+        if self.method is not None:
+            self.method.after_step(self.model)
         self.scheduler.step()
         # Running sums stay on the device (read once per epoch): no host round trip per step on a GPU.
         self.sums["loss"] = self.sums["loss"] + out.task_loss * len(y)
@@ -386,7 +394,8 @@ class Trainer:
     def _updates_in_backward(self) -> contextlib.AbstractContextManager:
         """Plain SGD on one process: area updates applied in their own backward, no gradient written and read
         back (``dispatch.sgd_in_backward``); with several processes gradients must be all-reduced first."""
-        return sgd_in_backward(self.optimizer) if self.ctx.world == 1 else contextlib.nullcontext()
+        in_place = self.ctx.world == 1 and self.method is None     # a continual method needs the .grad protocol
+        return sgd_in_backward(self.optimizer) if in_place else contextlib.nullcontext()
 
     @torch.no_grad()
     def _first_non_finite(self, x: Tensor) -> str | None:
