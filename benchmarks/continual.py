@@ -4,6 +4,12 @@ Any benchmark preset runs too: ``--rules bp-areas`` (backprop on SAL's routed mo
 does from what SAL's learning rule does.
 
     python benchmarks/continual.py --data-dir ../shared/data --seeds 0,1,2 --epochs 2 --out docs/science
+    python benchmarks/continual.py --methods naive,ewc,si,replay,lwf --rules bp,sal --protocols split-mnist-domain \
+        --data-dir ../shared/data --seeds 0 --epochs 2 --out docs/continual
+
+Methods (torchsal.continual_methods; strengths by flag, to be chosen on validation of the first tasks): naive
+(plain fine-tuning), ewc, online-ewc, si, replay (a class-balanced buffer of --replay-per-task samples per task),
+lwf. Runs already in OUT/continual.jsonl are kept, so an interrupted study resumes.
 
 Writes continual.json and prints average accuracy and forgetting (mean ± std over seeds), class-incremental and
 task-incremental (for permuted tasks the two coincide: every task uses all ten classes). Routing never sees task
@@ -21,6 +27,7 @@ from study import RunLog, mean_std, study_parser
 from torchsal import load_dataset, make_splits
 from torchsal.bench import matched_width, preset_config
 from torchsal.continual import permuted_tasks, run_sequence, split_tasks
+from torchsal.continual_methods import EWC, SI, LwF, Replay
 
 
 def spread(values: list[float]) -> float:
@@ -28,7 +35,21 @@ def spread(values: list[float]) -> float:
 
 
 PROTOCOLS = {"split-mnist": ("mnist", "split"), "split-fashion-mnist": ("fashion-mnist", "split"),
-             "permuted-mnist": ("mnist", "permuted")}
+             "permuted-mnist": ("mnist", "permuted"), "split-mnist-domain": ("mnist", "split-domain"),
+             "split-fashion-mnist-domain": ("fashion-mnist", "split-domain")}
+
+
+def label(row: dict) -> str:
+    """A rule, and its continual-learning method unless plain fine-tuning ("naive")."""
+    method = row.get("method", "naive")
+    return row["rule"] if method == "naive" else f"{row['rule']} + {method}"
+
+
+def make_method(name: str, args, seed: int):  # noqa: ANN001, ANN201
+    methods = {"naive": lambda: None, "ewc": lambda: EWC(args.ewc_strength),
+               "online-ewc": lambda: EWC(args.ewc_strength, decay=0.9), "si": lambda: SI(args.si_strength),
+               "replay": lambda: Replay(args.replay_per_task, seed=seed), "lwf": lambda: LwF(args.lwf_strength)}
+    return methods[name]()
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -38,14 +59,14 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    protocols, rules = list(dict.fromkeys(r["protocol"] for r in rows)), list(dict.fromkeys(r["rule"] for r in rows))
+    protocols, rules = list(dict.fromkeys(r["protocol"] for r in rows)), list(dict.fromkeys(label(r) for r in rows))
     fig, axes = plt.subplots(2, 2, figsize=(9, 5.5), sharex=True)
     bar = 0.8 / len(rules)
     for col, ev in enumerate(("class_incremental", "task_incremental")):
         for row, key in enumerate(("average", "forgetting")):
             ax = axes[row][col]
             for i, rule in enumerate(rules):
-                values = [[r[ev][key] for r in rows if r["protocol"] == p and r["rule"] == rule] for p in protocols]
+                values = [[r[ev][key] for r in rows if r["protocol"] == p and label(r) == rule] for p in protocols]
                 means = [statistics.mean(v) if v else float("nan") for v in values]      # nan: not run
                 ax.bar([j + bar * i for j in range(len(protocols))], means, bar, yerr=[spread(v) for v in values],
                        label=rule)
@@ -59,33 +80,44 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = study_parser(__doc__, rules="bp,dfa,sal", epochs=2, epochs_help="epochs per task")
-    parser.add_argument("--protocols", default=",".join(PROTOCOLS))
+    parser.add_argument("--protocols", default="split-mnist,split-fashion-mnist,permuted-mnist")
+    parser.add_argument("--methods", default="naive", help="naive, ewc, online-ewc, si, replay, lwf")
+    parser.add_argument("--ewc-strength", type=float, default=100.0)
+    parser.add_argument("--si-strength", type=float, default=1.0)
+    parser.add_argument("--replay-per-task", type=int, default=200)
+    parser.add_argument("--lwf-strength", type=float, default=1.0)
     args = parser.parse_args()
     out = Path(args.out)
-    log = RunLog(out / "continual.jsonl", key=lambda r: (r["protocol"], r["rule"], r["seed"], r["epochs_per_task"]))
+    log = RunLog(out / "continual.jsonl", key=lambda r: (r["protocol"], r["rule"], r["seed"], r["epochs_per_task"],
+                                                         r.get("method", "naive")))
     for protocol in args.protocols.split(","):
         dataset, kind = PROTOCOLS[protocol]
         data = load_dataset(dataset, args.data_dir)
         for seed in map(int, args.seeds.split(",")):
             splits = make_splits(data, seed)
-            tasks = split_tasks(splits) if kind == "split" else permuted_tasks(splits, 10, seed)
+            tasks = (split_tasks(splits, domain=kind == "split-domain") if kind.startswith("split")
+                     else permuted_tasks(splits, 10, seed))
             for rule in args.rules.split(","):
-                if log.done((protocol, rule, seed, args.epochs)):
-                    continue
-                routed = preset_config(rule).model.routing_config.areas > 1
-                width = 256 if routed else matched_width(splits.in_features, splits.num_classes, {})  # same params
-                config = preset_config(rule, epochs=args.epochs, seed=seed, threads=args.threads, width=width)
-                result = run_sequence(config, tasks)
-                log.add({"protocol": protocol, "rule": rule, "seed": seed, "width": width,
-                         "epochs_per_task": args.epochs, **result})
+                for method in args.methods.split(","):
+                    if log.done((protocol, rule, seed, args.epochs, method)):
+                        continue
+                    routed = preset_config(rule).model.routing_config.areas > 1
+                    classes = tasks[0][0].num_classes
+                    width = 256 if routed else matched_width(splits.in_features, classes, {})  # same parameters
+                    config = preset_config(rule, epochs=args.epochs, seed=seed, threads=args.threads, width=width)
+                    result = run_sequence(config, tasks, make_method(method, args, seed))
+                    log.add({"protocol": protocol, "rule": rule, "seed": seed, "width": width, "method": method,
+                             "epochs_per_task": args.epochs, **result})
     rows = [r for r in log.rows if r["epochs_per_task"] == args.epochs]     # one budget per table
     plot(rows, out / "continual.png")
     (out / "continual.json").write_text(json.dumps(rows, indent=2) + "\n")
     print("\n| protocol | rule | evaluation | average accuracy | forgetting |\n|---|---|---|---|---|")
     for protocol in dict.fromkeys(r["protocol"] for r in rows):
-        for rule in dict.fromkeys(r["rule"] for r in rows):
+        for rule in dict.fromkeys(label(r) for r in rows):
             for ev in ("class_incremental", "task_incremental"):
-                sel = [r[ev] for r in rows if r["protocol"] == protocol and r["rule"] == rule]
+                sel = [r[ev] for r in rows if r["protocol"] == protocol and label(r) == rule]
+                if not sel:
+                    continue
                 avg, fgt = [s["average"] for s in sel], [s["forgetting"] for s in sel]
                 print(f"| {protocol} | {rule} | {ev.replace('_', '-')} | {mean_std(avg)} | {mean_std(fgt)} |")
 

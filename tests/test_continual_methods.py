@@ -10,7 +10,7 @@ from conftest import tiny
 
 from torchsal import make_config
 from torchsal.continual import run_sequence, split_tasks
-from torchsal.continual_methods import EWC, SI, Replay
+from torchsal.continual_methods import EWC, SI, LwF, Replay
 from torchsal.data import load_dataset, make_splits
 from torchsal.rules import RULES
 
@@ -82,10 +82,10 @@ def test_replay_keeps_exactly_its_stated_size_and_class_balance(digits_tasks):
 
 
 @pytest.mark.parametrize("rule", sorted(RULES))
-@pytest.mark.parametrize("method", ["ewc", "online-ewc", "si", "replay"])
+@pytest.mark.parametrize("method", ["ewc", "online-ewc", "si", "replay", "lwf"])
 def test_every_method_runs_with_every_rule(digits_tasks, rule, method):
     methods = {"ewc": EWC(strength=10.0, batches=5), "online-ewc": EWC(strength=10.0, decay=0.9, batches=5),
-               "si": SI(strength=1.0), "replay": Replay(per_task=50)}
+               "si": SI(strength=1.0), "replay": Replay(per_task=50), "lwf": LwF(strength=1.0)}
     config = make_config(rule, epochs=1, width=32, areas=4, batch_size=64)
     result = run_sequence(config, digits_tasks, methods[method])
     average = result["task_incremental"]["average"]
@@ -108,3 +108,40 @@ def test_the_trainer_applies_the_penalty_to_every_rules_update(rule):
         trainer.fit(progress=False)
         moved[strength] = sum(float((p.detach() - ewc.anchor[n]).norm()) for n, p in trainer.model.named_parameters())
     assert moved[10.0] < moved[0.0] / 3
+
+
+def test_lwf_adds_the_distillation_from_the_previous_model_to_every_rules_loss():
+    """strength * T^2 * KL(softmax(old / T) || softmax(new / T)) on the batch; zero while nothing has changed."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from torchsal.rules.base import output_terms
+
+    model, rule = tiny("sal", areas=4, shared=True)
+    x, y = torch.randn(16, 5, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 3
+    lwf = LwF(strength=2.0, temperature=3.0)
+    lwf.after_task(SimpleNamespace(model=model), None)
+    plain = rule(model, x, y).loss
+    with output_terms(lwf.output_term(x)):
+        same = rule(model, x, y).loss
+    torch.testing.assert_close(same, plain)                      # the previous model is this one: no term
+    old = copy.deepcopy(model)
+    with torch.no_grad():
+        old.layers[-1].bias.add_(0.7)
+    lwf.old = old
+    with output_terms(lwf.output_term(x)):
+        distilled = rule(model, x, y).loss
+    expected = 2.0 * 9.0 * F.kl_div(F.log_softmax(model(x) / 3.0, 1), F.softmax(old(x) / 3.0, 1),
+                                    reduction="batchmean")
+    torch.testing.assert_close(distilled - plain, expected)
+
+
+def test_domain_incremental_split_labels_each_pair_by_position():
+    splits = make_splits(load_dataset("digits"), seed=0)
+    tasks = split_tasks(splits, domain=True)
+    assert len(tasks) == 5 and all(classes == [0, 1] for _, classes in tasks)
+    task, _ = tasks[2]                                         # digits 4 and 5
+    assert task.num_classes == 2 and set(task.y_train.tolist()) == {0, 1}
+    original = splits.y_train[torch.isin(splits.y_train, torch.tensor([4, 5]))]
+    assert torch.equal(task.y_train, original - 4)

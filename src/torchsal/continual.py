@@ -5,6 +5,8 @@ Protocols (van de Ven & Tolias 2019):
 - ``split``: the classes of a dataset in consecutive pairs, one task each (split-MNIST: 5 tasks). Evaluated
   *class-incrementally* (argmax over all classes seen) and *task-incrementally* (argmax within the task's own
   classes, i.e. the task identity is given at test time).
+- ``split`` with ``domain=True``: the same pairs, labelled by their position in the pair (domain-incremental: one
+  two-way problem whose inputs change with each task).
 - ``permuted``: the same 10 classes under a fixed random pixel permutation per task (permuted-MNIST: 10 tasks).
 
 Routing never sees the task identity: areas are chosen from the input alone, so any separation of tasks into areas
@@ -30,11 +32,23 @@ from torchsal.errors import ConfigError
 from torchsal.train import EVAL_BATCH, Trainer
 
 
-def split_tasks(splits: Splits, classes_per_task: int = 2) -> list[tuple[Splits, list[int]]]:
-    """One task per consecutive group of classes; labels keep their global index."""
+def split_tasks(splits: Splits, classes_per_task: int = 2, domain: bool = False) -> list[tuple[Splits, list[int]]]:
+    """One task per consecutive group of classes; labels keep their global index (class- and task-incremental).
+    With ``domain`` the labels become the position within the task's group, so every task is the same
+    ``classes_per_task``-way problem on new inputs (domain-incremental: "first or second of the pair?")."""
     groups = [list(range(c, min(c + classes_per_task, splits.num_classes)))
               for c in range(0, splits.num_classes, classes_per_task)]
-    return [(_only(splits, g), g) for g in groups]
+    if not domain:
+        return [(_only(splits, g), g) for g in groups]
+    positions = list(range(classes_per_task))
+    return [(_as_positions(_only(splits, g), g), positions) for g in groups]
+
+
+def _as_positions(splits: Splits, classes: list[int]) -> Splits:
+    index = torch.full((splits.num_classes,), -1, dtype=torch.long)
+    index[torch.tensor(classes)] = torch.arange(len(classes))
+    parts = {f"y_{part}": index[getattr(splits, f"y_{part}")] for part in ("train", "val", "test")}
+    return replace(splits, classes=[f"position {i}" for i in range(len(classes))], **parts)
 
 
 def _only(splits: Splits, classes: list[int]) -> Splits:

@@ -13,6 +13,10 @@ update ``.grad`` the rule produced, so SAL's local updates are consolidated exac
 - **SI** (Zenke et al. 2017): during a task each parameter accumulates ``omega += -g * delta`` (its update times
   its actual change per step); at the task's end ``Omega += omega / (Delta ** 2 + xi)`` with ``Delta`` the task's
   total change; the penalty is ``strength * sum Omega (theta - theta_t) ** 2``.
+- **LwF** (Li & Hoiem 2016): a copy of the model as it left the last task; each step's output objective gets
+  ``strength * T^2 * KL(softmax(old / T) || softmax(new / T))`` on the current batch. The rule's own graph carries
+  it: through every layer for bp, through the fixed feedback for fa, into the output layer only for dfa and sal
+  (their hidden layers follow their own signals, so for them LwF consolidates the head).
 - **Replay**: a buffer keeping ``per_task`` training samples of every finished task, as many per class as the task
   has classes allow; each training batch is joined by ``batch`` samples drawn from it.
 
@@ -22,9 +26,12 @@ method is active.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchsal.data import Splits
@@ -36,6 +43,10 @@ class ContinualMethod:
     def batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """The batch a step trains on (replay adds stored samples)."""
         return x, y
+
+    def output_term(self, x: Tensor) -> Callable[[Any], Tensor] | None:
+        """A term for this step's output objective, a function of the step's trace (LwF), or None."""
+        return None
 
     def penalize(self, model: nn.Module) -> None:
         """Called after the rule's backward pass, before the optimizer: add this method's term to ``.grad``."""
@@ -127,6 +138,31 @@ class SI(_Quadratic):
                 total + self.xi)
         self.anchor = {name: p.detach().clone() for name, p in _params(trainer.model).items()}
         self.omega, self.start = {}, {}
+
+
+class LwF(ContinualMethod):
+    """Learning without forgetting: distillation from the model as it left the previous task."""
+
+    def __init__(self, strength: float = 1.0, temperature: float = 2.0) -> None:
+        self.strength, self.temperature = strength, temperature
+        self.old: nn.Module | None = None
+
+    def output_term(self, x: Tensor) -> Callable[[Any], Tensor] | None:
+        if self.old is None:
+            return None
+        with torch.no_grad():
+            old = self.old(x)                       # batch order
+
+        def distillation(trace: Any) -> Tensor:
+            t = self.temperature
+            target = F.softmax(trace.in_trace_order(old).float() / t, dim=1)
+            return self.strength * t * t * F.kl_div(F.log_softmax(trace.logits.float() / t, dim=1), target,
+                                                    reduction="batchmean")
+        return distillation
+
+    def after_task(self, trainer: Any, splits: Splits) -> None:
+        self.old = copy.deepcopy(trainer.model).eval()
+        self.old.requires_grad_(False)
 
 
 class Replay(ContinualMethod):

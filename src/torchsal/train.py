@@ -33,6 +33,7 @@ from torchsal.dispatch import release_gradients, sgd_in_backward
 from torchsal.errors import ConfigError, DivergenceError, RunInterrupted
 from torchsal.models import AreaMLP, build_model, count_parameters
 from torchsal.rules import LearningRule, build_rule
+from torchsal.rules.base import output_terms
 from torchsal.storage import load_plain, write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -348,7 +349,8 @@ class Trainer:
         if self.method is not None:                    # continual learning: replay joins stored samples
             x, y = self.method.batch(x, y)
         release_gradients(self.model.parameters())   # .grad None, not zero: untouched areas stay untouched
-        with self._updates_in_backward():
+        term = None if self.method is None else self.method.output_term(x)
+        with self._updates_in_backward(), output_terms(*([term] if term else [])):
             with self._autocast():
                 out = self.rule(self.model, x, y)      # (a lean rule already fills hidden layers' .grad here)
             self._check_loss(out.loss, x)

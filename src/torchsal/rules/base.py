@@ -7,7 +7,9 @@ gradient clipping works unchanged. Rules own their fixed feedback matrices as bu
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -79,11 +81,30 @@ def surrogate(hidden: list[Tensor], signals: list[Tensor], batch: int) -> Tensor
     return _Surrogate.apply(batch, *hidden, *signals)
 
 
+# Extra terms of the output layer's objective for one step (continual learning: LwF's distillation), each a function
+# of the step's trace returning a scalar. Each rule's own graph carries them: through every layer for bp, through
+# the fixed feedback for fa, into the head only for dfa and sal (their hidden layers follow their own signals).
+_OUTPUT_TERMS: contextvars.ContextVar[tuple[Callable[[Trace], Tensor], ...]] = contextvars.ContextVar(
+    "output_terms", default=())
+
+
+@contextlib.contextmanager
+def output_terms(*terms: Callable[[Trace], Tensor]) -> Iterator[None]:
+    """Inside this block, every rule's loss includes ``term(trace)`` for each term."""
+    token = _OUTPUT_TERMS.set(terms)
+    try:
+        yield
+    finally:
+        _OUTPUT_TERMS.reset(token)
+
+
 def output_step(trace: Trace, y: Tensor, hidden_loss: Tensor | None = None, activation_rms: Tensor | None = None,
                 signal_rms: Tensor | None = None) -> StepOutput:
     """The output layer's cross-entropy plus the routers' objective (and the hidden layers' surrogate, if any)."""
     task = F.cross_entropy(trace.logits, trace.in_trace_order(y))
     loss = task + trace.routing_loss if hidden_loss is None else task + hidden_loss + trace.routing_loss
+    for term in _OUTPUT_TERMS.get():
+        loss = loss + term(trace)
     return StepOutput(loss, trace.in_batch_order(trace.logits.detach()), task.detach(),
                       rms(trace.hidden) if activation_rms is None else activation_rms, signal_rms)
 
