@@ -7,9 +7,10 @@ does from what SAL's learning rule does.
     python benchmarks/continual.py --methods naive,ewc,si,replay,lwf --rules bp,sal --protocols split-mnist-domain \
         --data-dir ../shared/data --seeds 0 --epochs 2 --out docs/continual
 
-Methods (torchsal.continual_methods; strengths by flag, to be chosen on validation of the first tasks): naive
-(plain fine-tuning), ewc, online-ewc, si, replay (a class-balanced buffer of --replay-per-task samples per task),
-lwf. Runs already in OUT/continual.jsonl are kept, so an interrupted study resumes.
+Methods (torchsal.continual_methods): naive (plain fine-tuning), ewc, online-ewc, si, replay (a class-balanced
+buffer of --replay-per-task samples per finished task), lwf. Each strength is chosen from GRIDS on the validation
+parts of the first tasks (seed 0; OUT/selection.json), never on test. Runs already in OUT/continual.jsonl are kept,
+so an interrupted study resumes.
 
 Writes continual.json and prints average accuracy and forgetting (mean ± std over seeds), class-incremental and
 task-incremental (for permuted tasks the two coincide: every task uses all ten classes). Routing never sees task
@@ -45,11 +46,36 @@ def label(row: dict) -> str:
     return row["rule"] if method == "naive" else f"{row['rule']} + {method}"
 
 
-def make_method(name: str, args, seed: int):  # noqa: ANN001, ANN201
-    methods = {"naive": lambda: None, "ewc": lambda: EWC(args.ewc_strength),
-               "online-ewc": lambda: EWC(args.ewc_strength, decay=0.9), "si": lambda: SI(args.si_strength),
-               "replay": lambda: Replay(args.replay_per_task, seed=seed), "lwf": lambda: LwF(args.lwf_strength)}
+def make_method(name: str, strength: float | None, args, seed: int):  # noqa: ANN001, ANN201
+    methods = {"naive": lambda: None, "ewc": lambda: EWC(strength), "online-ewc": lambda: EWC(strength, decay=0.9),
+               "si": lambda: SI(strength), "replay": lambda: Replay(args.replay_per_task, seed=seed),
+               "lwf": lambda: LwF(strength)}
     return methods[name]()
+
+
+# Strengths tried per method, chosen on validation (never test): the main metric of the protocol's scenario,
+# averaged over the first SELECTION_TASKS tasks after training them, seed 0.
+GRIDS = {"ewc": (10.0, 100.0, 1000.0, 10000.0), "online-ewc": (10.0, 100.0, 1000.0, 10000.0),
+         "si": (0.1, 1.0, 10.0), "lwf": (0.5, 1.0, 2.0)}
+SELECTION_TASKS = 3
+
+
+def main_metric(protocol: str) -> str:
+    """Split protocols are judged class-incrementally (the hard scenario); domain and permuted ones have one."""
+    return "class_incremental" if protocol in ("split-mnist", "split-fashion-mnist") else "task_incremental"
+
+
+def choose_strength(protocol: str, rule: str, method: str, tasks, config, args, selection: dict) -> float | None:  # noqa: ANN001
+    if method not in GRIDS:
+        return None
+    key = f"{protocol}/{rule}/{method}"
+    if key not in selection:
+        scores = {}
+        for strength in GRIDS[method]:
+            result = run_sequence(config, tasks[:SELECTION_TASKS], make_method(method, strength, args, 0), part="val")
+            scores[strength] = result[main_metric(protocol)]["average"]
+        selection[key] = {"scores": scores, "chosen": max(scores, key=scores.get)}
+    return selection[key]["chosen"]
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -82,12 +108,11 @@ def main() -> None:
     parser = study_parser(__doc__, rules="bp,dfa,sal", epochs=2, epochs_help="epochs per task")
     parser.add_argument("--protocols", default="split-mnist,split-fashion-mnist,permuted-mnist")
     parser.add_argument("--methods", default="naive", help="naive, ewc, online-ewc, si, replay, lwf")
-    parser.add_argument("--ewc-strength", type=float, default=100.0)
-    parser.add_argument("--si-strength", type=float, default=1.0)
-    parser.add_argument("--replay-per-task", type=int, default=200)
-    parser.add_argument("--lwf-strength", type=float, default=1.0)
+    parser.add_argument("--replay-per-task", type=int, default=200, help="samples kept per finished task")
     args = parser.parse_args()
     out = Path(args.out)
+    selection_path = out / "selection.json"
+    selection = json.loads(selection_path.read_text()) if selection_path.is_file() else {}
     log = RunLog(out / "continual.jsonl", key=lambda r: (r["protocol"], r["rule"], r["seed"], r["epochs_per_task"],
                                                          r.get("method", "naive")))
     for protocol in args.protocols.split(","):
@@ -105,9 +130,13 @@ def main() -> None:
                     classes = tasks[0][0].num_classes
                     width = 256 if routed else matched_width(splits.in_features, classes, {})  # same parameters
                     config = preset_config(rule, epochs=args.epochs, seed=seed, threads=args.threads, width=width)
-                    result = run_sequence(config, tasks, make_method(method, args, seed))
+                    select_config = preset_config(rule, epochs=args.epochs, seed=0, threads=args.threads, width=width)
+                    strength = choose_strength(protocol, rule, method, tasks, select_config, args, selection)
+                    selection_path.parent.mkdir(parents=True, exist_ok=True)
+                    selection_path.write_text(json.dumps(selection, indent=1) + "\n")
+                    result = run_sequence(config, tasks, make_method(method, strength, args, seed))
                     log.add({"protocol": protocol, "rule": rule, "seed": seed, "width": width, "method": method,
-                             "epochs_per_task": args.epochs, **result})
+                             "strength": strength, "epochs_per_task": args.epochs, **result})
     rows = [r for r in log.rows if r["epochs_per_task"] == args.epochs]     # one budget per table
     plot(rows, out / "continual.png")
     (out / "continual.json").write_text(json.dumps(rows, indent=2) + "\n")

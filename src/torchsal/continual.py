@@ -89,9 +89,10 @@ def accuracy(model: torch.nn.Module, x: Tensor, y: Tensor, classes: list[int] | 
 
 
 def run_sequence(config: RunConfig, tasks: list[tuple[Splits, list[int]]],
-                 method: ContinualMethod | None = None) -> dict[str, Any]:
+                 method: ContinualMethod | None = None, part: str = "test") -> dict[str, Any]:
     """Train ``tasks`` in order with one model (and a continual-learning ``method``, any rule); the accuracy matrix,
-    average accuracy and forgetting, for the class-incremental and the task-incremental evaluation."""
+    average accuracy and forgetting, for the class-incremental and the task-incremental evaluation, on each task's
+    ``part`` ("test", or "val" to choose a method's strength without looking at test data)."""
     if len(tasks) < 2:
         raise ConfigError("a continual-learning sequence needs at least two tasks")
     trainer = Trainer(config, tasks[0][0])
@@ -104,10 +105,10 @@ def run_sequence(config: RunConfig, tasks: list[tuple[Splits, list[int]]],
         if method is not None:
             method.after_task(trainer, task)
         d = trainer.device
-        matrices["class_incremental"].append([accuracy(trainer.model, t.x_test.to(d), t.y_test.to(d))
-                                              for t, _ in tasks])
-        matrices["task_incremental"].append([accuracy(trainer.model, t.x_test.to(d), t.y_test.to(d), cls)
-                                             for t, cls in tasks])
+        scored = [(getattr(t, f"x_{part}").to(d), getattr(t, f"y_{part}").to(d)) for t, _ in tasks]
+        matrices["class_incremental"].append([accuracy(trainer.model, x, y) for x, y in scored])
+        matrices["task_incremental"].append([accuracy(trainer.model, x, y, cls)
+                                             for (x, y), (_, cls) in zip(scored, tasks, strict=True)])
     return {name: summarise(m) for name, m in matrices.items()}
 
 
