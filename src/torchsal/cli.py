@@ -277,9 +277,10 @@ def _resume(args: argparse.Namespace, settings: dict[str, Any]):  # noqa: ANN202
     of them named at once. A finished run is left as it is (returns None)."""
     from pathlib import Path
 
-    from torchsal.train import Trainer, saved_run_config
+    from torchsal.train import Trainer, read_checkpoint
 
-    saved = saved_run_config(args.resume)
+    state = read_checkpoint(args.resume)          # read once: also what the trainer resumes from
+    saved = dict(state["config"])
     given = dict(settings)
     if args.config:
         given = {**read_config_file(args.config), **given}
@@ -294,7 +295,7 @@ def _resume(args: argparse.Namespace, settings: dict[str, Any]):  # noqa: ANN202
     changed = [k for k, v in given.items() if k not in _RESUME_FREE and k not in _BUDGET and saved.get(k) != v
                and not (k == "areas" and v == "auto")]            # auto was resolved to the saved number
     overrides = {k: v for k, v in given.items() if k in _RESUME_FREE - {"out"} or k in _BUDGET}
-    trainer = Trainer.resume(args.resume, overrides=overrides) if not changed else None
+    trainer = Trainer.resume(args.resume, overrides=overrides, state=state) if not changed else None
     shrunk = []
     if trainer is not None:
         per_epoch = math.ceil(len(trainer.y_train) / trainer.config.train.batch_size)

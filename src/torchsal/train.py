@@ -258,12 +258,12 @@ class Trainer:
         return path
 
     @classmethod
-    def resume(cls, run_dir: str | Path, splits: Splits | None = None,
-               overrides: dict[str, Any] | None = None) -> Trainer:
+    def resume(cls, run_dir: str | Path, splits: Splits | None = None, overrides: dict[str, Any] | None = None,
+               state: dict[str, Any] | None = None) -> Trainer:
         """Continue the run whose checkpoint is in ``run_dir``, with the configuration saved in it; ``overrides``
         may extend the budget (``epochs``, ``max_steps``) or say where the data is and how to run (``data_dir``,
-        ``threads``, ``device``)."""
-        state = _read_checkpoint(run_dir)
+        ``threads``, ``device``). ``state``: the checkpoint, when the caller has read it already."""
+        state = read_checkpoint(run_dir) if state is None else state
         saved = dict(state["config"])
         settings = {**saved, **(overrides or {}), "out": str(run_dir)}
         trainer = cls(make_config(settings.pop("rule"), **settings), splits)
@@ -384,10 +384,7 @@ class Trainer:
 
     def _raise_if_diverged(self) -> None:
         if self.device.type != "cpu" and int(self.first_bad_step) >= 0:
-            step, self.step = self.step, int(self.first_bad_step) - 1
-            error = self._diverged("the loss became non-finite")
-            self.step = step
-            raise error
+            raise self._diverged("the loss became non-finite", step=int(self.first_bad_step))
 
     def _autocast(self) -> torch.autocast:
         """``--precision bf16-mixed``: forward and signals in bfloat16, float32 weights (the backward follows)."""
@@ -420,10 +417,11 @@ class Trainer:
         if bad:
             raise self._diverged(f"non-finite weights in {bad}")
 
-    def _diverged(self, what: str) -> DivergenceError:
+    def _diverged(self, what: str, step: int | None = None) -> DivergenceError:
+        """The error for a run gone non-finite at ``step`` (default: the step being taken)."""
         kept = self.out and (self.out / CHECKPOINT).is_file()
         return DivergenceError(
-            f"rule {self.config.rule.rule}: {what} at step {self.step + 1} (epoch {self.epoch}); lower --lr "
+            f"rule {self.config.rule.rule}: {what} at step {step or self.step + 1} (epoch {self.epoch}); lower --lr "
             f"(now {self.config.train.lr}) or use --schedule cosine"
             + (f"; the last good checkpoint is kept in {self.out / CHECKPOINT}" if kept else ""))
 
@@ -487,7 +485,8 @@ class Trainer:
         }
 
 
-def _read_checkpoint(run_dir: str | Path) -> dict[str, Any]:
+def read_checkpoint(run_dir: str | Path) -> dict[str, Any]:
+    """The checkpoint in ``run_dir`` (loaded without running code); one clear line when there is none."""
     path = Path(run_dir) / CHECKPOINT
     for stale in Path(run_dir).glob(f".{CHECKPOINT}.*.tmp"):    # left by a crash in the middle of a write
         stale.unlink()
@@ -495,11 +494,6 @@ def _read_checkpoint(run_dir: str | Path) -> dict[str, Any]:
         raise ConfigError(f"--resume {run_dir}: no {CHECKPOINT} there; train with --out DIR "
                           "--checkpoint-every N to write one (or interrupt a run with --out: Ctrl-C writes one)")
     return load_plain(path, "checkpoint", CHECKPOINT_FIELDS)
-
-
-def saved_run_config(run_dir: str | Path) -> dict[str, Any]:
-    """The flat configuration a run's checkpoint was written with."""
-    return dict(_read_checkpoint(run_dir)["config"])
 
 
 def train(config: RunConfig, splits: Splits | None = None, progress: bool = True,
