@@ -128,11 +128,12 @@ def test_report_only_trains_nothing_and_reports_what_is_finished(tmp_path, monke
 
 
 def test_runs_finished_before_new_settings_existed_are_reused():
-    from torchsal.bench import _field_defaults, _same_run
+    from torchsal.bench import _same_run
+    from torchsal.config import field_defaults
 
     wanted = make_config("sal", dataset="wine").to_dict()
     older = {k: v for k, v in wanted.items() if k not in ("memory", "diagnostics")}   # an older torchsal's config
-    defaults = _field_defaults()
+    defaults = field_defaults()
     assert _same_run(older, wanted, defaults)
     assert not _same_run(older, {**wanted, "memory": "lean"}, defaults)       # a new setting off its default
     assert not _same_run({**older, "lr": 0.5}, wanted, defaults)              # a setting that differs

@@ -11,7 +11,6 @@ so an interrupted bench resumes where it stopped and never redoes a finished run
 from __future__ import annotations
 
 import csv
-import dataclasses
 import hashlib
 import io
 import json
@@ -27,11 +26,8 @@ from tqdm.auto import tqdm
 from torchsal.config import (
     DEPRECATED_VALUES,
     ConfigError,
-    ModelConfig,
-    RoutingConfig,
-    RuleConfig,
     RunConfig,
-    TrainConfig,
+    field_defaults,
     make_config,
     resolve_areas,
 )
@@ -154,11 +150,6 @@ def _key(config: RunConfig) -> str:
     return f"{identity['dataset']}-{identity['rule']}-s{identity['seed']}-{digest}"
 
 
-def _field_defaults() -> dict[str, Any]:
-    return {f.name: f.default for cls in (RoutingConfig, ModelConfig, RuleConfig, TrainConfig)
-            for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
-
-
 def _same_run(stored: dict[str, Any], wanted: dict[str, Any], defaults: dict[str, Any]) -> bool:
     """A run finished by an older torchsal, whose config lacks settings added since, is the wanted run when it
     agrees on every setting it has and the wanted run leaves the newer settings at their defaults."""
@@ -269,7 +260,7 @@ class Bench:
     def _older_run(self, config: RunConfig) -> Path | None:
         if self._finished is None:                  # index the finished runs once
             self._finished = [(json.loads(p.read_text())["config"], p) for p in self.runs.glob("*/metrics.json")]
-        wanted, defaults = config.to_dict(), _field_defaults()
+        wanted, defaults = config.to_dict(), field_defaults()
         return next((p for stored, p in self._finished if _same_run(stored, wanted, defaults)), None)
 
     # ------------------------------------------------------------------------------------------------ outputs

@@ -22,6 +22,7 @@ from torchsal.config import (
     RECIPES,
     RULE_DEFAULTS,
     check_applicable,
+    field_defaults,
     make_config,
     read_config_file,
     renamed,
@@ -107,19 +108,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="bf16-mixed: forward and signals in bfloat16 autocast, float32 weights")
 
 
-def _field_defaults() -> dict[str, Any]:
-    from dataclasses import MISSING, fields
-
-    from torchsal.config import ModelConfig, RoutingConfig, RuleConfig, TrainConfig
-
-    return {f.name: f.default for cls in (RoutingConfig, ModelConfig, RuleConfig, TrainConfig) for f in fields(cls)
-            if f.default is not MISSING}
-
-
 def _show_defaults(p: argparse.ArgumentParser) -> None:
     """Append each setting's default to its help (flags are None until resolved, so argparse cannot show them):
     the rule-dependent ones per rule, the depth-aware ones with their depth."""
-    base = _field_defaults()
+    base = field_defaults()
     for action in p._actions:
         name = action.dest
         if name not in base and name not in ("rule", "recipe"):

@@ -226,6 +226,12 @@ def _fields(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
+def field_defaults() -> dict[str, Any]:
+    """Every setting's dataclass default, flat (before rule defaults and recipes)."""
+    return {f.name: f.default for cls in (RoutingConfig, ModelConfig, RuleConfig, TrainConfig)
+            for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
 KNOWN_FIELDS: frozenset[str] = frozenset().union(
     *(_fields(c) for c in (RoutingConfig, ModelConfig, RuleConfig, TrainConfig))) - {"routing_config"}
 

@@ -183,7 +183,7 @@ def _grouped_mm(rows: Tensor, groups: Groups, weight: Tensor) -> Tensor:
             _NO_GROUPED_MM.add(key)
     out = rows.new_empty(rows.shape[0], weight.shape[1])
     start = 0
-    for k, n in enumerate(_host_counts(groups)):
+    for k, n in enumerate(host_counts(groups)):
         if n:
             torch.mm(rows[start: start + n], weight[k].T, out=out[start: start + n])
             start += n
@@ -223,7 +223,7 @@ def _weight_gradient(grad: Tensor, rows: Tensor, groups: Groups, out: Tensor, al
         except RuntimeError:
             _NO_GROUPED_MM.add(key)
     start = 0
-    for k, n in enumerate(_host_counts(groups)):
+    for k, n in enumerate(host_counts(groups)):
         g, r = grad[start: start + n], rows[start: start + n]
         if n and alpha is None:
             torch.mm(g.T, r, out=out[k])
@@ -235,7 +235,8 @@ def _weight_gradient(grad: Tensor, rows: Tensor, groups: Groups, out: Tensor, al
     return out
 
 
-def _host_counts(groups: Groups) -> list[int]:
+def host_counts(groups: Groups) -> list[int]:
+    """Rows per area on the host (read from the device offsets where they are not there already)."""
     return groups.counts if groups.counts is not None else torch.diff(groups.ends, prepend=groups.ends.new_zeros(1)
                                                                       ).tolist()
 

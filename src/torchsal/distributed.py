@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from torchsal.dispatch import Groups, group_by_area, grouped_linear
+from torchsal.dispatch import Groups, group_by_area, grouped_linear, host_counts
 from torchsal.errors import ConfigError, DistributedError
 
 if TYPE_CHECKING:
@@ -205,8 +205,7 @@ def area_parallel_linear(rows: Tensor, groups: Groups, weight: Tensor, bias: Ten
     counts are gathered from everyone.
     """
     ctx = current()
-    counts = groups.counts if groups.counts is not None else torch.diff(groups.ends, prepend=groups.ends.new_zeros(1))
-    parts = [torch.as_tensor(counts, dtype=torch.long).cpu() for _ in range(ctx.world)]
+    parts = [torch.tensor(host_counts(groups)) for _ in range(ctx.world)]
     if ctx.world > 1:
         _collective(dist.all_gather, parts, parts[ctx.rank])
         TRAFFIC["all_gather"] += parts[0].numel() * parts[0].element_size()
