@@ -173,14 +173,23 @@ def _affine(rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor | None, p
     return out if bias is None else out.add_(bias.index_select(0, groups.row_area))
 
 
+def _grouped_kernel(a: Tensor, b: Tensor, groups: Groups) -> Tensor | None:
+    """``torch._grouped_mm(a, b)`` over the group offsets, or None where it refuses this layout (remembered)."""
+    key = (a.shape[1:], b.shape[1:] if b.dim() == 2 else b.shape, a.stride(), b.stride(), a.dtype, a.device.type)
+    if key in _NO_GROUPED_MM:
+        return None
+    try:
+        return torch._grouped_mm(a, b, offs=groups.ends)
+    except RuntimeError:
+        _NO_GROUPED_MM.add(key)
+        return None
+
+
 def _grouped_mm(rows: Tensor, groups: Groups, weight: Tensor) -> Tensor:
     """``rows[i] @ weight[k_i].T`` for grouped rows: one grouped kernel, else one matmul per non-empty area."""
-    key = (rows.shape[1:], weight.shape, rows.dtype, rows.device.type)
-    if key not in _NO_GROUPED_MM:
-        try:
-            return torch._grouped_mm(rows, weight.transpose(1, 2), offs=groups.ends)
-        except RuntimeError:
-            _NO_GROUPED_MM.add(key)
+    out = _grouped_kernel(rows, weight.transpose(1, 2), groups)
+    if out is not None:
+        return out
     out = rows.new_empty(rows.shape[0], weight.shape[1])
     start = 0
     for k, n in enumerate(host_counts(groups)):
@@ -215,13 +224,9 @@ def _weight_gradient(grad: Tensor, rows: Tensor, groups: Groups, out: Tensor, al
         if alpha is None:
             return torch.bmm(padded_grad, padded_rows, out=out)
         return out.baddbmm_(padded_grad, padded_rows, alpha=alpha)    # empty areas: + alpha * 0, bit-identical
-    key = ("weight gradient", rows.shape[1:], grad.shape[1:], rows.dtype, rows.device.type)
-    if groups.counts is None and key not in _NO_GROUPED_MM:
-        try:
-            product = torch._grouped_mm(grad.T, rows, offs=groups.ends)
-            return out.copy_(product) if alpha is None else out.add_(product, alpha=alpha)
-        except RuntimeError:
-            _NO_GROUPED_MM.add(key)
+    product = None if groups.counts is not None else _grouped_kernel(grad.T, rows, groups)
+    if product is not None:
+        return out.copy_(product) if alpha is None else out.add_(product, alpha=alpha)
     start = 0
     for k, n in enumerate(host_counts(groups)):
         g, r = grad[start: start + n], rows[start: start + n]
@@ -277,9 +282,7 @@ class _GroupedLinear(torch.autograd.Function):
         update = _UPDATE_IN_BACKWARD.get()
         wants_shared = ctx.shared is not None and ctx.needs_input_grad[4]
         if ctx.needs_input_grad[2] or wants_shared:
-            group = None if update is None else update.get(id(ctx.weight))
-            if group is not None and not ctx.needs_input_grad[2]:
-                group = None
+            group = update.get(id(ctx.weight)) if update is not None and ctx.needs_input_grad[2] else None
             if group is not None and not wants_shared:    # plain SGD in place: w[k] += (-lr) grad_k.T rows_k
                 _weight_gradient(grad, rows, groups, ctx.weight, -group["lr"], padded_grad, padded_rows)
             else:
@@ -325,9 +328,12 @@ def grouped_linear(rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor | 
             return grouped_linear(rows, groups, weight, bias) + rows @ _cast(shared, rows.dtype).T
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (rows, weight, bias, shared)):
             return _GroupedLinear.apply(rows, groups, weight, bias, shared)
-        weight = _cast(weight if shared is None else weight + shared, rows.dtype)
-        bias = None if bias is None else _cast(bias, rows.dtype)
-        return _affine(rows, groups, weight, bias, _padded(rows, groups) if _pad_pays(groups) else None)
+        compute = _compute_weights(weight, shared, rows.dtype)
+        out = _affine(rows, groups, compute, None if bias is None else _cast(bias, rows.dtype),
+                      _padded(rows, groups) if _pad_pays(groups) else None)
+        if compute is not weight:
+            _give(weight, "compute", compute)
+        return out
 
 
 def _autocast_dtype(t: Tensor) -> torch.dtype | None:
