@@ -20,7 +20,9 @@ identity. See torchsal/continual.py for the definitions.
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import time
 from pathlib import Path
 
 from study import RunLog, mean_std, study_parser
@@ -60,6 +62,16 @@ GRIDS = {"ewc": (10.0, 100.0, 1000.0, 10000.0), "online-ewc": (10.0, 100.0, 1000
 SELECTION_TASKS = 3
 
 
+# The recipe check: Avalanche's continual-learning-baselines for permuted-MNIST, bp only, one recipe per method
+# (their experiments/permuted_mnist/{ewc,synaptic_intelligence}.py): EWC on a 784-512-10 MLP with plain SGD
+# lr 1e-3, SI on 784-1000-10 with Adam lr 1e-3, both batch 256 and 10 epochs per task, and each with fine-tuning
+# alone on the same recipe. Their strengths are kept, in our convention: Avalanche adds lambda * sum F d^2 to the
+# loss, our EWC strength s adds s/2 * sum F d^2 (so s = 2 lambda); both SIs add lambda * sum Omega d^2.
+AVALANCHE = {"ewc": ({"width": 512, "optimizer": "sgd", "lr": 1e-3, "batch_size": 256}, 2.0),
+             "si": ({"width": 1000, "optimizer": "adam", "lr": 1e-3, "batch_size": 256}, 10.0)}
+AVALANCHE_EPOCHS = 10
+
+
 def main_metric(protocol: str) -> str:
     """Split protocols are judged class-incrementally (the hard scenario); domain and permuted ones have one."""
     return "class_incremental" if protocol in ("split-mnist", "split-fashion-mnist") else "task_incremental"
@@ -76,6 +88,37 @@ def choose_strength(protocol: str, rule: str, method: str, tasks, config, args, 
             scores[strength] = result[main_metric(protocol)]["average"]
         selection[key] = {"scores": scores, "chosen": max(scores, key=scores.get)}
     return selection[key]["chosen"]
+
+
+def save_selection(path: Path, selection: dict) -> None:
+    """Merge this process's choices into the stored ones and replace the file atomically, so processes running
+    different rules of one study (one per core) share it without losing each other's entries."""
+    stored = json.loads(path.read_text()) if path.is_file() else {}
+    selection.update({k: v for k, v in stored.items() if k not in selection})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(selection, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def recipe_check(args, log: RunLog) -> None:  # noqa: ANN001
+    """bp on Avalanche's permuted-MNIST recipes (AVALANCHE), each method beside fine-tuning on the same recipe."""
+    data = load_dataset("mnist", args.data_dir)
+    for seed in map(int, args.seeds.split(",")):
+        splits = make_splits(data, seed)
+        tasks = permuted_tasks(splits, 10, seed)
+        for reference, (settings, strength) in AVALANCHE.items():
+            for method in ("naive", reference):
+                recipe = f"avalanche-{reference}"
+                if log.done(("permuted-mnist", "bp", seed, AVALANCHE_EPOCHS, method, recipe)):
+                    continue
+                config = preset_config("bp", epochs=AVALANCHE_EPOCHS, seed=seed, threads=args.threads, **settings)
+                start = time.perf_counter()
+                result = run_sequence(config, tasks, make_method(method, strength, args, seed))
+                log.add({"protocol": "permuted-mnist", "rule": "bp", "seed": seed, "width": settings["width"],
+                         "method": method, "strength": strength if method != "naive" else None,
+                         "epochs_per_task": AVALANCHE_EPOCHS, "recipe": recipe,
+                         "seconds": round(time.perf_counter() - start, 1), **result})
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -109,12 +152,17 @@ def main() -> None:
     parser.add_argument("--protocols", default="split-mnist,split-fashion-mnist,permuted-mnist")
     parser.add_argument("--methods", default="naive", help="naive, ewc, online-ewc, si, replay, lwf")
     parser.add_argument("--replay-per-task", type=int, default=200, help="samples kept per finished task")
+    parser.add_argument("--recipe", choices=("study", "avalanche"), default="study",
+                        help="avalanche: the recipe check, bp on Avalanche's permuted-MNIST EWC and SI recipes")
     args = parser.parse_args()
     out = Path(args.out)
     selection_path = out / "selection.json"
     selection = json.loads(selection_path.read_text()) if selection_path.is_file() else {}
     log = RunLog(out / "continual.jsonl", key=lambda r: (r["protocol"], r["rule"], r["seed"], r["epochs_per_task"],
-                                                         r.get("method", "naive")))
+                                                         r.get("method", "naive"), r.get("recipe", "study")))
+    if args.recipe == "avalanche":
+        recipe_check(args, log)
+        return
     for protocol in args.protocols.split(","):
         dataset, kind = PROTOCOLS[protocol]
         data = load_dataset(dataset, args.data_dir)
@@ -124,7 +172,7 @@ def main() -> None:
                      else permuted_tasks(splits, 10, seed))
             for rule in args.rules.split(","):
                 for method in args.methods.split(","):
-                    if log.done((protocol, rule, seed, args.epochs, method)):
+                    if log.done((protocol, rule, seed, args.epochs, method, "study")):
                         continue
                     routed = preset_config(rule).model.routing_config.areas > 1
                     classes = tasks[0][0].num_classes
@@ -132,12 +180,13 @@ def main() -> None:
                     config = preset_config(rule, epochs=args.epochs, seed=seed, threads=args.threads, width=width)
                     select_config = preset_config(rule, epochs=args.epochs, seed=0, threads=args.threads, width=width)
                     strength = choose_strength(protocol, rule, method, tasks, select_config, args, selection)
-                    selection_path.parent.mkdir(parents=True, exist_ok=True)
-                    selection_path.write_text(json.dumps(selection, indent=1) + "\n")
+                    save_selection(selection_path, selection)
+                    start = time.perf_counter()
                     result = run_sequence(config, tasks, make_method(method, strength, args, seed))
                     log.add({"protocol": protocol, "rule": rule, "seed": seed, "width": width, "method": method,
-                             "strength": strength, "epochs_per_task": args.epochs, **result})
-    rows = [r for r in log.rows if r["epochs_per_task"] == args.epochs]     # one budget per table
+                             "strength": strength, "epochs_per_task": args.epochs,
+                             "seconds": round(time.perf_counter() - start, 1), **result})
+    rows = [r for r in log.rows if r["epochs_per_task"] == args.epochs and r.get("recipe", "study") == "study"]
     plot(rows, out / "continual.png")
     (out / "continual.json").write_text(json.dumps(rows, indent=2) + "\n")
     print("\n| protocol | rule | evaluation | average accuracy | forgetting |\n|---|---|---|---|---|")

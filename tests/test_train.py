@@ -67,7 +67,7 @@ def test_divergence_keeps_the_last_good_checkpoint(digits, tmp_path):
     with torch.no_grad():
         trainer.model.layers[1].shared.fill_(float("nan"))          # corrupt the weights, as a blow-up would
     trainer.total_steps += 10
-    with pytest.raises(DivergenceError, match=r"non-finite weights in layers\.1\.shared at step .*last good "
+    with pytest.raises(DivergenceError, match=r"non-finite weights in blocks\.1\.linear\.shared at step .*last good "
                                               r"checkpoint is kept in"):
         trainer.fit(progress=False, checkpoint_every=5)
     assert (tmp_path / "checkpoint.pt").read_bytes() == good

@@ -77,6 +77,9 @@ class RoutingConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    # "mlp" (the routed MLP below) or a conv net for images: "lenet" (BioTorch's LeNet for MNIST), "cnn" (its small
+    # CIFAR-10 CNN), "resnet20" (CIFAR ResNet-20); depth, width, block and norm describe the MLP only.
+    model: str = "mlp"
     # Hidden layers of the MLP (the paper uses 1) and their width.
     depth: int = 1
     width: int = 256
@@ -92,6 +95,7 @@ class ModelConfig:
     routing_config: RoutingConfig = field(default_factory=RoutingConfig)
 
     def __post_init__(self) -> None:
+        _choice("model", self.model, ("mlp", "lenet", "cnn", "resnet20"))
         _positive("depth", self.depth)
         _positive("width", self.width)
         _choice("block", self.block, ("plain", "residual"))

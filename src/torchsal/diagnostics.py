@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from torchsal.models import AreaMLP
+    from torchsal.blocks import BlockNet
     from torchsal.rules import LearningRule
 
 
@@ -81,12 +81,12 @@ class _Held:
 
 
 # ---------------------------------------------------------------------------------------------- alignment
-def layer_gradients(model: AreaMLP, loss_fn: Callable[[AreaMLP], Tensor]) -> list[Tensor]:
-    """Per linear layer, all its parameters' gradients flattened into one vector (zeros where there is none)."""
+def layer_gradients(model: BlockNet, loss_fn: Callable[[BlockNet], Tensor]) -> list[Tensor]:
+    """Per block (a linear layer of the MLP), all its parameters' gradients as one vector (zeros where none)."""
     model.zero_grad(set_to_none=True)
     loss_fn(model).backward()
     return [torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                       for p in layer.parameters()]) for layer in model.layers]
+                       for p in block.parameters()]) for block in model.blocks]
 
 
 def angle(a: Tensor, b: Tensor) -> tuple[float, float]:
@@ -98,7 +98,7 @@ def angle(a: Tensor, b: Tensor) -> tuple[float, float]:
     return cos, math.degrees(math.acos(max(-1.0, min(1.0, cos))))
 
 
-def alignment(model: AreaMLP, rule: LearningRule, x: Tensor, y: Tensor) -> list[dict[str, float]]:
+def alignment(model: BlockNet, rule: LearningRule, x: Tensor, y: Tensor) -> list[dict[str, float]]:
     """Per linear layer, the angle between ``rule``'s update and the true backprop gradient of the task loss on
     the same batch. Computed on a copy with the RNG state restored, so training is unaffected; both passes see
     the same routing (also under the random router)."""
@@ -124,7 +124,7 @@ def mean_pairwise_cosine(vectors: list[Tensor]) -> float:
     return float((cos.sum() - cos.diagonal().sum()) / (n * (n - 1)))
 
 
-def interference(model: AreaMLP, rule: LearningRule, x: Tensor, y: Tensor) -> list[float]:
+def interference(model: BlockNet, rule: LearningRule, x: Tensor, y: Tensor) -> list[float]:
     """Per linear layer, the mean pairwise cosine between the updates the rule makes from each class's samples
     alone (every class present in the batch): negative means classes push the layer's parameters in conflicting
     directions. Updates that land in different areas are orthogonal by construction. On a copy; RNG restored."""
@@ -132,7 +132,7 @@ def interference(model: AreaMLP, rule: LearningRule, x: Tensor, y: Tensor) -> li
     with torch.random.fork_rng(devices=[]):
         per_class = [layer_gradients(twin, lambda m, c=c: rule(m, x[y == c], y[y == c]).loss)
                      for c in torch.unique(y).tolist()]
-    return [mean_pairwise_cosine([g[layer] for g in per_class]) for layer in range(len(model.layers))]
+    return [mean_pairwise_cosine([g[layer] for g in per_class]) for layer in range(len(model.blocks))]
 
 
 # --------------------------------------------------------------------------------------- area statistics

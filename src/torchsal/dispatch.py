@@ -32,6 +32,8 @@ from torch.autograd.profiler import record_function
 
 # (shape, dtype, device) keys on which torch._grouped_mm refused the layout: those run the per-area loop.
 _NO_GROUPED_MM: set[tuple] = set()
+# The grouping of the rows the area layers compute, while a routed model runs a block (``routed``).
+_GROUPS: contextvars.ContextVar[Groups | None] = contextvars.ContextVar("groups", default=None)
 # Parameters (by id) whose plain-SGD update is applied during their own backward, with their param group (lr).
 _UPDATE_IN_BACKWARD: contextvars.ContextVar[dict[int, dict] | None] = contextvars.ContextVar("update", default=None)
 
@@ -74,6 +76,22 @@ class Groups:
     @property
     def areas(self) -> int:
         return self.ends.numel()
+
+
+@contextlib.contextmanager
+def routed(groups: Groups | None) -> Iterator[None]:
+    """Inside this block, area layers called without an explicit grouping compute their rows as grouped by
+    ``groups`` (a routed model sets it around each block, so area layers inside a user's own modules need no
+    extra argument)."""
+    token = _GROUPS.set(groups)
+    try:
+        yield
+    finally:
+        _GROUPS.reset(token)
+
+
+def current_groups() -> Groups | None:
+    return _GROUPS.get()
 
 
 def group_by_area(area: Tensor, areas: int) -> Groups:
@@ -345,6 +363,32 @@ def _autocast_dtype(t: Tensor) -> torch.dtype | None:
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
+
+
+def grouped_conv2d(rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor | None, **conv: object) -> Tensor:
+    """Per-area convolutions of rows grouped by area, in one call: weight (K, out, in, kh, kw), bias (K, out).
+
+    The rows are padded to the largest area's count and interleaved, ``(capacity, K * in, H, W)``, so one
+    ``conv2d(..., groups=K)`` runs area k's bank on its own rows (padding rows are computed and dropped); its
+    backward forms every area's kernel gradient in one call too (zeros for areas without rows), and the areas it
+    touched are marked on the parameters as ``grouped_linear`` does. On a GPU the capacity is read once per call
+    (one device sync per grouped convolution). ``conv`` takes stride, padding and dilation as ``F.conv2d``.
+    """
+    with record_function("torchsal.dispatch"):
+        areas, n = weight.shape[0], rows.shape[0]
+        ends = groups.ends.long()
+        counts = torch.diff(ends, prepend=ends.new_zeros(1))
+        capacity = groups.capacity if groups.slot is not None else int(counts.max())
+        slot = (torch.arange(n, device=rows.device) - (ends - counts)[groups.row_area]) * areas + groups.row_area
+        flat = rows.reshape(n, -1)
+        padded = flat.new_zeros(capacity * areas, flat.shape[1]).index_copy(0, slot, flat)
+        w, b = weight.flatten(0, 1), None if bias is None else bias.flatten()
+        for stacked, param in ((w, weight), (b, bias)):
+            if stacked is not None and stacked.requires_grad and torch.is_grad_enabled():
+                stacked.register_hook(lambda g, param=param: _mark_touched(param, groups))
+        out = torch.nn.functional.conv2d(padded.view(capacity, areas * rows.shape[1], *rows.shape[2:]), w, b,
+                                         groups=areas, **conv)
+        return out.reshape(capacity * areas, -1).index_select(0, slot).view(n, weight.shape[1], *out.shape[2:])
 
 
 def area_linear(x: Tensor, area: Tensor | Groups | None, weight: Tensor, bias: Tensor | None = None) -> Tensor:

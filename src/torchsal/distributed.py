@@ -30,7 +30,7 @@ from torchsal.dispatch import Groups, group_by_area, grouped_linear, host_counts
 from torchsal.errors import ConfigError, DistributedError
 
 if TYPE_CHECKING:
-    from torchsal.models import AreaMLP
+    from torchsal.blocks import BlockNet
 
 # Bytes this process has sent, per kind of collective (its own contribution; benchmarks and tests read it).
 TRAFFIC: Counter[str] = Counter()
@@ -104,7 +104,7 @@ def all_gather_rows(t: Tensor) -> tuple[Tensor, int]:
     return rows, sum(sizes[: ctx.rank])
 
 
-def sync_gradients(model: AreaMLP, local_rows: int, global_rows: int) -> None:
+def sync_gradients(model: BlockNet, local_rows: int, global_rows: int) -> None:
     """Make every rank's ``.grad`` of the model's replicated parameters (all but area-parallel areas) the
     global-batch gradient (module docstring)."""
     ctx = current()
@@ -112,7 +112,7 @@ def sync_gradients(model: AreaMLP, local_rows: int, global_rows: int) -> None:
         return
     params = [p for p in model.replicated_parameters() if p.requires_grad]
     # Per parameter one mark (has a gradient); per area of an area parameter one mark (some row used it).
-    areas = {id(p) for layer in model.layers if layer.areas > 1 for p in (layer.weight, layer.bias)}
+    areas = {id(p) for layer in model.area_layers() if layer.areas > 1 for p in (layer.weight, layer.bias)}
     marks = [_touched_marks(p, id(p) in areas) for p in params]
     touched = torch.cat(marks)
     _collective(dist.all_reduce, touched)

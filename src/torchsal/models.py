@@ -1,52 +1,43 @@
-"""Model builders. One model class, the routed area MLP; every learning rule trains it unchanged.
+"""Model builders: the routed area MLP and the conv nets, each a ``BlockNet`` (torchsal.blocks) every rule trains.
 
 ``AreaMLP`` with ``areas=1, shared=False`` is the plain dense MLP (Linear-ReLU-...-Linear). For depth, hidden
 layers after the first can be pre-norm residual blocks, ``h = h + relu(W norm(h))`` (one block counts as one
-hidden layer), with a final norm before the head.
+hidden layer), with a final norm before the head. The conv nets (``CONV_MODELS``) are BioTorch's LeNet for MNIST,
+its small CIFAR-10 CNN and a ResNet-20, written as ordinary torch modules and converted to area layers.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
+from torchsal.blocks import BlockNet, Trace
 from torchsal.config import ModelConfig
-from torchsal.dispatch import Groups, group_by_area
 from torchsal.errors import ConfigError
 from torchsal.layers import AreaLinear
-from torchsal.routing import Router
+
+__all__ = ["AreaMLP", "BlockNet", "Trace", "build_model", "count_parameters"]
 
 
-@dataclass
-class Trace:
-    """What one forward pass leaves for a learning rule.
+class MLPBlock(nn.Module):
+    """One layer of the MLP: ``relu(W norm(h))``, plus ``h`` for a residual block; the head has no activation."""
 
-    With input routing the batch is grouped by area once, before the first layer, and every tensor of the trace is
-    in that *grouped* row order (``rows``: the batch index of each row); with layer routing, or one area, rows keep
-    the batch order (``rows`` is None). ``in_batch_order`` maps a tensor of the trace back.
-    """
+    def __init__(self, linear: AreaLinear, norm: nn.Module, residual: bool, activation: bool) -> None:
+        super().__init__()
+        self.norm, self.linear = norm, linear
+        self.residual, self.activation = residual, activation
 
-    logits: Tensor                    # (B, C), trace row order
-    hidden: list[Tensor]              # h_l, (B, width) per hidden layer, post-activation, trace row order
-    areas: list[Tensor | None]        # area (B,) used by each linear layer (hidden layers, then head), batch order
-    groups: list[Groups | None]       # each linear layer's grouping (None: one area)
-    routing_loss: Tensor              # scalar, sum of the routers' local objectives
-    rows: Tensor | None = None        # (B,) batch index of each trace row; None: batch order
-    inverse: Tensor | None = None     # (B,) trace row of each sample
-
-    def in_trace_order(self, t: Tensor) -> Tensor:
-        """A per-sample tensor in batch order (labels, say), reordered like the trace's rows."""
-        return t if self.rows is None else t[self.rows]
-
-    def in_batch_order(self, t: Tensor) -> Tensor:
-        return t if self.inverse is None else t[self.inverse]
+    def forward(self, h: Tensor) -> Tensor:
+        a = self.linear(self.norm(h))
+        if not self.activation:
+            return a
+        return h + torch.relu(a) if self.residual else torch.relu(a)
 
 
-class AreaMLP(nn.Module):
+class AreaMLP(BlockNet):
     """MLP whose every linear layer has K areas; a router picks one area per sample.
 
     Usage::
@@ -65,113 +56,132 @@ class AreaMLP(nn.Module):
 
     def __init__(self, in_features: int, num_classes: int, config: ModelConfig,
                  generator: torch.Generator | None = None, owned: range | None = None) -> None:
-        super().__init__()
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
         if not isinstance(config.routing_config.areas, int):
             raise ConfigError("areas 'auto' follow the training set's size: resolve them first with "
                               "torchsal.config.resolve_areas(config, n_train), as the trainer does, or give a number")
-        self.config = config
-        self.dtype = dtype = getattr(torch, config.dtype)
+        dtype = getattr(torch, config.dtype)
         rc = config.routing_config
         sizes = [in_features] + [config.width] * config.depth + [num_classes]
         # Residual blocks: hidden layers 2..depth. Their branches start small (1/sqrt(depth)) so that the sum of
         # 128 branches does not swamp the signal at initialisation.
-        self.residual = [config.block == "residual" and 0 < i < config.depth for i in range(len(sizes) - 1)]
-        self.layers = nn.ModuleList(
-            AreaLinear(n_in, n_out, rc.areas, config.shared, generator,
-                       gain=1 / math.sqrt(config.depth) if res else 1.0, owned=owned, dtype=dtype)
-            for n_in, n_out, res in zip(sizes, sizes[1:], self.residual))
+        residual = [config.block == "residual" and 0 < i < config.depth for i in range(len(sizes) - 1)]
+        linears = [AreaLinear(n_in, n_out, rc.areas, config.shared, generator,
+                              gain=1 / math.sqrt(config.depth) if res else 1.0, owned=owned, dtype=dtype)
+                   for n_in, n_out, res in zip(sizes, sizes[1:], residual)]
         # Pre-norm of each residual block, and the final norm before the head.
-        normed = [*self.residual[:-1], config.norm != "none"]
-        self.norms = nn.ModuleList(_norm(config.norm, n, dtype) if on and config.norm != "none" else nn.Identity()
-                                   for n, on in zip(sizes[:-1], normed))
-        self.activation = nn.ReLU()
-        routed_inputs = [] if rc.areas == 1 else sizes[:1] if rc.routing == "input" else sizes[:-1]
-        self.routers = nn.ModuleList(Router(n, rc, generator, dtype) for n in routed_inputs)
+        normed = [*residual[:-1], config.norm != "none"]
+        blocks = [MLPBlock(linear, _norm(config.norm, n, dtype) if on and config.norm != "none" else nn.Identity(),
+                           res, i < config.depth)
+                  for i, (linear, n, on, res) in enumerate(zip(linears, sizes[:-1], normed, residual))]
+        super().__init__(blocks, (in_features,), rc, generator, dtype,
+                         shapes=[(n,) for n in sizes])
+        self.config = config
 
     @property
     def sizes(self) -> list[int]:
-        return [self.layers[0].in_features] + [layer.out_features for layer in self.layers]
+        return [s[0] for s in self.shapes]
 
-    def forward(self, x: Tensor) -> Tensor:
-        trace = self.trace(x)
-        return trace.in_batch_order(trace.logits)
+    @property
+    def layers(self) -> list[AreaLinear]:
+        return [block.linear for block in self.blocks]
 
-    def trace(self, x: Tensor, *, detach: bool = False, feedback: Sequence[Tensor | None] | None = None,
-              on_hidden: Callable[[int, Tensor, Groups | None, Tensor | None], None] | None = None) -> Trace:
-        """Forward pass recording what rules need.
+    @property
+    def norms(self) -> list[nn.Module]:
+        return [block.norm for block in self.blocks]
 
-        Args:
-            detach: cut the graph at every layer input, so each layer's graph holds only its own parameters.
-            feedback: per linear layer, a fixed (out, in) matrix that replaces the transposed weights on the
-                way back to that layer's input (feedback alignment), or None.
-            on_hidden: called with (layer index, h_l, its layer's grouping, the batch index of each row of h_l
-                or None for batch order) as soon as hidden layer l is computed; the hidden outputs are then not
-                kept (lean memory: a layer may update and free its graph at once).
-        """
-        self._check_input(x)
-        x = x.to(self.dtype)                # inputs follow the weights (bfloat16 models take float32 data)
-        routing_loss = x.new_zeros(())
-        area, groups, rows, inverse, grouped = None, None, None, None, False
-        hidden, areas, layer_groups = [], [], []
-        h = x
-        for i, layer in enumerate(self.layers):
-            h_in = h.detach() if detach else h
-            if i < len(self.routers):   # input routing: router 0 only, its areas reused by every layer
-                area, loss = self.routers[i](h_in)
-                routing_loss = routing_loss + loss
-                groups = group_by_area(area, self.config.routing_config.areas)
-                if len(self.routers) == 1:      # group the rows once, for every layer
-                    rows, inverse, grouped = groups.order, groups.inverse, True
-                    h_in = h_in[rows]
-            areas.append(area)
-            layer_groups.append(groups)
-            h_norm = self.norms[i](h_in)
-            fb = None if feedback is None else feedback[i]
-            if groups is None or grouped:
-                a = layer(h_norm, groups, fb)
-            else:                           # layer routing: this layer's own grouping, batch order outside it
-                a = layer(h_norm[groups.order], groups, fb)[groups.inverse]
-            if i == len(self.layers) - 1:
-                return Trace(a, hidden, areas, layer_groups, routing_loss, rows, inverse)
-            h = h_in + self.activation(a) if self.residual[i] else self.activation(a)
-            if on_hidden is None:
-                hidden.append(h)
-            else:
-                on_hidden(i, h, groups, rows)
-        raise AssertionError("unreachable: the model has at least one layer")
+    @property
+    def residual(self) -> list[bool]:
+        return [block.residual for block in self.blocks]
 
-    def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 2 or x.shape[1] != self.sizes[0]:
-            raise ValueError(f"expected input of shape (batch, {self.sizes[0]}), got {tuple(x.shape)}")
-
-    def replicated_parameters(self) -> list[nn.Parameter]:
-        """Parameters every process holds a copy of: all of them, except the areas of area-parallel layers."""
-        sharded = {id(p) for layer in self.layers if layer.sharded for p in (layer.weight, layer.bias)}
-        return [p for p in self.parameters() if id(p) not in sharded]
-
-    def parameter_counts(self) -> dict[str, int]:
-        """Total parameters of the whole model (all areas, also when this process holds only a shard of them, as
-        under ``--parallel area``), parameters used per sample (one area per layer, shared paths, routers) and,
-        for a shard, the parameters this process holds."""
-        router = sum(p.numel() for p in self.routers.parameters())
-        held = sum(p.numel() for p in self.parameters())
-        elsewhere = sum((layer.areas - len(layer.owned)) * (layer.in_features + 1) * layer.out_features
-                        for layer in self.layers)
-        counts = {"params_total": held + elsewhere,
-                  "params_active_per_sample": router + sum(layer.active_parameters() for layer in self.layers)}
-        return {**counts, "params_held_by_this_process": held} if elsewhere else counts
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        """Model files written before the block layout named the layers ``layers.i`` and the norms ``norms.i``."""
+        for key in [k for k in state_dict if k.startswith((prefix + "layers.", prefix + "norms."))]:
+            kind, index, rest = key[len(prefix):].split(".", 2)
+            state_dict[f"{prefix}blocks.{index}.{'linear' if kind == 'layers' else 'norm'}.{rest}"] = \
+                state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def _norm(kind: str, features: int, dtype: torch.dtype) -> nn.Module:
     return nn.LayerNorm(features, dtype=dtype) if kind == "layer" else nn.RMSNorm(features, dtype=dtype)
 
 
+def lenet(in_shape: tuple[int, ...], classes: int) -> list[nn.Module]:
+    """BioTorch's LeNet for MNIST (conv 6-16-120, 5x5, max-pool, fc 84); the first conv pads by 2, so a 28x28
+    image meets the layers as LeNet-5's 32x32 does."""
+    return [nn.Conv2d(in_shape[0], 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 120, 5), nn.ReLU(), nn.Flatten(),
+            nn.Linear(120 * _side(in_shape, 28) ** 2, 84), nn.Linear(84, classes)]
+
+
+def small_cnn(in_shape: tuple[int, ...], classes: int) -> list[nn.Module]:
+    """BioTorch's small CIFAR-10 CNN: conv 32-64-128, 5x5, max-pool, fc 84."""
+    return [nn.Conv2d(in_shape[0], 32, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 5), nn.ReLU(), nn.Flatten(),
+            nn.Linear(128 * _side(in_shape, 32) ** 2, 84), nn.Linear(84, classes)]
+
+
+def _side(in_shape: tuple[int, ...], native: int) -> int:
+    """Side of the last conv's output map: 1 at the net's native image size."""
+    if len(in_shape) != 3 or in_shape[1] != in_shape[2] or in_shape[1] < native:
+        raise ConfigError(f"this conv net takes square images of at least {native}x{native}, got shape {in_shape}")
+    return (in_shape[1] - native) // 4 + 1
+
+
+class BasicBlock(nn.Module):
+    """ResNet's two 3x3 convolutions with batch norm and a shortcut (a 1x1 projection where the shape changes)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.shortcut = nn.Identity() if stride == 1 and cin == cout else \
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + self.shortcut(x))
+
+
+def resnet20(in_shape: tuple[int, ...], classes: int) -> list[nn.Module]:
+    """ResNet-20 for CIFAR (He et al. 2016): a 3x3 conv, three stages of three basic blocks with 16, 32 and 64
+    channels, global average pooling, a linear head; Kaiming-normal (fan-out) convolutions."""
+    modules: list[nn.Module] = [nn.Conv2d(in_shape[0], 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]
+    cin = 16
+    for stage, cout in enumerate((16, 32, 64)):
+        for i in range(3):
+            modules.append(BasicBlock(cin, cout, 2 if stage and not i else 1))
+            cin = cout
+    for m in modules:
+        for conv in (c for c in m.modules() if isinstance(c, nn.Conv2d)):
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    return [*modules, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, classes)]
+
+
+CONV_MODELS: dict[str, Callable[[tuple[int, ...], int], list[nn.Module]]] = {
+    "lenet": lenet, "cnn": small_cnn, "resnet20": resnet20}
+
+
 def build_model(in_features: int, num_classes: int, config: ModelConfig, seed: int = 0,
-                owned: range | None = None) -> AreaMLP:
+                owned: range | None = None, in_shape: tuple[int, ...] | None = None) -> BlockNet:
     """The model for a run, initialised from its own seeded generator; with ``owned``, only those areas of each
-    layer are held (with the values they have in the full model)."""
-    return AreaMLP(in_features, num_classes, config, torch.Generator().manual_seed(seed), owned)
+    layer are held (with the values they have in the full model). Conv nets need the image shape ``in_shape``
+    (channels, height, width)."""
+    if config.model == "mlp":
+        return AreaMLP(in_features, num_classes, config, torch.Generator().manual_seed(seed), owned)
+    if in_shape is None or len(in_shape) != 3:
+        raise ConfigError(f"--model {config.model} is a conv net: it needs an image dataset (mnist, fashion-mnist, "
+                          "kmnist, cifar10, cifar100, svhn), or use --model mlp")
+    if owned is not None:
+        raise ConfigError("--parallel area shards the routed MLP only; train conv nets with --parallel data")
+    rc = config.routing_config
+    with torch.random.fork_rng(devices=[]):      # torch's own initialisation, seeded, global RNG untouched
+        torch.manual_seed(seed)
+        modules = CONV_MODELS[config.model](tuple(in_shape), num_classes)
+    return BlockNet.from_modules(modules, in_shape, rc.areas, config.shared, rc,
+                                 torch.Generator().manual_seed(seed)).to(getattr(torch, config.dtype))
 
 
 def count_parameters(in_features: int, num_classes: int, config: ModelConfig) -> int:

@@ -31,7 +31,7 @@ from torchsal.data import Splits, load_dataset, make_splits
 from torchsal.diagnostics import alignment, area_statistics, interference
 from torchsal.dispatch import release_gradients, sgd_in_backward
 from torchsal.errors import ConfigError, DivergenceError, RunInterrupted
-from torchsal.models import AreaMLP, build_model, count_parameters
+from torchsal.models import BlockNet, build_model, count_parameters
 from torchsal.rules import LearningRule, build_rule
 from torchsal.rules.base import output_terms
 from torchsal.storage import load_plain, write_bytes_atomic, write_json_atomic
@@ -75,7 +75,7 @@ class _StopRequests:
 
 @dataclass
 class TrainResult:
-    model: AreaMLP
+    model: BlockNet
     rule: LearningRule
     metrics: dict[str, Any]
 
@@ -100,7 +100,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
 
 
 @torch.no_grad()
-def evaluate(model: AreaMLP, x: Tensor, y: Tensor) -> float:
+def evaluate(model: BlockNet, x: Tensor, y: Tensor) -> float:
     """Accuracy (fraction in [0, 1]) of ``model`` on (x, y), in eval mode."""
     was_training = model.training
     model.eval()
@@ -111,7 +111,7 @@ def evaluate(model: AreaMLP, x: Tensor, y: Tensor) -> float:
 
 
 @torch.no_grad()
-def route_all(model: AreaMLP, x: Tensor) -> list[Tensor]:
+def route_all(model: BlockNet, x: Tensor) -> list[Tensor]:
     """The area of every sample of ``x`` (eval mode): one tensor per router (input routing: one)."""
     if not model.routers:
         return [torch.zeros(len(x), dtype=torch.long, device=x.device)]
@@ -123,9 +123,9 @@ def route_all(model: AreaMLP, x: Tensor) -> list[Tensor]:
     return per_layer[:len(model.routers)] if len(model.routers) > 1 else per_layer[:1]
 
 
-def area_shares(model: AreaMLP, x: Tensor) -> list[float] | list[list[float]]:
+def area_shares(model: BlockNet, x: Tensor) -> list[float] | list[list[float]]:
     """Fraction of ``x`` routed to each area: one list (input routing) or one list per layer."""
-    k = model.config.routing_config.areas
+    k = model.areas
     shares = [(torch.bincount(a, minlength=k) / len(x)).tolist() for a in route_all(model, x)]
     return shares if len(shares) > 1 else shares[0]
 
@@ -537,7 +537,7 @@ def write_history_csv(path: Path, history: list[dict[str, Any]]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ export
-def save_model(path: Path, model: AreaMLP, config: RunConfig, splits: Splits,
+def save_model(path: Path, model: BlockNet, config: RunConfig, splits: Splits,
                state: dict[str, Tensor] | None = None) -> None:
     """A trained model for ``torchsal eval`` / ``load_model``: weights (``state``, if given, else the model's),
     config, classes and the input scaling."""
@@ -549,7 +549,7 @@ def save_model(path: Path, model: AreaMLP, config: RunConfig, splits: Splits,
     write_bytes_atomic(path, buffer.getvalue())
 
 
-def load_model(path: str | Path) -> tuple[AreaMLP, dict[str, Any]]:
+def load_model(path: str | Path) -> tuple[BlockNet, dict[str, Any]]:
     """Load a model saved by training (``DIR/model.pt`` or ``DIR``). Returns ``(model, info)``; ``info`` has the
     config, classes and the input ``mean``/``std`` to apply to raw features."""
     path = Path(path)

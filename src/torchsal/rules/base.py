@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torchsal.blocks import BlockNet, Trace
 from torchsal.config import RuleConfig
 from torchsal.errors import ConfigError
-from torchsal.models import AreaMLP, Trace
 
 RULES: dict[str, type[LearningRule]] = {}
 
@@ -125,7 +125,7 @@ class LearningRule(nn.Module):
 
     name: ClassVar[str]
 
-    def __init__(self, model: AreaMLP, config: RuleConfig, generator: torch.Generator) -> None:
+    def __init__(self, model: BlockNet, config: RuleConfig, generator: torch.Generator) -> None:
         super().__init__()
         self.config = config
         self._counts: dict[str, int] = {}       # matrices registered per prefix
@@ -142,11 +142,11 @@ class LearningRule(nn.Module):
         count = self._counts.get(prefix, 0)
         return [getattr(self, f"{prefix}_{i}") for i in range(start, count if stop is None else min(stop, count))]
 
-    def forward(self, model: AreaMLP, x: Tensor, y: Tensor) -> StepOutput:
+    def forward(self, model: BlockNet, x: Tensor, y: Tensor) -> StepOutput:
         raise NotImplementedError
 
 
-def build_rule(model: AreaMLP, config: RuleConfig, seed: int = 0) -> LearningRule:
+def build_rule(model: BlockNet, config: RuleConfig, seed: int = 0) -> LearningRule:
     """The rule of a run, its feedback drawn from a generator of its own (independent of the model's)."""
     generator = torch.Generator().manual_seed(seed + 1_000_003)
     return get_rule(config.rule)(model, config, generator).to(model.dtype)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from torchsal.models import AreaMLP
+from torchsal.blocks import BlockNet
 from torchsal.rules.base import LearningRule, StepOutput, output_step, register_rule
 
 
 @register_rule("bp")
 class Backprop(LearningRule):
-    def forward(self, model: AreaMLP, x: Tensor, y: Tensor) -> StepOutput:
+    def forward(self, model: BlockNet, x: Tensor, y: Tensor) -> StepOutput:
         return output_step(model.trace(x), y)

@@ -10,24 +10,46 @@ and no gradient crosses a layer boundary. The output layer minimises its own cro
 - ``direct`` (DFA, Nokland 2016): g_l = e B_l, e = softmax(logits) - onehot(y), B_l (C, width) fixed random.
 - ``local``: g_l = (softmax(h_l G_l^T) - onehot(y)) G_l, the gradient of a layer-local cross-entropy through a
   fixed random readout G_l (C, width). It needs no global error, so a layer may update as soon as its own
-  forward step is done.
+  forward step is done. A feature map is read out after average pooling to at most 2x2 (G_l: (C, channels *
+  4)); its signal is the pooling's adjoint of the readout's gradient.
 - ``both``: their sum.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.profiler import record_function
 
+from torchsal.blocks import BlockNet
 from torchsal.config import RuleConfig
 from torchsal.dispatch import Groups, area_linear, grouped_linear
+from torchsal.errors import ConfigError
 from torchsal.feedback import random_matrix
-from torchsal.models import AreaMLP
 from torchsal.rules.base import LearningRule, StepOutput, output_step, register_rule, rms, surrogate
 
 SIGNALS = {"direct": ("direct",), "local": ("local",), "both": ("direct", "local")}
+
+
+def readout_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """What a local readout sees of a hidden output of ``shape``: features as they are, maps pooled to <= 2x2."""
+    return shape if len(shape) == 1 else (shape[0], *(min(2, side) for side in shape[1:]))
+
+
+def read_out(h: Tensor) -> Tensor:
+    """(B, features) a local readout takes from a hidden output: itself, or a map average-pooled to <= 2x2."""
+    return h if h.dim() == 2 else F.adaptive_avg_pool2d(h, readout_shape(h.shape[1:])[1:]).flatten(1)
+
+
+def read_out_adjoint(h: Tensor, grad: Tensor) -> Tensor:
+    """The gradient with respect to ``h`` of a readout's input gradient ``grad`` (the pooling's adjoint)."""
+    if h.dim() == 2:
+        return grad
+    pooled = grad.view(h.shape[0], *readout_shape(h.shape[1:]))
+    return torch.ops.aten._adaptive_avg_pool2d_backward(pooled.to(h.dtype), h)
 
 
 class LocalSignalRule(LearningRule):
@@ -36,17 +58,23 @@ class LocalSignalRule(LearningRule):
     def signals(self) -> tuple[str, ...]:
         raise NotImplementedError
 
-    def __init__(self, model: AreaMLP, config: RuleConfig, generator: torch.Generator) -> None:
+    def __init__(self, model: BlockNet, config: RuleConfig, generator: torch.Generator) -> None:
         super().__init__(model, config, generator)
-        widths, classes = model.sizes[1:-1], model.sizes[-1]
+        shapes, classes = model.hidden_shapes, model.num_classes
+        widths = [math.prod(s) for s in shapes]
         # With per-area feedback each layer has one matrix per area (K), otherwise one.
-        self.per_layer = model.config.routing_config.areas if config.feedback == "per-area" else 1
-        # Both kinds stand in for a (C, width) output weight and are initialised like one.
+        self.per_layer = model.areas if config.feedback == "per-area" else 1
+        # Both kinds stand in for a (C, features) output weight and are initialised like one.
         if "direct" in self.signals():
             self._register_matrices("direct", [random_matrix(classes, w, w, generator)
                                                for w in widths for _ in range(self.per_layer)])
         if "local" in self.signals():
-            readouts = widths[:1] if config.readout == "single" else widths
+            features = [math.prod(readout_shape(s)) for s in shapes]
+            if config.readout == "single" and len(set(features)) > 1:
+                raise ConfigError(f"--readout single shares one readout across hidden blocks, but their outputs "
+                                  f"differ ({', '.join(map(str, features))} features read out): use --readout "
+                                  "per-layer")
+            readouts = features[:1] if config.readout == "single" else features
             self._register_matrices("local", [random_matrix(classes, w, w, generator)
                                               for w in readouts for _ in range(self.per_layer)])
 
@@ -65,12 +93,14 @@ class LocalSignalRule(LearningRule):
         with record_function("torchsal.signal"):     # a named range for profiles (benchmarks/speed.py)
             parts = []
             if "direct" in self.signals():                   # e B_l[k]
-                parts.append(self._per_area(error, self._layer("direct", layer), groups, grouped, transpose=True))
-            if "local" in self.signals():                    # (softmax(h G^T) - y) G
+                direct = self._per_area(error, self._layer("direct", layer), groups, grouped, transpose=True)
+                parts.append(direct.view_as(h))
+            if "local" in self.signals():                    # (softmax(h G^T) - y) G, through the pooling
                 readouts = self._layer("local", layer)
-                logits = self._per_area(h, readouts, groups, grouped)
-                parts.append(self._per_area(torch.softmax(logits, dim=1) - onehot, readouts, groups, grouped,
-                                            transpose=True))
+                logits = self._per_area(read_out(h), readouts, groups, grouped)
+                grad = self._per_area(torch.softmax(logits, dim=1) - onehot, readouts, groups, grouped,
+                                      transpose=True)
+                parts.append(read_out_adjoint(h, grad))
             return parts[0] if len(parts) == 1 else parts[0] + parts[1]
 
     @staticmethod
@@ -82,9 +112,9 @@ class LocalSignalRule(LearningRule):
         stack = torch.stack([m.T if transpose else m for m in matrices])
         return grouped_linear(t, groups, stack) if grouped else area_linear(t, groups, stack)
 
-    def forward(self, model: AreaMLP, x: Tensor, y: Tensor) -> StepOutput:
+    def forward(self, model: BlockNet, x: Tensor, y: Tensor) -> StepOutput:
         batch = x.shape[0]
-        labels = F.one_hot(y, model.sizes[-1]).to(model.dtype)
+        labels = F.one_hot(y, model.num_classes).to(model.dtype)
         if self.config.memory == "lean":
             # Update each layer from its local signal as soon as it is computed; its graph is freed at once and
             # only two scalars per layer (for diagnostics) outlive it.

@@ -1,0 +1,287 @@
+"""Models as sequences of blocks, what every learning rule trains: the routed MLP, the conv nets, a user's own.
+
+A *block* is a module that maps one hidden representation to the next (a linear or convolutional area layer with
+what follows it: activation, pooling, normalisation, or a whole residual block); the last block is the *head*,
+whose output is the logits. Local rules (dfa, sal) give each hidden block's output its own learning signal and cut
+the graph at every block input, so no gradient leaves a block and the layers inside a block learn from it by
+ordinary backprop; fa replaces every area layer's transposed weights by fixed ones; bp is plain autograd.
+
+    model = BlockNet.from_modules(my_cnn, in_shape=(3, 32, 32), areas=16)   # any nn.Sequential of supported layers
+    logits = model(x)
+    trace = model.trace(x, detach=True)      # every block output, for a rule
+
+Routing: one router on the input (``routing="input"``: the batch is grouped by area once and every area layer of
+every block uses the sample's area) or one router per block on the block's input (``"layer"``: pooled over space
+for feature maps). Area layers read the grouping from the block's context (``dispatch.routed``), so a block may be
+any module a user wrote, as long as its layers are supported (``SUPPORTED``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from torchsal.config import RoutingConfig
+from torchsal.dispatch import Groups, group_by_area, routed
+from torchsal.errors import ConfigError
+from torchsal.layers import AreaConv2d, AreaLayer, AreaLinear
+from torchsal.routing import Router
+
+# Layers a block may hold besides area layers (and Linear / Conv2d, which conversion turns into area layers), and
+# parameter-free modules of the user's own. Normalisation layers train with their block.
+SUPPORTED: tuple[type[nn.Module], ...] = (
+    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.BatchNorm1d, nn.BatchNorm2d,
+    nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.Flatten, nn.Dropout, nn.Dropout2d, nn.Identity, nn.ReLU, nn.ReLU6,
+    nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Hardtanh)
+
+
+@dataclass
+class Trace:
+    """What one forward pass leaves for a learning rule.
+
+    With input routing the batch is grouped by area once, before the first block, and every tensor of the trace
+    is in that *grouped* row order (``rows``: the batch index of each row); with layer routing, or one area, rows
+    keep the batch order (``rows`` is None). ``in_batch_order`` maps a tensor of the trace back.
+    """
+
+    logits: Tensor                    # (B, C), trace row order
+    hidden: list[Tensor]              # h_l, each hidden block's output (B, ...), trace row order
+    areas: list[Tensor | None]        # area (B,) used by each block (hidden blocks, then head), batch order
+    groups: list[Groups | None]       # each block's grouping (None: one area)
+    routing_loss: Tensor              # scalar, sum of the routers' local objectives
+    rows: Tensor | None = None        # (B,) batch index of each trace row; None: batch order
+    inverse: Tensor | None = None     # (B,) trace row of each sample
+
+    def in_trace_order(self, t: Tensor) -> Tensor:
+        """A per-sample tensor in batch order (labels, say), reordered like the trace's rows."""
+        return t if self.rows is None else t[self.rows]
+
+    def in_batch_order(self, t: Tensor) -> Tensor:
+        return t if self.inverse is None else t[self.inverse]
+
+
+def routing_features(h: Tensor) -> Tensor:
+    """What a router sees of a block input: the features, feature maps averaged over space."""
+    return h if h.dim() == 2 else h.flatten(2).mean(2)
+
+
+class BlockNet(nn.Module):
+    """A routed model made of blocks; the last block is the head.
+
+    Args:
+        blocks: the blocks in order (their area layers must have ``routing.areas`` areas, or one).
+        in_shape: one sample's shape, e.g. ``(3, 32, 32)``; inputs may also come flat, channels last
+            (``(B, H * W * C)``, as torchsal's datasets store images).
+        routing: areas and routing (None: one area, a dense model).
+        generator: draws the routers.
+        dtype: the type inputs are converted to.
+        shapes: each block's input shape, then the logits' (given by models that know them; else measured by
+            running one zero sample).
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], in_shape: Sequence[int], routing: RoutingConfig | None = None,
+                 generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
+                 shapes: list[tuple[int, ...]] | None = None) -> None:
+        super().__init__()
+        if not blocks:
+            raise ConfigError("a model needs at least one block (the head)")
+        self.blocks = nn.ModuleList(blocks)
+        self.in_shape, self.dtype = tuple(in_shape), dtype
+        self.routing = routing if routing is not None else RoutingConfig(areas=1)
+        wrong = [layer for layer in self.area_layers() if layer.areas not in (1, self.areas)]
+        if wrong:
+            raise ConfigError(f"{type(wrong[0]).__name__} has {wrong[0].areas} areas, the model routes to "
+                              f"{self.areas}: build every area layer with the model's number of areas")
+        self.shapes = shapes if shapes is not None else self._measure_shapes()
+        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        routed_inputs = [] if self.areas == 1 else self.shapes[:1] if self.routing.routing == "input" \
+            else self.shapes[:-1]
+        self.routers = nn.ModuleList(
+            Router(math.prod(s) if i == 0 or len(s) == 1 else s[0], self.routing, generator, dtype)
+            for i, s in enumerate(routed_inputs))
+
+    @classmethod
+    def from_modules(cls, modules: nn.Module | Sequence[nn.Module], in_shape: Sequence[int], areas: int = 1,
+                     shared: bool = False, routing: RoutingConfig | None = None,
+                     generator: torch.Generator | None = None) -> BlockNet:
+        """A user's model, an ``nn.Sequential`` (or a list) of modules, as a routed block model: each Linear and
+        Conv2d becomes an area layer with ``areas`` areas (a copy of the original in every area; with ``shared``
+        the original is the shared path and the areas start at zero, so the converted model computes what the
+        original did), and a new block starts at every top-level module that holds one. ``routing`` (default:
+        input routing with ``areas``) sets how samples are routed."""
+        routing = routing if routing is not None else RoutingConfig(areas=areas)
+        if routing.areas != areas:
+            raise ConfigError(f"areas={areas} but routing has {routing.areas} areas")
+        if isinstance(modules, nn.Sequential | nn.ModuleList | list | tuple):
+            children = list(modules)
+        else:
+            raise ConfigError(f"pass the model as an nn.Sequential or a list of modules, its blocks in order (got a "
+                              f"{type(modules).__name__}: a forward method of its own cannot be split into blocks)")
+        children = [convert(m, areas, shared) for m in _checked(children)]
+        return cls(split_blocks(children), in_shape, routing, generator)
+
+    @property
+    def areas(self) -> int:
+        return self.routing.areas
+
+    @property
+    def num_classes(self) -> int:
+        return self.shapes[-1][0]
+
+    @property
+    def hidden_shapes(self) -> list[tuple[int, ...]]:
+        """The shape of each hidden block's output (one sample)."""
+        return self.shapes[1:-1]
+
+    def area_layers(self) -> list[AreaLayer]:
+        """Every area layer, in the order the blocks hold them."""
+        return [m for m in self.blocks.modules() if isinstance(m, AreaLayer)]
+
+    def forward(self, x: Tensor) -> Tensor:
+        trace = self.trace(x)
+        return trace.in_batch_order(trace.logits)
+
+    def trace(self, x: Tensor, *, detach: bool = False,
+              on_hidden: Callable[[int, Tensor, Groups | None, Tensor | None], None] | None = None) -> Trace:
+        """Forward pass recording what rules need.
+
+        Args:
+            detach: cut the graph at every block input, so each block's graph holds only its own parameters.
+            on_hidden: called with (block index, h_l, its block's grouping, the batch index of each row of h_l
+                or None for batch order) as soon as hidden block l is computed; the hidden outputs are then not
+                kept (lean memory: a block may update and free its graph at once).
+        """
+        x = self._shaped(x).to(self.dtype)   # inputs follow the weights (bfloat16 models take float32 data)
+        routing_loss = x.new_zeros(())
+        area, groups, rows, inverse, grouped = None, None, None, None, False
+        hidden, areas, block_groups = [], [], []
+        h = x
+        for i, block in enumerate(self.blocks):
+            h_in = h.detach() if detach else h
+            if i < len(self.routers):   # input routing: router 0 only, its areas reused by every block
+                area, loss = self.routers[i](h_in.flatten(1) if i == 0 else routing_features(h_in))
+                routing_loss = routing_loss + loss
+                groups = group_by_area(area, self.areas)
+                if len(self.routers) == 1:      # group the rows once, for every block
+                    rows, inverse, grouped = groups.order, groups.inverse, True
+                    h_in = h_in[rows]
+            areas.append(area)
+            block_groups.append(groups)
+            with routed(groups):            # layer routing: the block's own grouping, batch order outside it
+                h = block(h_in) if groups is None or grouped else block(h_in[groups.order])[groups.inverse]
+            if i == len(self.blocks) - 1:
+                return Trace(h, hidden, areas, block_groups, routing_loss, rows, inverse)
+            if on_hidden is None:
+                hidden.append(h)
+            else:
+                on_hidden(i, h, groups, rows)
+        raise AssertionError("unreachable: the model has at least one block")
+
+    def _shaped(self, x: Tensor) -> Tensor:
+        if x.shape[1:] == self.in_shape:
+            return x
+        if len(self.in_shape) == 3 and x.dim() == 2 and x.shape[1] == math.prod(self.in_shape):
+            c, h, w = self.in_shape          # flat images are stored channels last: a view, no copy
+            return x.view(x.shape[0], h, w, c).permute(0, 3, 1, 2)
+        raise ValueError(f"expected input of shape (batch, {', '.join(map(str, self.in_shape))}), "
+                         f"got {tuple(x.shape)}")
+
+    @torch.no_grad()
+    def _measure_shapes(self) -> list[tuple[int, ...]]:
+        was_training = self.training
+        self.eval()
+        h = torch.zeros(1, *self.in_shape, dtype=self.dtype)
+        groups = group_by_area(torch.zeros(1, dtype=torch.long), self.areas) if self.areas > 1 else None
+        shapes = []
+        with routed(groups):
+            for block in self.blocks:
+                shapes.append(tuple(h.shape[1:]))
+                h = block(h)
+        self.train(was_training)
+        if h.dim() != 2:
+            raise ConfigError(f"the head must output (batch, classes) logits, got a map of shape {tuple(h.shape)}:"
+                              " end the model with nn.Flatten() and a Linear layer")
+        return [*shapes, tuple(h.shape[1:])]
+
+    def replicated_parameters(self) -> list[nn.Parameter]:
+        """Parameters every process holds a copy of: all of them, except the areas of area-parallel layers."""
+        sharded = {id(p) for layer in self.area_layers() if layer.sharded for p in (layer.weight, layer.bias)}
+        return [p for p in self.parameters() if id(p) not in sharded]
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Total parameters of the whole model (all areas, also when this process holds only a shard of them, as
+        under ``--parallel area``), parameters used per sample (one area per layer, shared paths, routers, the
+        rest of the blocks) and, for a shard, the parameters this process holds."""
+        held = sum(p.numel() for p in self.parameters())
+        layers = self.area_layers()
+        elsewhere = sum((layer.areas - len(layer.owned)) * layer.weight[0].numel() + layer.bias[0].numel()
+                        * (layer.areas - len(layer.owned)) for layer in layers)
+        in_areas = sum(p.numel() for layer in layers for p in layer.parameters())
+        counts = {"params_total": held + elsewhere,
+                  "params_active_per_sample": held - in_areas + sum(layer.active_parameters() for layer in layers)}
+        return {**counts, "params_held_by_this_process": held} if elsewhere else counts
+
+
+def _checked(children: list[nn.Module]) -> list[nn.Module]:
+    """The modules, each checked to hold only layers a rule can train; one precise error otherwise."""
+    for index, child in enumerate(children):
+        for name, module in child.named_modules():
+            where = f"module {index}" + (f" ({name})" if name else "") + f", {type(module).__name__},"
+            if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
+                raise ConfigError(f"{where} has groups={module.groups} and padding_mode={module.padding_mode!r}: "
+                                  "area convolutions support groups=1 and zero padding")
+            known = isinstance(module, (nn.Linear, nn.Conv2d, AreaLayer, *SUPPORTED))
+            if not known and any(True for _ in module.parameters(recurse=False)):
+                raise ConfigError(
+                    f"{where} is a layer torchsal cannot train: a block may hold Linear and Conv2d layers, "
+                    "pooling, normalisation (BatchNorm, LayerNorm, GroupNorm, RMSNorm), activations, Flatten, "
+                    "Dropout, and modules of your own made of these; replace it or keep it out of the model")
+    return children
+
+
+def convert(module: nn.Module, areas: int, shared: bool = False) -> nn.Module:
+    """``module`` with every Linear and Conv2d (itself, or inside it) replaced by an area layer holding a copy of
+    its weights in every area (with ``shared``: the weights as the shared path, the areas at zero); the rest is
+    kept, in place."""
+    replaced = _area_layer(module, areas, shared)
+    if replaced is not None:
+        return replaced
+    for name, child in module.named_children():
+        setattr(module, name, convert(child, areas, shared))
+    return module
+
+
+@torch.no_grad()
+def _area_layer(module: nn.Module, areas: int, shared: bool) -> AreaLayer | None:
+    """The area layer of a Linear or Conv2d (its weights copied; a layer without bias gets a zero bias)."""
+    dtype = module.weight.dtype if isinstance(module, (nn.Linear, nn.Conv2d)) else None
+    if isinstance(module, nn.Linear):
+        layer: AreaLayer = AreaLinear(module.in_features, module.out_features, areas, shared, dtype=dtype)
+    elif isinstance(module, nn.Conv2d):
+        layer = AreaConv2d(module.in_channels, module.out_channels, module.kernel_size, areas, shared,
+                           stride=module.stride, padding=module.padding, dilation=module.dilation, dtype=dtype)
+    else:
+        return None
+    if shared:
+        layer.shared.copy_(module.weight)
+        layer.weight.zero_()
+    else:
+        layer.weight.copy_(module.weight.expand_as(layer.weight))
+    layer.bias.copy_(module.bias.expand_as(layer.bias) if module.bias is not None else 0)
+    return layer
+
+
+def split_blocks(modules: list[nn.Module]) -> list[nn.Module]:
+    """Group top-level modules into blocks: a block starts at each module that holds an area layer and takes
+    the parameter-free modules after it (activation, pooling, flatten) and norms; what comes before the first one
+    joins the first block. The last block is the head."""
+    learned = [i for i, m in enumerate(modules) if any(isinstance(x, AreaLayer) for x in m.modules())]
+    if not learned:
+        raise ConfigError("the model has no Linear or Conv2d layer: nothing to train")
+    starts = [0, *learned[1:]]
+    ends = [*learned[1:], len(modules)]
+    return [modules[s] if e - s == 1 else nn.Sequential(*modules[s:e]) for s, e in zip(starts, ends)]
