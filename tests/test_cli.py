@@ -190,7 +190,7 @@ def test_help_shows_every_default(capsys):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     for piece in ("--lr LR learning rate (default: bp/fa/dfa/sal: 0.003)", "--width WIDTH units per hidden "
-                  "layer (default: 256)", "(default: plain; residual from 8 hidden layers)", "--epochs EPOCHS "
+                  "layer (mlp) (default: 256)", "(default: plain; residual from 8 hidden layers)", "--epochs EPOCHS "
                   "(default: bp/sal: 60; fa/dfa: 30)", "(default: bp/fa/dfa: False; sal: True)",
                   "(default: bp/fa/dfa: 1; sal: auto)"):
         assert piece in text, piece

@@ -68,8 +68,11 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="colour images as one luma channel (the paper's CIFAR-10 setting)")
     p.add_argument("--out", metavar="DIR", help="run folder: config, per-epoch metrics, model, checkpoints")
     g = p.add_argument_group("model")
-    g.add_argument("--depth", type=int, help="hidden layers")
-    g.add_argument("--width", type=int, help="units per hidden layer")
+    g.add_argument("--model", choices=["mlp", "lenet", "cnn", "resnet20"],
+                   help="the routed MLP, or a conv net for image data: BioTorch's LeNet (MNIST) or small CIFAR-10 "
+                   "CNN, or ResNet-20")
+    g.add_argument("--depth", type=int, help="hidden layers (mlp)")
+    g.add_argument("--width", type=int, help="units per hidden layer (mlp)")
     g.add_argument("--areas", type=_areas, metavar="K|auto",
                    help="K areas per layer (1 = dense); auto: a power of two from 2 to 16, about 100 training "
                    "samples per area or more")
@@ -99,6 +102,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--momentum", type=float, help="SGD momentum")
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--schedule", choices=["constant", "cosine"])
+    g.add_argument("--augment", choices=["none", "crop-flip"],
+                   help="crop-flip: random crops of the image padded by 4 pixels and horizontal flips (CIFAR's)")
     g.add_argument("--max-steps", type=int, help="stop after N optimizer steps, then evaluate")
     g.add_argument("--seed", type=int)
     g = p.add_argument_group("hardware")

@@ -144,6 +144,8 @@ class TrainConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     schedule: str = "constant"
+    # Image augmentation per batch: "none", or "crop-flip" (random 4-pixel-padded crops and horizontal flips).
+    augment: str = "none"
     # Stop after this many optimizer steps (then evaluate); None trains all epochs.
     max_steps: int | None = None
     seed: int = 0
@@ -170,6 +172,7 @@ class TrainConfig:
         _positive("momentum", self.momentum, allow_zero=True)
         _positive("weight_decay", self.weight_decay, allow_zero=True)
         _choice("schedule", self.schedule, ("constant", "cosine"))
+        _choice("augment", self.augment, ("none", "crop-flip"))
         _choice("parallel", self.parallel, ("data", "area"))
         _choice("precision", self.precision, ("fp32", "bf16-mixed"))
         if self.max_steps is not None:
@@ -382,6 +385,9 @@ def check_applicable(config: RunConfig, explicit: set[str]) -> None:
         "block": None if model.depth > 1 or model.block == "plain" else "--block residual applies to hidden "
                  "layers after the first, and --depth 1 has none",
     }
+    if model.model != "mlp":        # the conv nets are fixed: the MLP's shape options would be ignored
+        reasons.update({name: f"--model {model.model} is a fixed conv net; --{name} shapes the MLP"
+                        for name in ("depth", "width", "block", "norm")})
     refused = [f"--{name.replace('_', '-')} ({why})" for name, why in reasons.items() if name in explicit and why]
     if refused:
         raise ConfigError(f"{'this flag does' if len(refused) == 1 else 'these flags do'} not apply here: "

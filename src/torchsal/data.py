@@ -47,6 +47,8 @@ class Dataset:
     x_test: np.ndarray | None = None    # official test split, if the dataset has one
     y_test: np.ndarray | None = None
     images: bool = False                # standardise globally rather than per feature
+    # (channels, height, width) of an image; samples are stored flat, channels last (H, W, C), as decoded
+    image_shape: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
         for x, y, part in ((self.x, self.y, "data"), (self.x_test, self.y_test, "test data")):
@@ -78,6 +80,7 @@ class Splits:
     classes: list[str]
     mean: np.ndarray        # the input scaling, from the training part: x_std = (x - mean) / std
     std: np.ndarray
+    image_shape: tuple[int, int, int] | None = None     # (C, H, W) of image data (stored flat, channels last)
 
     @property
     def in_features(self) -> int:
@@ -298,7 +301,7 @@ def make_splits(ds: Dataset, seed: int, scaling: tuple[np.ndarray, np.ndarray] |
         return torch.from_numpy(((a - mean) / std).astype(np.float32)), torch.from_numpy(b.astype(np.int64))
 
     return Splits(*tensors(x[train], y[train]), *tensors(x[val], y[val]), *tensors(x_test, y_test), ds.classes,
-                  mean, std)
+                  mean, std, ds.image_shape)
 
 
 def all_rows(ds: Dataset, scaling: tuple[np.ndarray, np.ndarray]) -> tuple[Tensor, Tensor]:
@@ -324,3 +327,16 @@ def to_model_classes(y: Tensor, classes: list[str], model_classes: list[str], na
 
 
 from torchsal import datasets as _datasets  # noqa: E402,F401  (registers the named datasets)
+
+
+def crop_flip(x: Tensor, image_shape: tuple[int, int, int], generator: torch.Generator) -> Tensor:
+    """CIFAR's augmentation on a batch of flat channels-last images: each padded by 4 pixels (with zeros, the
+    standardised mean) and cropped back at a random offset, and flipped left-right with probability 1/2."""
+    c, h, w = image_shape
+    n = x.shape[0]
+    images = torch.nn.functional.pad(x.view(n, h, w, c), (0, 0, 4, 4, 4, 4))
+    dy, dx, flip = (torch.randint(0, high, (n,), generator=generator).to(x.device) for high in (9, 9, 2))
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]
+    cols = dx[:, None] + torch.arange(w, device=x.device)
+    cols = torch.where(flip[:, None].bool(), cols.flip(1), cols)[:, None, :]
+    return images[torch.arange(n, device=x.device)[:, None, None], rows, cols].reshape(n, -1)

@@ -35,6 +35,11 @@ def _gray(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
+def _shape(images: np.ndarray, request: DataRequest) -> tuple[int, int, int]:
+    """(C, H, W) of colour images (N, H, W, 3) as ``_color`` stores them."""
+    return (1 if request.grayscale else 3, *images.shape[1:3])
+
+
 def _color(images: np.ndarray, request: DataRequest) -> np.ndarray:
     return _flat(_gray(images) if request.grayscale else images)
 
@@ -76,7 +81,7 @@ def _idx_dataset(name: str, classes: list[str], how_to_get: str, extra_dirs: tup
             if len(images) != len(labels):
                 raise DataError(f"dataset {name!r}: {part} has {len(images)} images but {len(labels)} labels")
         return Dataset(name, _flat(x), y.astype(np.int64), classes, _flat(x_test), y_test.astype(np.int64),
-                       images=True)
+                       images=True, image_shape=(1, *x.shape[1:3]))
 
     load.__doc__ = f"{name}: the four standard IDX files (gzip or plain) in a folder named {name}/."
     register_dataset(name, DataFiles((name,), how_to_get, extra_dirs))(load)
@@ -108,7 +113,8 @@ def load_cifar10(request: DataRequest, source: Path) -> Dataset:
         arrays = cached_arrays(source, "cifar10-tree", lambda: _tree_arrays(source))
         x, y, x_test, y_test = arrays["x"], arrays["y"], arrays["x_test"], arrays["y_test"]
         classes = [str(c) for c in arrays["classes"]]
-    return Dataset("cifar10", _color(x, request), y, classes, _color(x_test, request), y_test, images=True)
+    return Dataset("cifar10", _color(x, request), y, classes, _color(x_test, request), y_test, images=True,
+                   image_shape=_shape(x, request))
 
 
 def _tree_arrays(source: Path) -> dict[str, np.ndarray]:
@@ -126,7 +132,8 @@ def load_cifar100(request: DataRequest, folder: Path) -> Dataset:
     x, y = read_cifar_batches([folder / "train"], "fine_labels")
     x_test, y_test = read_cifar_batches([folder / "test"], "fine_labels")
     classes = read_cifar_names(folder / "meta", "fine_label_names")
-    return Dataset("cifar100", _color(x, request), y, classes, _color(x_test, request), y_test, images=True)
+    return Dataset("cifar100", _color(x, request), y, classes, _color(x_test, request), y_test, images=True,
+                   image_shape=_shape(x, request))
 
 
 @register_dataset("svhn", DataFiles(("svhn",), "get train_32x32.mat and test_32x32.mat "
@@ -135,7 +142,8 @@ def load_svhn(request: DataRequest, folder: Path) -> Dataset:
     """SVHN cropped digits (``svhn/{train,test}_32x32.mat``); label 10 means digit 0."""
     x, y = read_svhn_mat(folder / "train_32x32.mat")
     x_test, y_test = read_svhn_mat(folder / "test_32x32.mat")
-    return Dataset("svhn", _color(x, request), y, MNIST_CLASSES, _color(x_test, request), y_test, images=True)
+    return Dataset("svhn", _color(x, request), y, MNIST_CLASSES, _color(x_test, request), y_test, images=True,
+                   image_shape=_shape(x, request))
 
 
 @register_dataset("semeion", DataFiles(("semeion/semeion.data", "semeion.data"),

@@ -27,7 +27,7 @@ import torchsal
 from torchsal import distributed, optim
 from torchsal.config import RunConfig, TrainConfig, make_config, resolve_areas
 from torchsal.continual_methods import ContinualMethod
-from torchsal.data import Splits, load_dataset, make_splits
+from torchsal.data import Splits, crop_flip, load_dataset, make_splits
 from torchsal.diagnostics import alignment, area_statistics, interference
 from torchsal.dispatch import release_gradients, sgd_in_backward
 from torchsal.errors import ConfigError, DivergenceError, RunInterrupted
@@ -174,8 +174,11 @@ class Trainer:
                      len(splits.y_train))
             self.config = config = resolved
         check_sizes(config, splits)
+        if cfg.augment != "none" and splits.image_shape is None:
+            raise ConfigError(f"--augment {cfg.augment} transforms images, and {cfg.dataset} is not an image dataset; "
+                              "drop --augment")
         self.model = build_model(splits.in_features, splits.num_classes, config.model, cfg.seed,
-                                 self._owned_areas()).to(self.device)
+                                 self._owned_areas(), splits.image_shape).to(self.device)
         self.rule = build_rule(self.model, config.rule, cfg.seed).to(self.device)
         self.x_train, self.y_train = splits.x_train.to(self.device), splits.y_train.to(self.device)
         steps_per_epoch = math.ceil(len(self.y_train) / cfg.batch_size)
@@ -183,6 +186,7 @@ class Trainer:
         self.optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg, self.total_steps)
         self.shuffle = torch.Generator().manual_seed(cfg.seed)
+        self.augment_rng = torch.Generator().manual_seed(cfg.seed + 7)    # crops and flips (--augment)
         # Loop position: the epoch being trained (1-based), its shuffle, the next batch in it, running sums.
         self.epoch, self.batch, self.step = 1, 0, 0
         self.order: Tensor | None = None
@@ -231,7 +235,8 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "model": self.model.state_dict(), "rule": self.rule.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "shuffle": self.shuffle.get_state(), "torch_rng": torch.get_rng_state(),
+                "shuffle": self.shuffle.get_state(), "augment_rng": self.augment_rng.get_state(),
+                "torch_rng": torch.get_rng_state(),
                 "epoch": self.epoch, "batch": self.batch, "step": self.step, "order": self.order,
                 "sums": dict(self.sums), "history": list(self.history), "elapsed": self.elapsed,
                 "checkpoint_every": self.checkpoint_every}
@@ -242,6 +247,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.shuffle.set_state(state["shuffle"])
+        if "augment_rng" in state:                  # (checkpoints written before --augment lack it)
+            self.augment_rng.set_state(state["augment_rng"])
         torch.set_rng_state(state["torch_rng"])
         self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
         self.order = None if state["order"] is None else state["order"].to(self.device)
@@ -346,6 +353,8 @@ class Trainer:
     def train_step(self, batch: Tensor) -> None:
         local = distributed.shard(batch, self.ctx)     # this rank's share of the global batch
         x, y = self.x_train[local], self.y_train[local]
+        if self.config.train.augment == "crop-flip":
+            x = crop_flip(x, self.splits.image_shape, self.augment_rng)
         if self.method is not None:                    # continual learning: replay joins stored samples
             x, y = self.method.batch(x, y)
         release_gradients(self.model.parameters())   # .grad None, not zero: untouched areas stay untouched
@@ -507,6 +516,8 @@ def check_sizes(config: RunConfig, splits: Splits) -> None:
     areas, n = config.model.routing_config.areas, len(splits.y_train)
     if areas > n:
         log.warning("%d areas for %d training samples: some areas will never see a sample", areas, n)
+    if config.model.model != "mlp":
+        return                      # the conv nets are small (at most a few million parameters with 16 areas)
     counts = count_parameters(splits.in_features, splits.num_classes, config.model)
     # Weights + gradients + up to two optimizer moments (Adam), in the model's type, plus the data itself.
     need = 4 * counts * torch.finfo(getattr(torch, config.model.dtype)).bits // 8 + splits.x_train.numel() * 4
@@ -544,7 +555,7 @@ def save_model(path: Path, model: BlockNet, config: RunConfig, splits: Splits,
     buffer = io.BytesIO()
     torch.save({"format": "torchsal-model-1", "config": config.to_dict(),
                 "model": model.state_dict() if state is None else state,
-                "in_features": splits.in_features, "classes": splits.classes,
+                "in_features": splits.in_features, "classes": splits.classes, "image_shape": splits.image_shape,
                 "mean": torch.as_tensor(splits.mean), "std": torch.as_tensor(splits.std)}, buffer)
     write_bytes_atomic(path, buffer.getvalue())
 
@@ -561,7 +572,9 @@ def load_model(path: str | Path) -> tuple[BlockNet, dict[str, Any]]:
         raise ConfigError(f"{path} is not a torchsal model file (format {info['format']!r})")
     saved = dict(info["config"])
     config = make_config(saved.pop("rule"), **saved)
-    model = build_model(info["in_features"], len(info["classes"]), config.model)
+    shape = info.get("image_shape")
+    model = build_model(info["in_features"], len(info["classes"]), config.model,
+                        in_shape=None if shape is None else tuple(shape))
     try:
         model.load_state_dict(info["model"])
     except (RuntimeError, KeyError, TypeError) as exc:

@@ -146,7 +146,9 @@ class LearningRule(nn.Module):
         raise NotImplementedError
 
 
-def build_rule(model: BlockNet, config: RuleConfig, seed: int = 0) -> LearningRule:
-    """The rule of a run, its feedback drawn from a generator of its own (independent of the model's)."""
+def build_rule(model: BlockNet, config: RuleConfig | str, seed: int = 0) -> LearningRule:
+    """The rule of a run (a ``RuleConfig``, or a rule's name with its defaults), its feedback drawn from a
+    generator of its own (independent of the model's)."""
+    config = RuleConfig(rule=config) if isinstance(config, str) else config
     generator = torch.Generator().manual_seed(seed + 1_000_003)
     return get_rule(config.rule)(model, config, generator).to(model.dtype)

@@ -1,0 +1,25 @@
+"""Train your own CNN with SAL and with DFA: torchsal turns its Conv2d and Linear layers into area layers.
+
+    python examples/own_cnn.py [DATA_DIR] [STEPS]
+"""
+import sys
+
+import torch
+from torch import nn
+
+import torchsal
+
+data = torchsal.make_splits(torchsal.load_dataset("mnist", sys.argv[1] if len(sys.argv) > 1 else None), seed=0)
+steps = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
+for rule in ("sal", "dfa"):
+    cnn = nn.Sequential(nn.Conv2d(1, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 5), nn.ReLU(),
+                        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(512, 10))
+    model = torchsal.BlockNet.from_modules(cnn, in_shape=(1, 28, 28), areas=16 if rule == "sal" else 1)
+    learn = torchsal.build_rule(model, rule)
+    optimizer = torchsal.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(steps):
+        i = torch.randint(len(data.y_train), (64,))
+        optimizer.zero_grad()
+        learn(model, data.x_train[i], data.y_train[i]).loss.backward()
+        optimizer.step()
+    print(f"{rule} test accuracy {torchsal.evaluate(model, data.x_test, data.y_test):.4f}")
