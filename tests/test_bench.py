@@ -158,3 +158,12 @@ def test_a_fixed_row_the_user_did_not_ask_for_is_announced(tmp_path, monkeypatch
     with caplog.at_level(logging.INFO, logger="torchsal.bench"):
         Bench("paper", ["digits"], ["bp"], [0], tmp_path / "out").run()
     assert "besides the presets asked for, bp-published also runs with bp" in caplog.text
+
+
+def test_the_conv_recipe_runs_only_on_its_image_datasets(tmp_path):
+    from torchsal.bench import RECIPES, Bench
+
+    assert set(RECIPES["conv"].datasets) == {"mnist", "fashion-mnist", "cifar10"}
+    with pytest.raises(ConfigError, match="recipe conv has no model for 'wine'; it runs on mnist, fashion-mnist, "
+                                          "cifar10"):
+        Bench("conv", ["mnist", "wine"], ["bp"], [0], tmp_path)

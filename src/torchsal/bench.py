@@ -17,7 +17,7 @@ import json
 import logging
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,18 @@ class Recipe:
     trials: Callable[[str], list[dict[str, Any]]]           # the grid searched for a preset
     epochs: Callable[[int], int]                            # epoch budget from the training-set size
     fixed: dict[str, dict[str, Any]]                        # extra rows run exactly as given (no search)
+    # Settings per dataset (the model a dataset is run with, its budget); when given, the datasets it may run on
+    datasets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    presets: tuple[str, ...] | None = None                  # the presets run by default (None: the main ones)
+
+
+# Published numbers shown beside a recipe's table: the paper's MLP (BP, SAL-16), or BioTorch's conv nets (test
+# accuracy = 100 - published error, Benchmarks.md; LeNet with SGD, the small CIFAR-10 CNN with Adam, as our recipe).
+BIOTORCH_NUMBERS: dict[str, tuple[float, float, float]] = {
+    "mnist": (99.09, 98.30, 98.39), "fashion-mnist": (90.80, 86.94, 87.19), "cifar10": (84.08, 59.33, 62.41)}
+REFERENCES: dict[str, tuple[tuple[str, ...], dict[str, tuple[float, ...]]]] = {
+    "paper": (("BP (paper)", "SAL-16 (paper)"), PAPER_NUMBERS),
+    "conv": (("BP (BioTorch)", "FA (BioTorch)", "DFA (BioTorch)"), BIOTORCH_NUMBERS)}
 
 
 def _paper_trials(preset: str) -> list[dict[str, Any]]:
@@ -101,6 +113,10 @@ def _tuned_epochs(n_train: int) -> int:
     return 40 if n_train <= 10_000 else 20 if n_train <= 30_000 else 10
 
 
+def _conv_trials(preset: str) -> list[dict[str, Any]]:
+    return [{"lr": lr} for lr in (3e-4, 1e-3, 3e-3)]
+
+
 RECIPES: dict[str, Recipe] = {
     # The paper's model and budget; only the learning rate is searched (SAL's is not published).
     "paper": Recipe("paper", {"depth": 1, "width": 256, "optimizer": "sgd", "momentum": 0.0, "weight_decay": 0.0,
@@ -110,6 +126,14 @@ RECIPES: dict[str, Recipe] = {
     "tuned": Recipe("tuned", {"depth": 1, "width": 256, "optimizer": "adamw", "batch_size": 64,
                               "schedule": "cosine", "grayscale": False},
                     _tuned_trials, _tuned_epochs, {}),
+    # Conv nets as BioTorch benchmarks them (docs/conv.md): LeNet on MNIST and Fashion-MNIST, the small CNN on
+    # RGB CIFAR-10 with crop-and-flip augmentation; Adam with a cosine schedule, three learning rates per preset.
+    # Budgets are a fraction of BioTorch's 100 epochs, so the whole table fits about 8 CPU-hours on 2 cores.
+    "conv": Recipe("conv", {"optimizer": "adam", "batch_size": 128, "schedule": "cosine", "grayscale": False},
+                   _conv_trials, lambda n: 10, {},  # (epochs per dataset below)
+                   datasets={"mnist": {"model": "lenet", "epochs": 8}, "fashion-mnist": {"model": "lenet", "epochs": 8},
+                             "cifar10": {"model": "cnn", "augment": "crop-flip", "epochs": 20}},
+                   presets=("bp", "fa", "dfa", "sal", "sal-k1")),
 }
 
 
@@ -171,6 +195,10 @@ class Bench:
             raise ConfigError(f"unknown preset {unknown[0]!r}; choose from: {', '.join(PRESETS)}")
         if not seeds:
             raise ConfigError("--seeds needs at least one seed")
+        foreign = [d for d in datasets if RECIPES[recipe].datasets and d not in RECIPES[recipe].datasets]
+        if foreign:
+            raise ConfigError(f"recipe {recipe} has no model for {foreign[0]!r}; it runs on "
+                              f"{', '.join(RECIPES[recipe].datasets)}")
         self.recipe, self.datasets, self.presets, self.seeds = RECIPES[recipe], datasets, presets, seeds
         self.out, self.data_dir, self.threads, self.epochs = out, data_dir, threads, epochs
         self.report_only = report_only          # tables from the finished runs only; train nothing
@@ -209,8 +237,11 @@ class Bench:
         for dataset in self.datasets:
             data = load_dataset(dataset, self.data_dir, self.base.get("grayscale", False))
             self.splits = {seed: make_splits(data, seed) for seed in self.seeds}
-            base = {**self.base, "dataset": dataset, "data_dir": self.data_dir, "threads": self.threads,
-                    "epochs": self.epochs or self.recipe.epochs(len(self.splits[self.seeds[0]].y_train))}
+            own = dict(self.recipe.datasets.get(dataset, {}))
+            n_train = len(self.splits[self.seeds[0]].y_train)
+            epochs = self.epochs or own.pop("epochs", None) or self.recipe.epochs(n_train)
+            base = {**self.base, **own, "dataset": dataset, "data_dir": self.data_dir, "threads": self.threads,
+                    "epochs": epochs}
             for preset in self.presets:
                 self._cell(dataset, preset, base, self.recipe.trials(preset))
             for name in rows:
@@ -302,14 +333,15 @@ def markdown(summary: list[dict[str, Any]], recipe: str) -> str:
     datasets = list(dict.fromkeys(r["dataset"] for r in summary))
     presets = list(dict.fromkeys(r["preset"] for r in summary))
     cell = {(r["dataset"], r["preset"]): r for r in summary}
-    head = ["dataset", *presets, "BP (paper)", "SAL-16 (paper)"]
+    names, published = REFERENCES.get(recipe, REFERENCES["paper"])
+    head = ["dataset", *presets, *names]
     lines = [f"### Test accuracy %, recipe `{recipe}` (mean ± std over seeds; final epoch)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for d in datasets:
         values = [_accuracy(cell[d, p]) if (d, p) in cell else "–" for p in presets]
-        paper = PAPER_NUMBERS.get(d)
-        lines.append("| " + " | ".join([d, *values, *(f"{v:.2f}" for v in paper)] if paper else [d, *values, "–", "–"])
-                     + " |")
+        reference = published.get(d)
+        lines.append("| " + " | ".join([d, *values, *(f"{v:.2f}" for v in reference)] if reference
+                                       else [d, *values, *("–" for _ in names)]) + " |")
     others = [p for p in presets if p != "sal"]
     if "sal" in presets and others:
         lines += ["", "Difference to `sal` in points (preset minus sal; * where it exceeds the seed spread, i.e. "
