@@ -365,30 +365,34 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def grouped_conv2d(rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor | None, **conv: object) -> Tensor:
+def grouped_conv2d(rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor | None, owner: Tensor | None = None,
+                   **conv: object) -> Tensor:
     """Per-area convolutions of rows grouped by area, in one call: weight (K, out, in, kh, kw), bias (K, out).
 
-    The rows are padded to the largest area's count and interleaved, ``(capacity, K * in, H, W)``, so one
-    ``conv2d(..., groups=K)`` runs area k's bank on its own rows (padding rows are computed and dropped); its
+    The rows are padded to the largest area's count and laid side by side, area k's rows in channels
+    ``k * in .. (k + 1) * in`` of a ``(capacity, K * in, H, W)`` batch (channels last, mkldnn's fast layout), so
+    one ``conv2d(..., groups=K)`` runs area k's bank on its own rows (padding rows are computed and dropped); its
     backward forms every area's kernel gradient in one call too (zeros for areas without rows), and the areas it
-    touched are marked on the parameters as ``grouped_linear`` does. On a GPU the capacity is read once per call
-    (one device sync per grouped convolution). ``conv`` takes stride, padding and dilation as ``F.conv2d``.
+    touched are marked on ``owner`` (the parameter ``weight`` is, or is computed from) and on ``bias``, as
+    ``grouped_linear`` does. On a GPU the capacity is read once per call (one device sync per grouped
+    convolution). ``conv`` takes stride, padding and dilation as ``F.conv2d``.
     """
     with record_function("torchsal.dispatch"):
-        areas, n = weight.shape[0], rows.shape[0]
+        areas, (n, c, h, w) = weight.shape[0], rows.shape
         ends = groups.ends.long()
         counts = torch.diff(ends, prepend=ends.new_zeros(1))
         capacity = groups.capacity if groups.slot is not None else int(counts.max())
-        slot = (torch.arange(n, device=rows.device) - (ends - counts)[groups.row_area]) * areas + groups.row_area
-        flat = rows.reshape(n, -1)
-        padded = flat.new_zeros(capacity * areas, flat.shape[1]).index_copy(0, slot, flat)
-        w, b = weight.flatten(0, 1), None if bias is None else bias.flatten()
-        for stacked, param in ((w, weight), (b, bias)):
-            if stacked is not None and stacked.requires_grad and torch.is_grad_enabled():
-                stacked.register_hook(lambda g, param=param: _mark_touched(param, groups))
-        out = torch.nn.functional.conv2d(padded.view(capacity, areas * rows.shape[1], *rows.shape[2:]), w, b,
+        position = torch.arange(n, device=rows.device) - (ends - counts)[groups.row_area]
+        padded = rows.new_zeros(capacity, h, w, areas, c)
+        padded[position, :, :, groups.row_area] = rows.permute(0, 2, 3, 1)
+        stacked, b = weight.flatten(0, 1), None if bias is None else bias.flatten()
+        for t, param in ((stacked, weight if owner is None else owner), (b, bias)):
+            if t is not None and t.requires_grad and torch.is_grad_enabled():
+                t.register_hook(lambda g, param=param: _mark_touched(param, groups))
+        out = torch.nn.functional.conv2d(padded.view(capacity, h, w, areas * c).permute(0, 3, 1, 2), stacked, b,
                                          groups=areas, **conv)
-        return out.reshape(capacity * areas, -1).index_select(0, slot).view(n, weight.shape[1], *out.shape[2:])
+        out = out.permute(0, 2, 3, 1).unflatten(3, (areas, weight.shape[1]))[position, :, :, groups.row_area]
+        return out.permute(0, 3, 1, 2)
 
 
 def area_linear(x: Tensor, area: Tensor | Groups | None, weight: Tensor, bias: Tensor | None = None) -> Tensor:

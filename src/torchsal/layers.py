@@ -173,11 +173,12 @@ class AreaConv2d(AreaLayer):
         self.shared = nn.Parameter(uniform_(torch.empty(bank)).to(dtype)) if shared else None
 
     def affine(self, rows: Tensor, groups: Groups | None) -> Tensor:
+        # The shared path folded into every area's kernels: one convolution, and the shared kernels' gradient is
+        # the sum of the areas' (a (K, out, in, kh, kw) addition costs little beside a convolution).
+        weight = self.weight if self.shared is None else self.weight + self.shared
         if groups is None:
-            a = F.conv2d(rows, self.weight.squeeze(0), self.bias.squeeze(0), **self.conv)
-        else:
-            a = grouped_conv2d(rows, groups, self.weight, self.bias, **self.conv)
-        return a if self.shared is None else a + F.conv2d(rows, self.shared, None, **self.conv)
+            return F.conv2d(rows, weight.squeeze(0), self.bias.squeeze(0), **self.conv)
+        return grouped_conv2d(rows, groups, weight, self.bias, self.weight, **self.conv)
 
     def send_back(self, grad: Tensor, feedback: Tensor, shape: torch.Size) -> Tensor:
         """The input gradient of this convolution with the fixed kernels ``feedback`` in place of its own."""
