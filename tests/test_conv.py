@@ -1,5 +1,6 @@
 """Conv nets and users' own models (issue 18): area convolutions, every rule on blocks, conversion, errors."""
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -52,12 +53,15 @@ def test_one_area_conv_is_nn_conv2d():
     torch.testing.assert_close(area.bias.grad[0], conv.bias.grad)
 
 
-def test_grouped_conv_equals_per_sample_reference():
+@pytest.mark.parametrize("counts_on_host", [True, False])     # False: the padded kernel a GPU runs
+def test_grouped_conv_equals_per_sample_reference(counts_on_host):
     torch.manual_seed(0)
     conv = AreaConv2d(2, 3, 3, areas=4, shared=False, padding=1, generator=torch.Generator().manual_seed(0))
     x = torch.randn(7, 2, 5, 5)
     area = torch.tensor([2, 0, 2, 3, 0, 2, 2])          # area 1 empty
     groups = group_by_area(area, 4)
+    if not counts_on_host:
+        groups = dataclasses.replace(groups, counts=None, slot=None, capacity=0)
     out = conv(x[groups.order], groups)[groups.inverse]
     reference = torch.cat([F.conv2d(x[i: i + 1], conv.weight[k], conv.bias[k], padding=1)
                            for i, k in enumerate(area.tolist())])
