@@ -1,6 +1,7 @@
 """Conv nets and users' own models (issue 18): area convolutions, every rule on blocks, conversion, errors."""
 
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -217,3 +218,29 @@ def test_the_own_cnn_example_trains_with_sal_and_dfa():
     accuracies = {line.split()[0]: float(line.split()[-1]) for line in result.stdout.splitlines()}
     assert set(accuracies) == {"sal", "dfa"} and min(accuracies.values()) > 0.4, result.stdout
     assert len((ROOT / "examples" / "own_cnn.py").read_text().split('"""')[-1].strip().splitlines()) <= 22
+
+
+def test_layer_routing_on_a_conv_net_routes_each_block_from_its_pooled_input():
+    model = BlockNet.from_modules(small_cnn(), (2, 6, 6), areas=4, routing=RoutingConfig(areas=4, routing="layer"))
+    assert [router.projection.in_features for router in model.routers] == [72, 3, 4]     # image, channels, features
+    x, y = batch()
+    trace = model.trace(x)
+    assert trace.rows is None and all(a is not None for a in trace.areas)
+    build_rule(model, "sal")(model, x, y).loss.backward()
+    assert all(layer.weight.grad is not None for layer in model.area_layers())
+
+
+@pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason="needs ../shared/data/mnist")
+def test_a_conv_run_saves_a_model_that_eval_loads(tmp_path):
+    run = [sys.executable, "-m", "torchsal"]
+    common = ["--data-dir", str(DATA), "--threads", "1"]
+    subprocess.run([*run, "train", "--dataset", "mnist", "--model", "lenet", "--rule", "dfa", "--max-steps", "20",
+                    "--out", str(tmp_path / "run"), *common], check=True, capture_output=True, timeout=600)
+    res = subprocess.run([*run, "eval", "--model", str(tmp_path / "run"), "--data-dir", str(DATA)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    stored = json.loads((tmp_path / "run" / "metrics.json").read_text())["test_accuracy"]
+    assert f"accuracy {stored:.4f}" in res.stdout, res.stdout
+    bad = subprocess.run([*run, "train", "--dataset", "digits", "--model", "lenet", *common], capture_output=True,
+                         text=True, timeout=600)
+    assert bad.returncode != 0 and "--model lenet is a conv net: it needs an image dataset" in bad.stderr
