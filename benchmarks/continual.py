@@ -147,6 +147,38 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_matrices(rows: list[dict], protocol: str, path: Path) -> None:
+    """The accuracy matrix of every rule and method (mean over seeds) in the protocol's main scenario: row i is
+    the accuracy on each task after training task i, so forgetting shows as fading columns below the diagonal."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evaluation = main_metric(protocol)
+    labels = list(dict.fromkeys(label(r) for r in rows if r["protocol"] == protocol))
+    if not labels:
+        return
+    columns = min(4, len(labels))
+    lines = -(-len(labels) // columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(2.6 * columns, 2.5 * lines), squeeze=False)
+    for ax, name in zip(axes.flat, labels):
+        runs = [r[evaluation]["accuracy"] for r in rows if r["protocol"] == protocol and label(r) == name]
+        mean = [[statistics.mean(run[i][j] for run in runs) for j in range(len(runs[0]))] for i in range(len(runs[0]))]
+        ax.imshow(mean, vmin=0, vmax=1, cmap="viridis")
+        ax.set_title(f"{name} [{len(runs)}]: {statistics.mean(mean[-1]):.2f}", fontsize=8)
+        ax.set_xlabel("task evaluated", fontsize=7)
+        ax.set_ylabel("after training task", fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(labels):]:
+        ax.axis("off")
+    fig.suptitle(f"{protocol}, {evaluation.replace('_', '-')}: accuracy matrices (mean over [seeds]; title: final "
+                 "average)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = study_parser(__doc__, rules="bp,dfa,sal", epochs=2, epochs_help="epochs per task")
     parser.add_argument("--protocols", default="split-mnist,split-fashion-mnist,permuted-mnist")
@@ -188,6 +220,8 @@ def main() -> None:
                              "seconds": round(time.perf_counter() - start, 1), **result})
     rows = [r for r in log.rows if r["epochs_per_task"] == args.epochs and r.get("recipe", "study") == "study"]
     plot(rows, out / "continual.png")
+    for protocol in dict.fromkeys(r["protocol"] for r in rows):
+        plot_matrices(rows, protocol, out / f"matrices-{protocol}.png")
     (out / "continual.json").write_text(json.dumps(rows, indent=2) + "\n")
     print("\n| protocol | rule | evaluation | average accuracy | forgetting |\n|---|---|---|---|---|")
     for protocol in dict.fromkeys(r["protocol"] for r in rows):
