@@ -219,6 +219,10 @@ def test_route_from_is_the_new_spelling_of_routing(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert main(["train", "--routing", "layer", "--max-steps", "2", "--quiet", "--out", str(tmp_path / "a")]) == 0
     assert "--routing is deprecated, say --route-from" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):      # the --flag=value form warns too
+        assert main(["train", "--routing=layer", "--max-steps", "2", "--quiet", "--out", str(tmp_path / "c")]) == 0
+    assert "--routing is deprecated, say --route-from" in caplog.text
     assert main(["train", "--route-from", "layer", "--max-steps", "2", "--quiet", "--out", str(tmp_path / "b")]) == 0
     for run in ("a", "b"):
         assert json.loads((tmp_path / run / "config.json").read_text())["routing"] == "layer"

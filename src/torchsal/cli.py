@@ -219,8 +219,9 @@ _DEPRECATED_FLAGS = {"train": {"--routing": "--route-from"},
 
 
 def _warn_old_flags(args: argparse.Namespace) -> None:
+    given = {word.split("=", 1)[0] for word in args.argv}      # --old value and --old=value alike
     for old, new in _DEPRECATED_FLAGS.get(args.command, {}).items():
-        if old in args.argv:
+        if old in given:
             logging.getLogger("torchsal").warning("%s is deprecated, say %s (the old spelling goes in the next "
                                                   "release)", old, new)
 
