@@ -175,9 +175,12 @@ def test_every_rule_trains_every_conv_model_a_step():
         model = build_model(0, 10, ModelConfig(model=name, routing_config=RoutingConfig(areas=2)), in_shape=shape)
         x, y = torch.randn(4, *shape), torch.arange(4)
         for rule in ("bp", "fa", "dfa", "sal"):
+            model.zero_grad(set_to_none=True)
             out = build_rule(model, rule)(model, x, y)
             out.loss.backward()
             assert out.logits.shape == (4, 10) and torch.isfinite(out.loss)
+            # every parameter learns, batch norms inside blocks included (local rules: from their block's signal)
+            assert [n for n, p in model.named_parameters() if p.grad is None] == [], (name, rule)
 
 
 @pytest.mark.parametrize(("modules", "message"), [
