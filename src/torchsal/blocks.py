@@ -122,7 +122,8 @@ class BlockNet(nn.Module):
             raise ConfigError(f"pass the model as an nn.Sequential or a list of modules, its blocks in order (got a "
                               f"{type(modules).__name__}: a forward method of its own cannot be split into blocks)")
         children = [convert(m, areas, shared) for m in _checked(children)]
-        return cls(split_blocks(children), in_shape, routing, generator)
+        dtype = next((p.dtype for m in children for p in m.parameters()), torch.float32)   # inputs follow it
+        return cls(split_blocks(children), in_shape, routing, generator, dtype)
 
     @property
     def areas(self) -> int:

@@ -179,9 +179,9 @@ def build_model(in_features: int, num_classes: int, config: ModelConfig, seed: i
     rc = config.routing_config
     with torch.random.fork_rng(devices=[]):      # torch's own initialisation, seeded, global RNG untouched
         torch.manual_seed(seed)
-        modules = CONV_MODELS[config.model](tuple(in_shape), num_classes)
-    return BlockNet.from_modules(modules, in_shape, rc.areas, config.shared, rc,
-                                 torch.Generator().manual_seed(seed)).to(getattr(torch, config.dtype))
+        modules = [m.to(getattr(torch, config.dtype)) for m in CONV_MODELS[config.model](tuple(in_shape),
+                                                                                         num_classes)]
+    return BlockNet.from_modules(modules, in_shape, rc.areas, config.shared, rc, torch.Generator().manual_seed(seed))
 
 
 def count_parameters(in_features: int, num_classes: int, config: ModelConfig) -> int:
