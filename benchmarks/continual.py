@@ -147,6 +147,30 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def markdown(rows: list[dict], protocol: str) -> str:
+    """The doc's table for one protocol: per rule and method the chosen strength, then average accuracy and
+    forgetting (mean ± std over seeds; seeds done in brackets) in each of the protocol's scenarios."""
+    scenarios = ["class_incremental", "task_incremental"] if main_metric(protocol) == "class_incremental" \
+        else ["task_incremental"]
+    names = {"class_incremental": "class-incremental", "task_incremental": "task-incremental" if protocol.startswith(
+        "split-") and not protocol.endswith("-domain") else "domain-incremental" if protocol.endswith("-domain")
+        else "permuted"}
+    head = ["rule", "method", "strength (chosen on validation)"] + [
+        f"{names[s]}: {k}" for s in scenarios for k in ("average", "forgetting")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    present = list(dict.fromkeys(r["rule"] for r in rows if r["protocol"] == protocol))
+    for rule in sorted(present, key=lambda name: (["bp", "sal", "dfa"] + present).index(name)):
+        for method in dict.fromkeys(r.get("method", "naive") for r in rows if r["protocol"] == protocol):
+            runs = [r for r in rows if r["protocol"] == protocol and r["rule"] == rule
+                    and r.get("method", "naive") == method]
+            if not runs:
+                continue
+            strength = "" if runs[0]["strength"] is None else f"{runs[0]['strength']:g}"
+            cells = [mean_std([r[s][k] for r in runs], 3) for s in scenarios for k in ("average", "forgetting")]
+            lines.append(f"| {rule} | {method} [{len(runs)}] | {strength} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_matrices(rows: list[dict], protocol: str, path: Path) -> None:
     """The accuracy matrix of every rule and method (mean over seeds) in the protocol's main scenario: row i is
     the accuracy on each task after training task i, so forgetting shows as fading columns below the diagonal."""
@@ -222,6 +246,8 @@ def main() -> None:
     plot(rows, out / "continual.png")
     for protocol in dict.fromkeys(r["protocol"] for r in rows):
         plot_matrices(rows, protocol, out / f"matrices-{protocol}.png")
+    (out / "continual.md").write_text("\n".join(f"**{p}**\n\n{markdown(rows, p)}"
+                                                for p in dict.fromkeys(r["protocol"] for r in rows)))
     (out / "continual.json").write_text(json.dumps(rows, indent=2) + "\n")
     print("\n| protocol | rule | evaluation | average accuracy | forgetting |\n|---|---|---|---|---|")
     for protocol in dict.fromkeys(r["protocol"] for r in rows):
