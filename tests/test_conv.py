@@ -195,6 +195,12 @@ def test_unsupported_layers_are_named(modules, message):
         BlockNet.from_modules(modules, (2, 6, 6))
 
 
+def test_a_wrong_input_shape_names_the_block_that_cannot_take_it():
+    with pytest.raises(ConfigError, match=r"block 1 \(Sequential\) cannot take a sample of shape \(3, 2, 2\) "
+                                          r"\(in_shape=\(2, 5, 5\)\)"):
+        BlockNet.from_modules(small_cnn(), (2, 5, 5))
+
+
 def test_a_model_class_with_its_own_forward_is_refused_with_the_fix():
     with pytest.raises(ConfigError, match="pass the model as an nn.Sequential or a list of modules"):
         BlockNet.from_modules(nn.Bilinear(3, 3, 3), (2, 6, 6))

@@ -201,9 +201,14 @@ class BlockNet(nn.Module):
         groups = group_by_area(torch.zeros(1, dtype=torch.long), self.areas) if self.areas > 1 else None
         shapes = []
         with routed(groups):
-            for block in self.blocks:
+            for i, block in enumerate(self.blocks):
                 shapes.append(tuple(h.shape[1:]))
-                h = block(h)
+                try:
+                    h = block(h)
+                except RuntimeError as exc:
+                    first = str(exc).strip().splitlines()[0][:200]
+                    raise ConfigError(f"block {i} ({type(block).__name__}) cannot take a sample of shape "
+                                      f"{shapes[-1]} (in_shape={self.in_shape}): {first}") from None
         self.train(was_training)
         if h.dim() != 2:
             raise ConfigError(f"the head must output (batch, classes) logits, got a map of shape {tuple(h.shape)}:"
