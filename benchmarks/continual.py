@@ -119,6 +119,25 @@ def recipe_check(args, log: RunLog) -> None:  # noqa: ANN001
                          "method": method, "strength": strength if method != "naive" else None,
                          "epochs_per_task": AVALANCHE_EPOCHS, "recipe": recipe,
                          "seconds": round(time.perf_counter() - start, 1), **result})
+    (Path(args.out) / "avalanche.md").write_text(avalanche_table(log.rows))
+
+
+def avalanche_table(rows: list[dict]) -> str:
+    """The recipe check: each Avalanche recipe with fine-tuning alone and with its method, beside their 0.83."""
+    lines = ["| recipe (Avalanche's) | method | strength (ours) | average accuracy | forgetting | Avalanche |",
+             "|---|---|---|---|---|---|"]
+    for reference, (settings, strength) in AVALANCHE.items():
+        model = (f"784-{settings['width']}-10, {settings['optimizer']} lr {settings['lr']:g}, batch "
+                 f"{settings['batch_size']}, {AVALANCHE_EPOCHS} epochs per task")
+        for method in ("naive", reference):
+            runs = [r for r in rows if r.get("recipe") == f"avalanche-{reference}" and r["method"] == method]
+            if runs:
+                values = [r["task_incremental"] for r in runs]
+                lines.append(f"| {model} | {method} [{len(runs)}] | {strength if method != 'naive' else ''} | "
+                             f"{mean_std([v['average'] for v in values], 3)} | "
+                             f"{mean_std([v['forgetting'] for v in values], 3)} | "
+                             f"{'0.83' if method != 'naive' else ''} |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict], path: Path) -> None:
