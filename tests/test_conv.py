@@ -226,7 +226,9 @@ def test_the_own_cnn_example_trains_with_sal_and_dfa():
                             capture_output=True, text=True, timeout=600, check=True)
     accuracies = {line.split()[0]: float(line.split()[-1]) for line in result.stdout.splitlines()}
     assert set(accuracies) == {"sal", "dfa"} and min(accuracies.values()) > 0.4, result.stdout
-    assert len((ROOT / "examples" / "own_cnn.py").read_text().split('"""')[-1].strip().splitlines()) <= 22
+    code = [line for line in (ROOT / "examples" / "own_cnn.py").read_text().split('"""')[-1].splitlines()
+            if line.strip() and not line.startswith(("import ", "from "))]
+    assert len(code) < 15, code            # the issue's promise: under 15 lines, imports aside
 
 
 def test_layer_routing_on_a_conv_net_routes_each_block_from_its_pooled_input():
