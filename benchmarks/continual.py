@@ -215,7 +215,8 @@ def plot_matrices(rows: list[dict], protocol: str, path: Path) -> None:
         ax.tick_params(labelsize=6)
     for ax in list(axes.flat)[len(labels):]:
         ax.axis("off")
-    fig.suptitle(f"{protocol}, {evaluation.replace('_', '-')}: accuracy matrices (mean over [seeds]; title: final "
+    scenario = "every task ten-way" if protocol.startswith("permuted") else evaluation.replace("_", "-")
+    fig.suptitle(f"{protocol}, {scenario}: accuracy matrices (mean over [seeds]; title: final "
                  "average)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
