@@ -326,9 +326,6 @@ def to_model_classes(y: Tensor, classes: list[str], model_classes: list[str], na
     return torch.tensor([model_classes.index(c) for c in classes], dtype=torch.int64)[y]
 
 
-from torchsal import datasets as _datasets  # noqa: E402,F401  (registers the named datasets)
-
-
 def crop_flip(x: Tensor, image_shape: tuple[int, int, int], generator: torch.Generator) -> Tensor:
     """CIFAR's augmentation on a batch of flat channels-last images: each padded by 4 pixels (with zeros, the
     standardised mean) and cropped back at a random offset, and flipped left-right with probability 1/2."""
@@ -340,3 +337,6 @@ def crop_flip(x: Tensor, image_shape: tuple[int, int, int], generator: torch.Gen
     cols = dx[:, None] + torch.arange(w, device=x.device)
     cols = torch.where(flip[:, None].bool(), cols.flip(1), cols)[:, None, :]
     return images[torch.arange(n, device=x.device)[:, None, None], rows, cols].reshape(n, -1)
+
+
+from torchsal import datasets as _datasets  # noqa: E402,F401  (registers the named datasets)
