@@ -67,6 +67,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 ABLATIONS = ("sal", "sal-k1", "sal-no-shared", "sal-frozen-router", "sal-random-router", "sal-layer-routing",
              "sal-per-area-feedback", "sal-direct", "sal-local", "sal-both")
+# What a bench runs unless told: the rules, the capacity controls and SAL's two single signals.
+MAIN_PRESETS = tuple(p for p in PRESETS if p not in ABLATIONS or p in ("sal", "sal-direct", "sal-local"))
 
 # Published numbers (test accuracy %) from ../shared/paper/REFERENCE-NUMBERS.md: BP (paper recipe) and SAL-16.
 PAPER_NUMBERS: dict[str, tuple[float, float]] = {
@@ -82,7 +84,7 @@ class Recipe:
     fixed: dict[str, dict[str, Any]]                        # extra rows run exactly as given (no search)
     # Settings per dataset (the model a dataset is run with, its budget); when given, the datasets it may run on
     datasets: dict[str, dict[str, Any]] = field(default_factory=dict)
-    presets: tuple[str, ...] | None = None                  # the presets run by default (None: the main ones)
+    presets: tuple[str, ...] = MAIN_PRESETS                 # the presets run by default
 
 
 # Published numbers shown beside a recipe's table: the paper's MLP (BP, SAL-16), or BioTorch's conv nets (test

@@ -226,8 +226,8 @@ class BlockNet(nn.Module):
         rest of the blocks) and, for a shard, the parameters this process holds."""
         held = sum(p.numel() for p in self.parameters())
         layers = self.area_layers()
-        elsewhere = sum((layer.areas - len(layer.owned)) * layer.weight[0].numel() + layer.bias[0].numel()
-                        * (layer.areas - len(layer.owned)) for layer in layers)
+        elsewhere = sum((layer.areas - len(layer.owned)) * (layer.weight[0].numel() + layer.bias[0].numel())
+                        for layer in layers)
         in_areas = sum(p.numel() for layer in layers for p in layer.parameters())
         counts = {"params_total": held + elsewhere,
                   "params_active_per_sample": held - in_areas + sum(layer.active_parameters() for layer in layers)}

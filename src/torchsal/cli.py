@@ -163,17 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     info_p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     info_p.add_argument("--data-dir", help="folder holding dataset files")
 
-    from torchsal.bench import ABLATIONS, PRESETS, RECIPES
+    from torchsal.bench import MAIN_PRESETS, PRESETS, RECIPES
 
     bench_p = sub.add_parser("bench", help="benchmark presets on datasets over seeds (resumable)")
     bench_p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     bench_p.add_argument("--datasets", help="comma-separated (default: the ten; with --protocol conv: mnist, "
                          "fashion-mnist, cifar10)")
-    main_presets = [p for p in PRESETS if p not in ABLATIONS or p in ("sal", "sal-direct", "sal-local")]
     bench_p.add_argument("--presets", "--rules", dest="rules", metavar="PRESETS",
                          help=f"comma-separated presets (a rule on a model): {', '.join(PRESETS)}; 'ablations' "
-                         f"expands to the SAL ablation set (--rules: old spelling; default: {','.join(main_presets)}; "
-                         "with --protocol conv: bp,fa,dfa,sal,sal-k1)")
+                         f"expands to the SAL ablation set (--rules: old spelling; default: {','.join(MAIN_PRESETS)}; "
+                         f"with --protocol conv: {','.join(RECIPES['conv'].presets)})")
     bench_p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     bench_p.add_argument("--protocol", "--recipe", dest="recipe", default="tuned", choices=sorted(RECIPES),
                          help="the benchmark protocol: tuned (a search on validation per preset), paper (the "
@@ -371,15 +370,14 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from torchsal.bench import ABLATIONS, PRESETS, RECIPES, SUITE_CPU_HOURS, TEN_DATASETS
+    from torchsal.bench import ABLATIONS, RECIPES, SUITE_CPU_HOURS, TEN_DATASETS
 
     _warn_old_flags(args)
     recipe = RECIPES[args.recipe]
     if args.datasets is None:
         args.datasets = ",".join(recipe.datasets or TEN_DATASETS)
     if args.rules is None:
-        args.rules = ",".join(recipe.presets or [p for p in PRESETS if p not in ABLATIONS or p in
-                                                 ("sal", "sal-direct", "sal-local")])
+        args.rules = ",".join(recipe.presets)
     presets = [q for p in args.rules.split(",") if p for q in (ABLATIONS if p == "ablations" else [p])]
     if args.datasets == ",".join(TEN_DATASETS) and not args.report_only:
         hours = SUITE_CPU_HOURS.get(args.recipe)

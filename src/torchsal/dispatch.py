@@ -379,7 +379,7 @@ def grouped_conv2d(rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor, o
     area's bank on its own rows (padding rows computed and dropped; the capacity is read once per call).
     """
     with record_function("torchsal.dispatch"):
-        weight, bias = _marking(weight, owner, groups), _marking(bias, bias, groups)
+        weight, bias = _marking(weight, owner, groups), _marking(bias, None, groups)
         if groups.counts is not None:
             banks, biases, outs, start = weight.unbind(0), bias.unbind(0), [], 0
             for k, n in enumerate(groups.counts):
