@@ -1,0 +1,124 @@
+"""Why SAL trails on conv nets: SAL's accuracy against the number of areas, the shared path and the signal.
+
+    python benchmarks/conv_ablations.py --data-dir ../shared/data --threads 1                   # LeNet, MNIST: ~40 min
+    python benchmarks/conv_ablations.py --dataset cifar10 --seeds 0 --variants k1,k16,k16-direct,k16-both \\
+        --lr 3e-3 --data-dir ../shared/data --threads 1
+
+Each dataset's model and budget are those of ``torchsal bench --protocol conv`` (LeNet for 8 epochs on MNIST and
+Fashion-MNIST, the small CNN with crop-and-flip for 20 on CIFAR-10; Adam, batch 128, cosine schedule). By default
+SAL runs with 1 area (no shared path: SAL's rule on the dense net), 2, 4 and 16 areas with the shared path, and 16
+areas without it; the signal variants swap the local signal for the direct one or both. Every variant trains at
+one learning rate (``--lr``, default 1e-3: the rate the conv bench chose for SAL on MNIST), so the variant is the
+only thing that changes. Runs are logged as they finish (``OUT/DATASET/ablations.jsonl``) and a rerun resumes;
+``ablations.md`` and ``areas.png`` (accuracy against areas) are written beside the log.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from study import RunLog, mean_std, study_parser
+
+# name: (what it is, settings); fewest areas first
+VARIANTS = {
+    "k1": ("1 area (dense), no shared path", {"areas": 1, "shared": False}),
+    "k2": ("2 areas + shared path", {"areas": 2, "shared": True}),
+    "k4": ("4 areas + shared path", {"areas": 4, "shared": True}),
+    "k16": ("16 areas + shared path (bench's sal)", {"areas": 16, "shared": True}),
+    "k16-no-shared": ("16 areas, no shared path", {"areas": 16, "shared": False}),
+    "k16-direct": ("16 areas + shared path, direct signal", {"areas": 16, "shared": True, "signal": "direct"}),
+    "k16-both": ("16 areas + shared path, local + direct", {"areas": 16, "shared": True, "signal": "both"}),
+}
+AREA_VARIANTS = ("k1", "k2", "k4", "k16", "k16-no-shared")
+
+
+def run(args) -> list[dict]:  # noqa: ANN001
+    from torchsal import load_dataset, make_config, make_splits, train
+    from torchsal.bench import RECIPES
+
+    recipe = RECIPES["conv"]
+    own = dict(recipe.datasets[args.dataset])
+    log = RunLog(Path(args.out) / args.dataset / "ablations.jsonl",
+                 key=lambda r: (r["dataset"], r["variant"], r["seed"], r["epochs"], r["lr"]))
+    data = load_dataset(args.dataset, args.data_dir, False)
+    epochs = args.epochs or own.pop("epochs")
+    own.pop("epochs", None)
+    for seed in map(int, args.seeds.split(",")):
+        splits = make_splits(data, seed)
+        for variant in args.variants.split(","):
+            settings = VARIANTS[variant][1]
+            if log.done((args.dataset, variant, seed, epochs, args.lr)):
+                continue
+            config = make_config("sal", **{**recipe.base, **own, **settings}, dataset=args.dataset, lr=args.lr,
+                                 epochs=epochs, seed=seed, threads=args.threads)
+            result = train(config, splits=splits, progress=False)
+            m = result.metrics
+            log.add({"dataset": args.dataset, "variant": variant, "areas": settings["areas"],
+                     "shared": settings["shared"], "signal": config.rule.signal, "seed": seed, "epochs": epochs,
+                     "lr": args.lr,
+                     "test_accuracy": m["test_accuracy"], "val_accuracy": m["val_accuracy"],
+                     "params_total": m.get("params_total"), "seconds": m["train_seconds"],
+                     "val_curve": [h["val_accuracy"] for h in m["history"]]})
+    return log.rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [f"| SAL, {rows[0]['dataset']}, {rows[0]['epochs']} epochs | lr | test % | validation % | seeds | "
+             "total parameters |", "|---|---|---|---|---|---|"]
+    for variant in VARIANTS:
+        for lr in sorted({r["lr"] for r in rows if r["variant"] == variant}):
+            cell = [r for r in rows if r["variant"] == variant and r["lr"] == lr]
+            test = [100 * r["test_accuracy"] for r in cell]
+            val = [100 * r["val_accuracy"] for r in cell]
+            lines.append(f"| {VARIANTS[variant][0]} | {lr:g} | {mean_std(test, 2)} | {mean_std(val, 2)} | "
+                         f"{len(cell)} | {cell[0]['params_total']:,} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Test accuracy against the number of areas (local signal), with and without the shared path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    rows = [r for r in rows if r["variant"] in AREA_VARIANTS and r["lr"] == rows[0]["lr"]]
+    for shared, marker in ((True, "o-"), (False, "s--")):
+        points = sorted({r["areas"] for r in rows if r["shared"] == shared or r["areas"] == 1})
+        cells = [[100 * r["test_accuracy"] for r in rows if r["areas"] == k and (r["shared"] == shared or k == 1)]
+                 for k in points]
+        ax.errorbar(points, [statistics.mean(c) for c in cells],
+                    [statistics.stdev(c) if len(c) > 1 else 0 for c in cells], fmt=marker, capsize=3,
+                    label="shared path" if shared else "no shared path")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("areas per layer")
+    ax.set_ylabel("test accuracy %")
+    ax.set_title(f"SAL, {rows[0]['dataset']}: accuracy against areas (lr {rows[0]['lr']:g})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = study_parser(__doc__, rules="sal", epochs=0, epochs_help="epochs (default: the conv recipe's)")
+    parser.add_argument("--dataset", default="mnist", choices=("mnist", "fashion-mnist", "cifar10"))
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--variants", default=",".join(AREA_VARIANTS),
+                        help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    parser.set_defaults(out="docs/conv/ablations")
+    args = parser.parse_args()
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant {unknown[0]!r}; choose from: {', '.join(VARIANTS)}")
+    rows = run(args)
+    out = Path(args.out) / args.dataset
+    (out / "ablations.md").write_text(markdown(rows))
+    plot(rows, out / "areas.png")
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
