@@ -7,9 +7,9 @@
 Each dataset's model and budget are those of ``torchsal bench --protocol conv`` (LeNet for 8 epochs on MNIST and
 Fashion-MNIST, the small CNN with crop-and-flip for 20 on CIFAR-10; Adam, batch 128, cosine schedule). By default
 SAL runs with 1 area (no shared path: SAL's rule on the dense net), 2, 4 and 16 areas with the shared path, and 16
-areas without it; the signal variants swap the local signal for the direct one or both. Every variant trains at
-one learning rate (``--lr``, default 1e-3: the rate the conv bench chose for SAL on MNIST), so the variant is the
-only thing that changes. Runs are logged as they finish (``OUT/DATASET/ablations.jsonl``) and a rerun resumes;
+areas without it; the signal variants swap the local signal for the direct one or both, the pool4 ones read out
+4x4-pooled maps instead of 2x2 (``--readout-pool 4``). Every variant trains at one learning rate (``--lr``,
+default 1e-3: the rate the conv bench chose for SAL on MNIST), so the variant is the only thing that changes. Runs are logged as they finish (``OUT/DATASET/ablations.jsonl``) and a rerun resumes;
 ``ablations.md`` and ``areas.png`` (accuracy against areas) are written beside the log.
 """
 
@@ -29,6 +29,9 @@ VARIANTS = {
     "k16-no-shared": ("16 areas, no shared path", {"areas": 16, "shared": False}),
     "k16-direct": ("16 areas + shared path, direct signal", {"areas": 16, "shared": True, "signal": "direct"}),
     "k16-both": ("16 areas + shared path, local + direct", {"areas": 16, "shared": True, "signal": "both"}),
+    "k16-pool4": ("16 areas + shared path, readout of 4x4-pooled maps", {"areas": 16, "shared": True,
+                                                                          "readout_pool": 4}),
+    "k1-pool4": ("1 area (dense), readout of 4x4-pooled maps", {"areas": 1, "shared": False, "readout_pool": 4}),
 }
 AREA_VARIANTS = ("k1", "k2", "k4", "k16", "k16-no-shared")
 

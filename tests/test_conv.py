@@ -139,16 +139,29 @@ def test_dfa_signal_on_a_feature_map_is_e_B():
     torch.testing.assert_close(conv[0].weight.grad, w.grad)
 
 
-def test_sal_local_signal_on_a_map_is_the_gradient_of_its_pooled_readout():
+@pytest.mark.parametrize("pool,side", [(2, 2), (1, 1), (8, 3)])   # block 0's map is 3x3: pool 8 reads it whole
+def test_sal_local_signal_on_a_map_is_the_gradient_of_its_pooled_readout(pool, side):
     x, y = batch()
     model = BlockNet.from_modules(small_cnn(), (2, 6, 6))
-    rule = build_rule(model, RuleConfig(rule="sal", signal="local"))
-    assert rule._matrices("local")[0].shape == (3, 3 * 2 * 2)       # 3 channels pooled to 2x2
+    rule = build_rule(model, RuleConfig(rule="sal", signal="local", readout_pool=pool))
+    assert rule._matrices("local")[0].shape == (3, 3 * side * side)       # 3 channels pooled to side x side
     h = model.trace(x).hidden[0].detach()
     g = rule.signal(0, h, None, F.one_hot(y, 3).float(), None, False)
     h_var = h.clone().requires_grad_()
-    F.cross_entropy(read_out(h_var) @ rule._matrices("local")[0].T, y, reduction="sum").backward()
+    pooled = F.adaptive_avg_pool2d(h_var, side).flatten(1)
+    torch.testing.assert_close(read_out(h_var, pool), pooled)
+    F.cross_entropy(pooled @ rule._matrices("local")[0].T, y, reduction="sum").backward()
     torch.testing.assert_close(g, h_var.grad)
+
+
+def test_readout_pool_is_refused_where_it_does_nothing():
+    from torchsal.config import check_applicable, make_config
+
+    for rule, model, why in (("dfa", "cnn", "exist only with --rule sal"), ("sal", "mlp", "--model mlp has none")):
+        with pytest.raises(ConfigError, match=f"--readout-pool .*{why}"):
+            check_applicable(make_config(rule, model=model, readout_pool=4), {"readout_pool"})
+    with pytest.raises(ConfigError, match="--readout-pool must be >= 1"):
+        RuleConfig(readout_pool=0)
 
 
 @pytest.mark.parametrize("rule", ["bp", "fa", "dfa", "sal"])

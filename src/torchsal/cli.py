@@ -89,6 +89,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--signal", choices=["direct", "local", "both"], help="SAL's hidden-layer signal")
     g.add_argument("--readout", choices=["per-layer", "single", "shared"],
                    help="local readouts: one per layer, or a single one for all ('shared': old spelling of single)")
+    g.add_argument("--readout-pool", type=int, metavar="SIDE",
+                   help="conv nets: pool each block's output map to at most SIDE x SIDE before its local readout")
     g.add_argument("--feedback", choices=["per-layer", "per-area", "shared"],
                    help="fixed feedback matrices/readouts: one per layer, or one per area of each layer ('shared': old "
                         "spelling of per-layer)")

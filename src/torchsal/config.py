@@ -111,6 +111,8 @@ class RuleConfig:
     signal: str = "local"
     # Fixed random readouts of the local signal: one per hidden layer, or a single one for all of them.
     readout: str = "per-layer"
+    # The side a conv block's output map is average-pooled to (at most) before its local readout: 2 reads 2x2.
+    readout_pool: int = 2
     # Feedback matrices and readouts: one per layer (all its areas use it) or one per area of each layer.
     feedback: str = "per-layer"
     # "lean": each hidden layer updates as soon as its own forward step is done, so no earlier layer's
@@ -125,6 +127,7 @@ class RuleConfig:
         for name in ("readout", "feedback"):        # old spellings (stored runs, configs): silently the new ones
             object.__setattr__(self, name, DEPRECATED_VALUES.get((name, getattr(self, name)), getattr(self, name)))
         _choice("readout", self.readout, ("per-layer", "single"))
+        _positive("readout_pool", self.readout_pool)
         _choice("feedback", self.feedback, ("per-layer", "per-area"))
         _choice("memory", self.memory, ("standard", "lean"))
         if self.memory == "lean" and (self.rule != "sal" or self.signal != "local"):
@@ -378,6 +381,8 @@ def check_applicable(config: RunConfig, explicit: set[str]) -> None:
         "signal": None if rule.rule == "sal" else f"--rule {rule.rule} has no choice of signal (only sal does"
                   + ("; dfa always sends the output error directly)" if rule.rule == "dfa" else ")"),
         "readout": None if local else "the local readouts exist only with --rule sal --signal local or both",
+        "readout_pool": "the local readouts exist only with --rule sal --signal local or both" if not local else
+                        None if model.model != "mlp" else "--readout-pool pools conv maps, and --model mlp has none",
         "feedback": None if rule.rule in ("dfa", "sal") else f"--rule {rule.rule} has no per-layer feedback "
                     "matrices to split by area (dfa and sal do)",
         **{name: None if routing.areas != 1 else "a model with --areas 1 has no router"

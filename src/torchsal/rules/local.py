@@ -10,8 +10,8 @@ and no gradient crosses a layer boundary. The output layer minimises its own cro
 - ``direct`` (DFA, Nokland 2016): g_l = e B_l, e = softmax(logits) - onehot(y), B_l (C, width) fixed random.
 - ``local``: g_l = (softmax(h_l G_l^T) - onehot(y)) G_l, the gradient of a layer-local cross-entropy through a
   fixed random readout G_l (C, width). It needs no global error, so a layer may update as soon as its own
-  forward step is done. A feature map is read out after average pooling to at most 2x2 (G_l: (C, channels *
-  4)); its signal is the pooling's adjoint of the readout's gradient.
+  forward step is done. A feature map is read out after average pooling to at most 2x2 (``--readout-pool``;
+  G_l: (C, channels * 4)); its signal is the pooling's adjoint of the readout's gradient.
 - ``both``: their sum.
 """
 
@@ -35,21 +35,23 @@ from torchsal.rules.base import LearningRule, StepOutput, output_step, register_
 SIGNALS = {"direct": ("direct",), "local": ("local",), "both": ("direct", "local")}
 
 
-def readout_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """What a local readout sees of a hidden output of ``shape``: features as they are, maps pooled to <= 2x2."""
-    return shape if len(shape) == 1 else (shape[0], *(min(2, side) for side in shape[1:]))
+def readout_shape(shape: tuple[int, ...], pool: int = 2) -> tuple[int, ...]:
+    """What a local readout sees of a hidden output of ``shape``: features as they are, maps average-pooled to at
+    most ``pool`` x ``pool``."""
+    return shape if len(shape) == 1 else (shape[0], *(min(pool, side) for side in shape[1:]))
 
 
-def read_out(h: Tensor) -> Tensor:
-    """(B, features) a local readout takes from a hidden output: itself, or a map average-pooled to <= 2x2."""
-    return h if h.dim() == 2 else F.adaptive_avg_pool2d(h, readout_shape(h.shape[1:])[1:]).flatten(1)
+def read_out(h: Tensor, pool: int = 2) -> Tensor:
+    """(B, features) a local readout takes from a hidden output: itself, or a map average-pooled to at most
+    ``pool`` x ``pool``."""
+    return h if h.dim() == 2 else F.adaptive_avg_pool2d(h, readout_shape(h.shape[1:], pool)[1:]).flatten(1)
 
 
-def read_out_adjoint(h: Tensor, grad: Tensor) -> Tensor:
+def read_out_adjoint(h: Tensor, grad: Tensor, pool: int = 2) -> Tensor:
     """The gradient with respect to ``h`` of a readout's input gradient ``grad`` (the pooling's adjoint)."""
     if h.dim() == 2:
         return grad
-    pooled = grad.view(h.shape[0], *readout_shape(h.shape[1:]))
+    pooled = grad.view(h.shape[0], *readout_shape(h.shape[1:], pool))
     return torch.ops.aten._adaptive_avg_pool2d_backward(pooled.to(h.dtype), h)
 
 
@@ -81,7 +83,7 @@ class LocalSignalRule(LearningRule):
             self._register_matrices("direct", [random_matrix(classes, w, w, generator)
                                                for w in widths for _ in range(self.per_layer)])
         if "local" in self.signals():
-            features = [math.prod(readout_shape(s)) for s in shapes]
+            features = [math.prod(readout_shape(s, config.readout_pool)) for s in shapes]
             if config.readout == "single" and len(set(features)) > 1:
                 raise ConfigError(f"--readout single shares one readout across hidden blocks, but their outputs "
                                   f"differ ({', '.join(map(str, features))} features read out): use --readout "
@@ -116,11 +118,11 @@ class LocalSignalRule(LearningRule):
                 direct = self._per_area(error, self._layer("direct", layer), groups, grouped, transpose=True)
                 parts.append(direct.view_as(h))
             if "local" in self.signals():                    # (softmax(h G^T) - y) G, through the pooling
-                readouts = self._layer("local", layer)
-                logits = self._per_area(read_out(h), readouts, groups, grouped)
+                readouts, pool = self._layer("local", layer), self.config.readout_pool
+                logits = self._per_area(read_out(h, pool), readouts, groups, grouped)
                 grad = self._per_area(softmax_error(logits, onehot), readouts, groups, grouped,
                                       transpose=True)
-                parts.append(read_out_adjoint(h, grad))
+                parts.append(read_out_adjoint(h, grad, pool))
             return parts[0] if len(parts) == 1 else parts[0] + parts[1]
 
     @torch.no_grad()
@@ -135,10 +137,10 @@ class LocalSignalRule(LearningRule):
             if "direct" in self.signals():                       # e B_l
                 parts.append(torch.matmul(error, self._stacked("direct", layers)).view_as(h))
             if "local" in self.signals():                        # (softmax(h G^T) - y) G, through the pooling
-                readouts, flat = self._stacked("local", layers), h.flatten(0, 1)
-                logits = read_out(flat).view(len(hs), h.shape[1], -1) @ readouts.transpose(-1, -2)
+                readouts, flat, pool = self._stacked("local", layers), h.flatten(0, 1), self.config.readout_pool
+                logits = read_out(flat, pool).view(len(hs), h.shape[1], -1) @ readouts.transpose(-1, -2)
                 grad = softmax_error(logits, onehot) @ readouts
-                parts.append(read_out_adjoint(flat, grad.flatten(0, 1)).view_as(h))
+                parts.append(read_out_adjoint(flat, grad.flatten(0, 1), pool).view_as(h))
             return list((parts[0] if len(parts) == 1 else parts[0] + parts[1]).unbind(0))
 
     @staticmethod
