@@ -96,6 +96,7 @@ def plot(rows: list[dict], path: Path) -> None:
                     [statistics.stdev(c) if len(c) > 1 else 0 for c in cells], fmt=marker, capsize=3,
                     label="shared path" if shared else "no shared path")
     ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({r["areas"] for r in rows}), [str(k) for k in sorted({r["areas"] for r in rows})])
     ax.set_xlabel("areas per layer")
     ax.set_ylabel("test accuracy %")
     ax.set_title(f"SAL, {rows[0]['dataset']}: accuracy against areas (lr {rows[0]['lr']:g})")
