@@ -9,8 +9,9 @@ Fashion-MNIST, the small CNN with crop-and-flip for 20 on CIFAR-10; Adam, batch 
 SAL runs with 1 area (no shared path: SAL's rule on the dense net), 2, 4 and 16 areas with the shared path, and 16
 areas without it; the signal variants swap the local signal for the direct one or both, the pool4 ones read out
 4x4-pooled maps instead of 2x2 (``--readout-pool 4``). Every variant trains at one learning rate (``--lr``,
-default 1e-3: the rate the conv bench chose for SAL on MNIST), so the variant is the only thing that changes. Runs are logged as they finish (``OUT/DATASET/ablations.jsonl``) and a rerun resumes;
-``ablations.md`` and ``areas.png`` (accuracy against areas) are written beside the log.
+default 1e-3: the rate the conv bench chose for SAL on MNIST), so the variant is the only thing that changes.
+Runs are logged as they finish (``OUT/DATASET/ablations.jsonl``) and a rerun resumes; ``ablations.md`` and
+``areas.png`` (accuracy against areas) are written beside the log.
 """
 
 from __future__ import annotations
@@ -87,7 +88,10 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.4))
-    rows = [r for r in rows if r["variant"] in AREA_VARIANTS and r["lr"] == rows[0]["lr"]]
+    rows = [r for r in rows if r["variant"] in AREA_VARIANTS]
+    if not rows:
+        return
+    rows = [r for r in rows if r["lr"] == rows[0]["lr"]]
     for shared, marker in ((True, "o-"), (False, "s--")):
         points = sorted({r["areas"] for r in rows if r["shared"] == shared or r["areas"] == 1})
         cells = [[100 * r["test_accuracy"] for r in rows if r["areas"] == k and (r["shared"] == shared or k == 1)]
