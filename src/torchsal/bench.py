@@ -399,12 +399,13 @@ def plot_curves(records: list[dict[str, Any]], path: Path, recipe: str) -> None:
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(rows, cols, figsize=(max(3.2 * cols, 6.5), 2.6 * rows + 0.5), squeeze=False)
+    presets = list(dict.fromkeys(r["preset"] for r in chosen))        # one colour per preset in every panel
     for ax, d in zip(axes.flat, datasets):
         for preset in dict.fromkeys(r["preset"] for r in chosen if r["dataset"] == d):
             curves = [r["test_curve"] for r in chosen if r["dataset"] == d and r["preset"] == preset]
             n = min(len(c) for c in curves)
             mean = [100 * statistics.mean(c[i] for c in curves) for i in range(n)]
-            ax.plot(range(1, n + 1), mean, label=preset, lw=1.2)
+            ax.plot(range(1, n + 1), mean, label=preset, lw=1.2, color=f"C{presets.index(preset) % 10}")
         ax.set_title(d, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.set_ylabel("test accuracy %", fontsize=8)
@@ -412,7 +413,8 @@ def plot_curves(records: list[dict[str, Any]], path: Path, recipe: str) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in list(axes.flat)[len(datasets):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=6)
+    for ax in list(axes.flat)[:len(datasets)]:
+        ax.legend(fontsize=6)
     fig.suptitle(f"recipe {recipe}: test accuracy per epoch (mean over seeds)", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.95))          # room for the title, which tight_layout alone may cut
     buffer = io.BytesIO()
