@@ -89,9 +89,9 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 3.4))
     rows = [r for r in rows if r["variant"] in AREA_VARIANTS]
-    if not rows:
-        return
-    rows = [r for r in rows if r["lr"] == rows[0]["lr"]]
+    rows = [r for r in rows if r["lr"] == rows[0]["lr"]] if rows else []
+    if len({r["areas"] for r in rows}) < 2:
+        return                                   # nothing to plot against
     for shared, marker in ((True, "o-"), (False, "s--")):
         points = sorted({r["areas"] for r in rows if r["shared"] == shared or r["areas"] == 1})
         cells = [[100 * r["test_accuracy"] for r in rows if r["areas"] == k and (r["shared"] == shared or k == 1)]
