@@ -45,9 +45,9 @@ def run(args) -> list[dict]:  # noqa: ANN001
     own = dict(recipe.datasets[args.dataset])
     log = RunLog(Path(args.out) / args.dataset / "ablations.jsonl",
                  key=lambda r: (r["dataset"], r["variant"], r["seed"], r["epochs"], r["lr"]))
-    data = load_dataset(args.dataset, args.data_dir, False)
-    epochs = args.epochs or own.pop("epochs")
-    own.pop("epochs", None)
+    data = load_dataset(args.dataset, args.data_dir, recipe.base.get("grayscale", False))
+    epochs = own.pop("epochs")
+    epochs = args.epochs or epochs
     for seed in map(int, args.seeds.split(",")):
         splits = make_splits(data, seed)
         for variant in args.variants.split(","):
@@ -87,11 +87,11 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.4))
     rows = [r for r in rows if r["variant"] in AREA_VARIANTS]
     rows = [r for r in rows if r["lr"] == rows[0]["lr"]] if rows else []
     if len({r["areas"] for r in rows}) < 2:
         return                                   # nothing to plot against
+    fig, ax = plt.subplots(figsize=(5, 3.4))
     for shared, marker in ((True, "o-"), (False, "s--")):
         points = sorted({r["areas"] for r in rows if r["shared"] == shared or r["areas"] == 1})
         cells = [[100 * r["test_accuracy"] for r in rows if r["areas"] == k and (r["shared"] == shared or k == 1)]

@@ -377,12 +377,13 @@ def check_applicable(config: RunConfig, explicit: set[str]) -> None:
     (``--rule bp --signal local``, ``--rule fa --readout single``, routing options on a one-area model)."""
     rule, model, routing = config.rule, config.model, config.model.routing_config
     local = rule.rule == "sal" and rule.signal in ("local", "both")
+    no_readout = None if local else "the local readouts exist only with --rule sal --signal local or both"
     reasons = {
         "signal": None if rule.rule == "sal" else f"--rule {rule.rule} has no choice of signal (only sal does"
                   + ("; dfa always sends the output error directly)" if rule.rule == "dfa" else ")"),
-        "readout": None if local else "the local readouts exist only with --rule sal --signal local or both",
-        "readout_pool": "the local readouts exist only with --rule sal --signal local or both" if not local else
-                        None if model.model != "mlp" else "--readout-pool pools conv maps, and --model mlp has none",
+        "readout": no_readout,
+        "readout_pool": no_readout or ("--readout-pool pools conv maps, and --model mlp has none"
+                                       if model.model == "mlp" else None),
         "feedback": None if rule.rule in ("dfa", "sal") else f"--rule {rule.rule} has no per-layer feedback "
                     "matrices to split by area (dfa and sal do)",
         **{name: None if routing.areas != 1 else "a model with --areas 1 has no router"
