@@ -57,8 +57,8 @@ def test_grouped_gradients_match_per_sample_reference(with_bias, host_counts, n_
         if not reference:
             assert w.touched_areas.tolist() == [True] * 5 + [False]    # the empty area is marked untouched
     for got, want in zip(*grads, strict=True):
-        if want is not None:
-            torch.testing.assert_close(got, want)
+        if want is not None:    # sums of 40 products in another order: a few ulps apart on some CPUs (Xeon)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(grads[0][1][5], torch.zeros(n_out, n_in))       # the empty area's gradient is zero
 
 

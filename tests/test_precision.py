@@ -55,3 +55,24 @@ def test_cli_precision_flag_trains(tmp_path):
     result = train(make_config("sal", dataset="digits", epochs=5, precision="bf16-mixed"), progress=False)
     assert result.metrics["config"]["precision"] == "bf16-mixed" and result.metrics["test_accuracy"] > 0.85
     assert all(p.dtype == torch.float32 for p in result.model.parameters())
+
+
+
+@pytest.mark.parametrize("rows", [40, 200])
+def test_mixed_precision_weight_gradient_is_the_float32_product_of_the_bfloat16_operands(rows):
+    """Under bf16-mixed an area's weight gradient is ``g_k.T @ x_k`` summed in float32 over the bfloat16 rows and
+    output gradients (40 rows over 3 areas: the padded kernel; 200: one product per area)."""
+    from torchsal.dispatch import area_linear
+
+    g = torch.Generator().manual_seed(0)
+    x, area = torch.randn(rows, 6, generator=g), torch.randint(3, (rows,), generator=g)
+    weight = torch.nn.Parameter(torch.randn(3, 5, 6, generator=g))
+    upstream = torch.randn(rows, 5, generator=g).to(torch.bfloat16)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = area_linear(x, area, weight)
+    assert out.dtype == torch.bfloat16
+    out.backward(upstream)
+    assert weight.grad.dtype == torch.float32
+    x16, up = x.to(torch.bfloat16).float(), upstream.float()
+    expected = torch.stack([up[area == k].T @ x16[area == k] for k in range(3)])
+    torch.testing.assert_close(weight.grad, expected)

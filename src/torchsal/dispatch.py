@@ -122,10 +122,10 @@ def release_gradients(params: Iterable[Tensor]) -> None:
             p.grad = None
 
 
-# Memory per (parameter, purpose), handed back after use for the next step: released gradients, the weights a
-# layer computes with (folded with the shared path, or cast to bfloat16) and mixed precision's weight-gradient
-# product. A fresh weight-sized block per step costs its page faults (8 ms for 64 MB, measured) on top of the work
-# (2 ms); each entry is dropped as soon as its parameter is garbage-collected.
+# Memory per (parameter, purpose), handed back after use for the next step: released gradients and the weights a
+# layer computes with (folded with the shared path, or cast to bfloat16). A fresh weight-sized block per step costs
+# its page faults (8 ms for 64 MB, measured) on top of the work (2 ms); each entry is dropped as soon as its
+# parameter is garbage-collected.
 _SCRATCH: dict[tuple[int, str], tuple[weakref.ref, Tensor]] = {}
 
 
@@ -229,12 +229,12 @@ def _weight_gradient(grad: Tensor, rows: Tensor, groups: Groups, out: Tensor, al
     grad_k.T @ rows_k`` (an in-place SGD step; empty areas untouched). Few rows per area: one batched matmul over
     the padded layout; with host counts (CPU) one matmul per area (measured faster than the grouped kernel);
     without, one grouped kernel."""
-    if out.dtype != grad.dtype:      # mixed precision: the product in the compute type, then into the weights' type
-        product = _weight_gradient(grad, rows, groups, _take(out, "product", grad.dtype), None, padded_grad,
-                                   padded_rows)
-        out.copy_(product) if alpha is None else out.add_(product, alpha=alpha)
-        _give(out, "product", product)
-        return out
+    if out.dtype != grad.dtype:
+        # Mixed precision: the products in the weights' type, from the rows and gradients widened. Forming them in
+        # bfloat16 and converting them into the weights took longer on CPU than the float32 products: a (K, out,
+        # in) write and read back, and torch's mixed-type add runs a slow path (docs/performance.md).
+        grad, rows, padded_grad, padded_rows = (None if t is None else t.to(out.dtype)
+                                                for t in (grad, rows, padded_grad, padded_rows))
     # An in-place step with some areas empty updates only the touched ones (the padded product would rewrite all).
     if _few_rows(groups) and (alpha is None or all(groups.counts)):
         padded_grad = (_padded(grad, groups) if padded_grad is None else padded_grad).transpose(1, 2)
