@@ -68,15 +68,15 @@ def run(args) -> list[dict]:  # noqa: ANN001
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = [f"| SAL, {rows[0]['dataset']}, {rows[0]['epochs']} epochs | lr | test % | validation % | seeds | "
-             "total parameters |", "|---|---|---|---|---|---|"]
+    lines = [f"| SAL, {rows[0]['dataset']} | epochs | lr | test % | validation % | seeds | total parameters |",
+             "|---|---|---|---|---|---|---|"]
     for variant in VARIANTS:
-        for lr in sorted({r["lr"] for r in rows if r["variant"] == variant}):
-            cell = [r for r in rows if r["variant"] == variant and r["lr"] == lr]
+        for epochs, lr in sorted({(r["epochs"], r["lr"]) for r in rows if r["variant"] == variant}):
+            cell = [r for r in rows if (r["variant"], r["epochs"], r["lr"]) == (variant, epochs, lr)]
             test = [100 * r["test_accuracy"] for r in cell]
             val = [100 * r["val_accuracy"] for r in cell]
-            lines.append(f"| {VARIANTS[variant][0]} | {lr:g} | {mean_std(test, 2)} | {mean_std(val, 2)} | "
-                         f"{len(cell)} | {cell[0]['params_total']:,} |")
+            lines.append(f"| {VARIANTS[variant][0]} | {epochs} | {lr:g} | {mean_std(test, 2)} | "
+                         f"{mean_std(val, 2)} | {len(cell)} | {cell[0]['params_total']:,} |")
     return "\n".join(lines) + "\n"
 
 
@@ -88,7 +88,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if r["variant"] in AREA_VARIANTS]
-    rows = [r for r in rows if r["lr"] == rows[0]["lr"]] if rows else []
+    rows = [r for r in rows if (r["lr"], r["epochs"]) == (rows[0]["lr"], rows[0]["epochs"])] if rows else []
     if len({r["areas"] for r in rows}) < 2:
         return                                   # nothing to plot against
     fig, ax = plt.subplots(figsize=(5, 3.4))
@@ -103,7 +103,8 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xticks(sorted({r["areas"] for r in rows}), [str(k) for k in sorted({r["areas"] for r in rows})])
     ax.set_xlabel("areas per layer")
     ax.set_ylabel("test accuracy %")
-    ax.set_title(f"SAL, {rows[0]['dataset']}: accuracy against areas (lr {rows[0]['lr']:g})")
+    ax.set_title(f"SAL, {rows[0]['dataset']}: accuracy against areas ({rows[0]['epochs']} epochs, "
+                 f"lr {rows[0]['lr']:g})")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
