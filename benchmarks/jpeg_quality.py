@@ -1,6 +1,6 @@
 """How much JPEG compression costs BP on CIFAR-10: the conv bench's BP recipe on copies of lower quality.
 
-    python benchmarks/jpeg_quality.py --data-dir ../shared/data --threads 1        # 4 runs, ~25 CPU-minutes
+    python benchmarks/jpeg_quality.py --data-dir ../shared/data --threads 1        # 4 runs, ~70 CPU-minutes
 
 Our CIFAR-10 is a JPEG quality-75 copy, so the cost of that compression against the lossless images cannot be
 measured here. This measures its dose-response instead: every image of our copy (training and test) is encoded
