@@ -130,7 +130,8 @@ RECIPES: dict[str, Recipe] = {
                     _tuned_trials, _tuned_epochs, {}),
     # Conv nets as BioTorch benchmarks them (docs/conv.md): LeNet on MNIST and Fashion-MNIST, the small CNN on
     # RGB CIFAR-10 with crop-and-flip augmentation; Adam with a cosine schedule, three learning rates per preset.
-    # Budgets are a fraction of BioTorch's 100 epochs, so the whole table fits about 8 CPU-hours on 2 cores.
+    # Budgets are a fraction of BioTorch's (250 epochs on CIFAR-10), so the whole table fits about 8 CPU-hours on
+    # 2 cores.
     "conv": Recipe("conv", {"optimizer": "adam", "batch_size": 128, "schedule": "cosine", "grayscale": False},
                    _conv_trials, lambda n: 10, {},  # (epochs per dataset below)
                    datasets={"mnist": {"model": "lenet", "epochs": 8}, "fashion-mnist": {"model": "lenet", "epochs": 8},
