@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.autograd.profiler import record_function
+
+from torchsal.profiling import named_range
 
 # (shape, dtype, device) keys on which torch._grouped_mm refused the layout: those run the per-area loop.
 _NO_GROUPED_MM: set[tuple] = set()
@@ -96,7 +97,7 @@ def current_groups() -> Groups | None:
 
 def group_by_area(area: Tensor, areas: int) -> Groups:
     """Sort rows by area (stable). One per step with input routing; per layer with layer routing."""
-    with record_function("torchsal.dispatch"):
+    with named_range("torchsal.dispatch"):
         order = torch.argsort(area, stable=True)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
@@ -338,7 +339,7 @@ def grouped_linear(rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor | 
     ``torch.autocast`` it computes in the autocast type, as ``nn.Linear`` does (the grouped kernels are not
     registered with autocast): weights are cast per call, their gradients and updates stay in the weights' type.
     """
-    with record_function("torchsal.dispatch"):
+    with named_range("torchsal.dispatch"):
         dtype = _autocast_dtype(rows)
         if dtype is not None:
             rows = rows.to(dtype)
@@ -378,7 +379,7 @@ def grouped_conv2d(rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor, o
     ``k * in .. (k + 1) * in`` of a ``(capacity, K * in, H, W)`` batch, and one ``conv2d(..., groups=K)`` runs every
     area's bank on its own rows (padding rows computed and dropped; the capacity is read once per call).
     """
-    with record_function("torchsal.dispatch"):
+    with named_range("torchsal.dispatch"):
         weight, bias = _marking(weight, owner, groups), _marking(bias, None, groups)
         if groups.counts is not None:
             banks, biases, outs, start = weight.unbind(0), bias.unbind(0), [], 0

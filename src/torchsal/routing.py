@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.profiler import record_function
 
 from torchsal.config import RoutingConfig
 from torchsal.distributed import all_gather_rows
+from torchsal.profiling import named_range
 
 
 def route(z: Tensor, prototypes: Tensor) -> tuple[Tensor, Tensor]:
@@ -88,7 +88,7 @@ class Router(nn.Module):
         return self.config.areas
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        with record_function("torchsal.route"):      # a named range for profiles (benchmarks/scale.py)
+        with named_range("torchsal.route"):      # a named range for profiles (benchmarks/scale.py)
             return self._route(x)
 
     def _route(self, x: Tensor) -> tuple[Tensor, Tensor]:

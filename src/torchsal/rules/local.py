@@ -23,13 +23,13 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.profiler import record_function
 
 from torchsal.blocks import BlockNet
 from torchsal.config import RuleConfig
 from torchsal.dispatch import Groups, area_linear, grouped_linear
 from torchsal.errors import ConfigError
 from torchsal.feedback import random_matrix
+from torchsal.profiling import named_range
 from torchsal.rules.base import LearningRule, StepOutput, output_step, register_rule, rms, surrogate
 
 SIGNALS = {"direct": ("direct",), "local": ("local",), "both": ("direct", "local")}
@@ -112,7 +112,7 @@ class LocalSignalRule(LearningRule):
         of ``h`` are already grouped by it."""
         if self.per_layer == 1:
             return self.signals_at_once([layer], [h], error, onehot)[0]
-        with record_function("torchsal.signal"):     # a named range for profiles (benchmarks/speed.py)
+        with named_range("torchsal.signal"):     # a named range for profiles (benchmarks/speed.py)
             parts = []
             if "direct" in self.signals():                   # e B_l[k]
                 direct = self._per_area(error, self._layer("direct", layer), groups, grouped, transpose=True)
@@ -131,7 +131,7 @@ class LocalSignalRule(LearningRule):
         """g_l for hidden layers whose detached outputs ``hs`` share one shape (one matrix per layer), computed
         for all of them at once: each kind is one batched product for every layer instead of a few kernels per
         layer (at 128 layers of width 64 the per-layer loop took about a tenth of the step)."""
-        with record_function("torchsal.signal"):
+        with named_range("torchsal.signal"):
             h = torch.stack(hs)                                  # (L, B, ...)
             parts = []
             if "direct" in self.signals():                       # e B_l
