@@ -51,6 +51,7 @@ def test_lean_memory_gives_the_same_updates(readout, areas, routing):
         cfg = ModelConfig(depth=5, width=8, shared=areas > 1, block="residual", norm="layer",
                           routing_config=RoutingConfig(areas=areas, routing_dim=4, routing=routing))
         model = build_model(5, 3, cfg, seed=0)
+        model.stack_alike_blocks = False       # block by block, as lean memory runs (tests/test_stacks.py: stacks)
         rule = build_rule(model, RuleConfig(rule="sal", signal="local", readout=readout, memory=memory), 0)
         rule(model, x, y).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})

@@ -30,6 +30,7 @@ from torchsal.dispatch import Groups, group_by_area, routed
 from torchsal.errors import ConfigError
 from torchsal.layers import AreaConv2d, AreaLayer, AreaLinear
 from torchsal.routing import Router
+from torchsal.stacks import alike_runs
 
 # Layers a block may hold besides area layers (and Linear / Conv2d, which conversion turns into area layers), and
 # parameter-free modules of the user's own. Normalisation layers train with their block.
@@ -103,6 +104,9 @@ class BlockNet(nn.Module):
         self.routers = nn.ModuleList(
             Router(math.prod(s) if i == 0 or len(s) == 1 else s[0], self.routing, generator, dtype)
             for i, s in enumerate(routed_inputs))
+        # Local rules run runs of alike hidden blocks as one where the blocks' class can (torchsal.stacks).
+        self.stack_alike_blocks = True
+        self._runs: dict[int, range] | None = None
 
     @classmethod
     def from_modules(cls, modules: nn.Module | Sequence[nn.Module], in_shape: Sequence[int], areas: int = 1,
@@ -160,9 +164,22 @@ class BlockNet(nn.Module):
         routing_loss = x.new_zeros(())
         area, groups, rows, inverse, grouped = None, None, None, None, False
         hidden, areas, block_groups = [], [], []
-        h = x
-        for i, block in enumerate(self.blocks):
+        # a local rule's graph: runs of alike blocks may go as one (torchsal.stacks)
+        runs = self._alike_runs() if detach and on_hidden is None and torch.is_grad_enabled() and \
+            not torch.is_autocast_enabled(x.device.type) else {}
+        h, i = x, 0
+        while True:
+            block = self.blocks[i]
             h_in = h.detach() if detach else h
+            run = runs.get(i)
+            if run is not None and (groups is None or grouped and groups.slot is not None):
+                with routed(groups):
+                    out = type(block).run_stack(self.blocks[run.start: run.stop], h_in, groups)
+                hidden.extend(out.unbind(0))
+                areas.extend([area] * len(run))
+                block_groups.extend([groups] * len(run))
+                h, i = out[-1], run.stop
+                continue
             if i < len(self.routers):   # input routing: router 0 only, its areas reused by every block
                 area, loss = self.routers[i](h_in.flatten(1) if i == 0 else routing_features(h_in))
                 routing_loss = routing_loss + loss
@@ -180,7 +197,17 @@ class BlockNet(nn.Module):
                 hidden.append(h)
             else:
                 on_hidden(i, h, groups, rows)
-        raise AssertionError("unreachable: the model has at least one block")
+            i += 1
+
+    def _alike_runs(self) -> dict[int, range]:
+        """Runs of alike hidden blocks after the first (which takes the routed input), found once; none when
+        ``stack_alike_blocks`` is off."""
+        if not self.stack_alike_blocks:
+            return {}
+        if self._runs is None:
+            runs = alike_runs(self.blocks[1:-1])
+            self._runs = {start + 1: range(run.start + 1, run.stop + 1) for start, run in runs.items()}
+        return self._runs
 
     def _shaped(self, x: Tensor) -> Tensor:
         """The input as (B, *in_shape); images channels last in memory, the layout mkldnn convolves and pools

@@ -9,17 +9,27 @@ its small CIFAR-10 CNN and a ResNet-20, written as ordinary torch modules and co
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchsal.blocks import BlockNet, Trace
 from torchsal.config import ModelConfig
+from torchsal.dispatch import Groups, from_padded, give_memory, take_memory, to_padded
 from torchsal.errors import ConfigError
 from torchsal.layers import AreaLinear
+from torchsal.stacks import GRADIENT_MEMORY, hand_out, layer_stack, stacked
 
 __all__ = ["AreaMLP", "BlockNet", "Trace", "build_model", "count_parameters"]
+
+
+# Blocks whose area weights hold more elements than this run one by one, not as a stack: a stack saves each
+# block's fixed cost (kernels and Python, about 0.1-0.2 ms), worth most of a block of 16 areas of 64 x 64 (a
+# 128-layer step 18-25% faster) and nothing beside 16 areas of 4096 x 4096, where the stack's padded rows in the
+# shared path's products made a step slower (2.8 against 2.35 s, benchmarks/scale.py billion). Between, unmeasured.
+STACK_MAX_WEIGHTS = 2**20
 
 
 class MLPBlock(nn.Module):
@@ -35,6 +45,112 @@ class MLPBlock(nn.Module):
         if not self.activation:
             return a
         return h + torch.relu(a) if self.residual else torch.relu(a)
+
+    def stack_key(self) -> tuple | None:
+        """Equal for blocks ``run_stack`` may run as one (torchsal.stacks); None for those it does not run."""
+        norm, linear = self.norm, self.linear
+        affine = isinstance(norm, nn.LayerNorm) and norm.elementwise_affine and norm.bias is not None or \
+            isinstance(norm, nn.RMSNorm) and norm.elementwise_affine
+        if not self.activation or linear.sharded or not (affine or isinstance(norm, nn.Identity)) or \
+                linear.weight.numel() > STACK_MAX_WEIGHTS:
+            return None
+        return (self.residual, type(norm), getattr(norm, "eps", None), linear.in_features, linear.out_features,
+                linear.areas, linear.shared is not None, linear.weight.dtype)
+
+    @staticmethod
+    def run_stack(blocks: Sequence[MLPBlock], h: Tensor, groups: Groups | None) -> Tensor:
+        """The outputs (L, B, width) of alike blocks, each on the detached output of the one before (the first on
+        ``h``, rows grouped by ``groups``), as a local rule trains them: one pass without autograd, block by block
+        in the padded layout (torchsal.dispatch: no block pads and unpads its rows), whose results autograd then
+        takes as the value of every block's branch at once (``_Branches``: one batched product of L * K areas in
+        the backward); only the norms are recomputed, all at once, for their gradients."""
+        first = blocks[0]
+        owners = [[b.linear.weight for b in blocks], [b.linear.bias for b in blocks],
+                  [b.linear.shared for b in blocks] if first.linear.shared is not None else None]
+        weight, bias, shared = (None if o is None else stacked(o).requires_grad_(any(p.requires_grad for p in o))
+                                for o in owners)                        # (L, K, out, in), (L, K, out), (L, out, in)
+        norm = [layer_stack([b.norm.get_parameter(n) for b in blocks]) for n, _ in first.norm.named_parameters()]
+        x = h if groups is None else to_padded(h, groups)                           # (K * capacity, in)
+        (count, areas, width), features = weight.shape[:3], x.shape[1]
+        inputs, branch = x.new_empty(count, *x.shape), x.new_empty(count, x.shape[0], width)
+        normed = []
+        with torch.no_grad():
+            inputs[0] = x
+            for layer in range(count):
+                n = first._norm_at(inputs[layer], [p[layer] for p in norm])
+                torch.baddbmm(bias[layer].unsqueeze(1), n.view(areas, -1, features), weight[layer].transpose(1, 2),
+                              out=branch[layer].view(areas, -1, width))
+                if shared is not None:
+                    branch[layer].addmm_(n, shared[layer].T)
+                branch[layer].relu_()
+                normed.append(n)
+                if layer + 1 < count:
+                    torch.add(inputs[layer], branch[layer], out=inputs[layer + 1]) if first.residual else \
+                        inputs[layer + 1].copy_(branch[layer])
+        # the norms again, all blocks at once, for their parameters' gradients (none to recompute without them)
+        graph = first._norm_at(inputs, [p.unsqueeze(1) for p in norm]) if any(p.requires_grad for p in norm) \
+            else None
+        out = _Branches.apply(graph, weight, bias, shared, torch.stack(normed), branch, (owners, groups))
+        out = inputs + out if first.residual else out
+        return out if groups is None else from_padded(out, groups)
+
+    def _norm_at(self, t: Tensor, params: list[Tensor]) -> Tensor:
+        """This block's norm with the parameters ``params`` (its own, another block's, or stacked ones)."""
+        if isinstance(self.norm, nn.Identity):
+            return t
+        features = (t.shape[-1],)
+        if params[0].dim() == 1:                       # one block's: the fused kernel
+            return F.layer_norm(t, features, *params, eps=self.norm.eps) if isinstance(self.norm, nn.LayerNorm) \
+                else F.rms_norm(t, features, params[0], self.norm.eps)
+        out = F.layer_norm(t, features, eps=self.norm.eps) if isinstance(self.norm, nn.LayerNorm) \
+            else F.rms_norm(t, features, eps=self.norm.eps)
+        return out * params[0] if len(params) == 1 else torch.addcmul(params[1], out, params[0])
+
+
+class _Branches(torch.autograd.Function):
+    """``relu(n W[k].T + b[k] (+ n S.T))`` of L stacked blocks over padded rows, its value ``branch`` computed
+    beforehand without autograd: the backward forms every block's gradients in a few batched products (weights
+    (L * K, out, in) in their own layout) and hands each block's parameters their slices (``stacks.hand_out``,
+    touched areas recorded): through autograd, a stacked gradient whose slices were handed out the step before
+    was copied every step (autograd copies a gradient it does not own outright). The weight gradient is written
+    into memory recycled across steps when every block's gradient was released (a fresh block per step cost its
+    page faults: about 6 ms of a 128-layer step).
+    ``graph`` is the norms' output that gradient flows back to (None without norm parameters); ``normed`` the same
+    values as the branch saw them; ``owners`` the blocks' weights, biases and shared weights, and the grouping."""
+
+    @staticmethod
+    def forward(ctx, graph: Tensor | None, weight: Tensor, bias: Tensor, shared: Tensor | None,  # noqa: ANN001
+                normed: Tensor, branch: Tensor, owners: tuple) -> Tensor:
+        ctx.save_for_backward(normed, branch, weight, shared)
+        ctx.owners = owners
+        return branch
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+        normed, branch, weight, shared = ctx.saved_tensors
+        (weights, biases, shareds), groups = ctx.owners
+        count, areas = weight.shape[:2]
+        grad_a = torch.ops.aten.threshold_backward(grad, branch, 0)                  # through the ReLU
+        per_area = grad_a.view(count * areas, -1, grad_a.shape[-1])
+        grad_n = None
+        if ctx.needs_input_grad[0]:
+            grad_n = torch.bmm(per_area, weight.flatten(0, 1)).view_as(normed)
+            if shared is not None:
+                grad_n = grad_n.baddbmm_(grad_a, shared)
+        if ctx.needs_input_grad[1]:
+            recycled = all(p.grad is None for p in weights)
+            grad_w = take_memory(weights[0], GRADIENT_MEMORY, weight.dtype, weight.shape) if recycled else \
+                torch.empty_like(weight)
+            torch.bmm(per_area.transpose(1, 2), normed.view(count * areas, -1, normed.shape[-1]),
+                      out=grad_w.view(count * areas, *weight.shape[2:]))
+            hand_out(weights, grad_w, groups)
+            if recycled:                # taken again only once every block's gradient is released
+                give_memory(weights[0], GRADIENT_MEMORY, grad_w)
+        if ctx.needs_input_grad[2]:
+            hand_out(biases, per_area.sum(1).view(count, areas, -1), groups)
+        if shared is not None and ctx.needs_input_grad[3]:
+            hand_out(shareds, torch.bmm(grad_a.transpose(1, 2), normed))
+        return grad_n, None, None, None, None, None, None
 
 
 class AreaMLP(BlockNet):
