@@ -124,27 +124,6 @@ def from_padded(t: Tensor, groups: Groups) -> Tensor:
     return t[..., groups.slot, :]
 
 
-class _AreaProduct(torch.autograd.Function):
-    """``rows (N, capacity, in) @ weight (N, out, in).T``, the weight gradient formed as ``grad.T @ rows`` in the
-    weight's own layout (autograd's ``bmm`` backward forms it transposed and then copies it: 7 ms of a 128-layer
-    step, measured)."""
-
-    @staticmethod
-    def forward(ctx, rows: Tensor, weight: Tensor) -> Tensor:  # noqa: ANN001
-        ctx.save_for_backward(rows, weight)
-        return torch.bmm(rows, weight.transpose(1, 2))
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:  # noqa: ANN001
-        rows, weight = ctx.saved_tensors
-        return torch.bmm(grad, weight), torch.bmm(grad.transpose(1, 2), rows)
-
-
-def area_product(rows: Tensor, weight: Tensor) -> Tensor:
-    """``rows (N, capacity, in) @ weight (N, out, in).T`` for padded rows (N areas, or areas of several layers)."""
-    return _AreaProduct.apply(rows, weight)
-
-
 def release_gradients(params: Iterable[Tensor]) -> None:
     """``zero_grad(set_to_none=True)`` that keeps the released buffers for the next step's weight gradients.
 
