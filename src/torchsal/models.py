@@ -76,17 +76,20 @@ class MLPBlock(nn.Module):
         normed = []
         with torch.no_grad():
             inputs[0] = x
-            for layer in range(count):
-                n = first._norm_at(inputs[layer], [p[layer] for p in norm])
-                torch.baddbmm(bias[layer].unsqueeze(1), n.view(areas, -1, features), weight[layer].transpose(1, 2),
-                              out=branch[layer].view(areas, -1, width))
+            # each block's views, made at once: its input, branch, weights, bias, then shared weights and norm
+            extra = ([] if shared is None else [shared.mT]) + norm
+            per_block = zip(inputs.unbind(0), branch.view(count, areas, -1, width).unbind(0), weight.mT.unbind(0),
+                            bias.unsqueeze(2).unbind(0), *(t.unbind(0) for t in extra))
+            for layer, (h_in, out, w, b, *rest) in enumerate(per_block):
+                n = first._norm_at(h_in, rest[shared is not None:])
+                torch.baddbmm(b, n.view(areas, -1, features), w, out=out)
+                out = out.view(h_in.shape[0], width)
                 if shared is not None:
-                    branch[layer].addmm_(n, shared[layer].T)
-                branch[layer].relu_()
+                    out.addmm_(n, rest[0])
+                out.relu_()
                 normed.append(n)
                 if layer + 1 < count:
-                    torch.add(inputs[layer], branch[layer], out=inputs[layer + 1]) if first.residual else \
-                        inputs[layer + 1].copy_(branch[layer])
+                    torch.add(h_in, out, out=inputs[layer + 1]) if first.residual else inputs[layer + 1].copy_(out)
         # the norms again, all blocks at once, for their parameters' gradients (none to recompute without them)
         graph = first._norm_at(inputs, [p.unsqueeze(1) for p in norm]) if any(p.requires_grad for p in norm) \
             else None

@@ -62,10 +62,9 @@ def stacked(params: Sequence[nn.Parameter]) -> Tensor:
     first = params[0].detach()
     size, start = first.numel() * first.element_size(), first.data_ptr()
     storage = first.untyped_storage()
-    in_place = first.is_contiguous() and \
-        storage.data_ptr() + storage.nbytes() >= start + len(params) * size and \
-        all(p.shape == first.shape and p.dtype == first.dtype and p.data_ptr() == start + i * size
-            for i, p in enumerate(params))
+    # (addresses only, checked every step: live tensors cannot overlap, so these are views of one block)
+    in_place = first.is_contiguous() and storage.data_ptr() + storage.nbytes() >= start + len(params) * size and \
+        [p.data_ptr() for p in params] == list(range(start, start + len(params) * size, size))
     if not in_place:
         block = torch.empty((len(params), *first.shape), dtype=first.dtype, device=first.device)
         for p, view in zip(params, block.unbind(0)):
