@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from speed import REGIMES, Stepper, in_turns, machine, make_trainer  # benchmarks/speed.py
 from torch import Tensor
 
-from torchsal.dispatch import Groups, group_by_area
+from torchsal.dispatch import group_by_area, to_padded
 from torchsal.rules.local import softmax_error
 
 
@@ -87,9 +87,9 @@ class LayerStackStep:
         groups = group_by_area(torch.randint(self.areas, (self.batch,), generator=self.route), self.areas)
         k, cap, d, n = self.areas, groups.capacity, self.width, self.depth
         rows = k * cap                                      # the padded layout: area k's rows at k * cap ...
-        onehot = self._padded(F.one_hot(y[groups.order], self.classes).float(), groups)
-        real = self._padded(torch.ones(self.batch, 1), groups)
-        first = torch.baddbmm(self.first_bias.unsqueeze(1), self._padded(x[groups.order], groups).view(k, cap, -1),
+        onehot = to_padded(F.one_hot(y[groups.order], self.classes).float(), groups)
+        real = to_padded(torch.ones(self.batch, 1), groups)
+        first = torch.baddbmm(self.first_bias.unsqueeze(1), to_padded(x[groups.order], groups).view(k, cap, -1),
                               self.first.transpose(1, 2)).relu_().view(rows, d)
         inputs, h = [first], first
         with torch.no_grad():                               # 1. block by block, no graph
@@ -115,12 +115,6 @@ class LayerStackStep:
         normed = F.layer_norm(h, (d,), self.norm_weight[layer], self.norm_bias[layer])
         return torch.baddbmm(self.bias[layer].unsqueeze(1), normed.view(k, -1, d),
                              self.weight[layer].transpose(1, 2)).relu_().view(h.shape)
-
-    @staticmethod
-    def _padded(t: Tensor, groups: Groups) -> Tensor:
-        """(K * capacity, ...) rows in the padded layout, zeros where an area has fewer rows than the largest."""
-        out = t.new_zeros(groups.areas * groups.capacity, *t.shape[1:])
-        return out.index_copy_(0, groups.slot, t)
 
 
 def main() -> None:

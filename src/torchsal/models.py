@@ -67,8 +67,8 @@ class MLPBlock(nn.Module):
         first = blocks[0]
         owners = [[b.linear.weight for b in blocks], [b.linear.bias for b in blocks],
                   [b.linear.shared for b in blocks] if first.linear.shared is not None else None]
-        weight, bias, shared = (None if o is None else stacked(o).requires_grad_(any(p.requires_grad for p in o))
-                                for o in owners)                        # (L, K, out, in), (L, K, out), (L, out, in)
+        # (L, K, out, in), (L, K, out), (L, out, in)
+        weight, bias, shared = (None if o is None else stacked(o) for o in owners)
         norm = [layer_stack([b.norm.get_parameter(n) for b in blocks]) for n, _ in first.norm.named_parameters()]
         x = h if groups is None else to_padded(h, groups)                           # (K * capacity, in)
         (count, areas, width), features = weight.shape[:3], x.shape[1]

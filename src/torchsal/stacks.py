@@ -43,7 +43,7 @@ def layer_stack(params: Sequence[nn.Parameter], groups: Groups | None = None) ->
     """The parameters as one ``(L, ...)`` leaf tensor on their own memory (``stacked``), whose gradient autograd
     hands to each parameter's ``.grad`` (``hand_out``). For small parameters (norms): autograd copies a gradient
     it does not own outright, and the slices handed out keep the stacked gradient referenced."""
-    stack = stacked(params).requires_grad_(any(p.requires_grad for p in params))
+    stack = stacked(params)
     if stack.requires_grad:
         def hook(t: Tensor) -> None:
             hand_out(params, t.grad, groups)
@@ -54,7 +54,8 @@ def layer_stack(params: Sequence[nn.Parameter], groups: Groups | None = None) ->
 
 @torch.no_grad()
 def stacked(params: Sequence[nn.Parameter]) -> Tensor:
-    """The parameters as one ``(L, ...)`` tensor on their own memory, no copy. The first call moves them into one
+    """The parameters as one ``(L, ...)`` leaf on their own memory, no copy, requiring a gradient if any of them
+    does (nothing hands it to them: ``layer_stack`` or the caller's backward does). The first call moves them into one
     block of memory (``p.data`` becomes a view of it; the parameters, their optimizer state and ``state_dict`` stay
     as they were), one at a time so that two copies are never held; so does any later call after something gave
     them memory of their own (``.to()``). A ``torch.stack`` per step instead copied every weight (7 ms of a
@@ -70,7 +71,8 @@ def stacked(params: Sequence[nn.Parameter]) -> Tensor:
         for p, view in zip(params, block.unbind(0)):
             p.data = view.copy_(p.detach())
         first = params[0].detach()
-    return first.as_strided((len(params), *first.shape), (first.numel(), *first.stride()))
+    block = first.as_strided((len(params), *first.shape), (first.numel(), *first.stride()))
+    return block.requires_grad_(any(p.requires_grad for p in params))
 
 
 def hand_out(params: Sequence[nn.Parameter], grad: Tensor, groups: Groups | None = None) -> None:
