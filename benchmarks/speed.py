@@ -8,7 +8,8 @@
 For each regime the trainer's own step (``Trainer.train_step``: batch gather, rule, backward, optimizer, scheduler,
 metrics) runs for BP on the dense model and for SAL (16 areas, local signal) without and with the shared path,
 timed **in turns** in one process (BP, SAL, SAL shared, BP, ...) on random batches of MNIST's shape; each time is
-the median over rounds of the mean step time of a round. SAL's step is then split with the PyTorch profiler into
+the median over rounds of the mean step time of a round, and each ratio the median over rounds of the ratio
+within a round (a round's steps share the host's drift). SAL's step is then split with the PyTorch profiler into
 routing, dispatch (grouping rows by area and restoring their order), matmuls, optimizer and other (elementwise
 work, losses, autograd bookkeeping, Python), scaled to the measured step.
 
@@ -109,6 +110,11 @@ class Stepper:
 
 def in_turns(steppers: dict[str, Stepper], rounds: int, steps: int) -> dict[str, float]:
     """Median over rounds of the mean step time, each round timing every stepper in turn."""
+    return {name: statistics.median(t) for name, t in rounds_in_turns(steppers, rounds, steps).items()}
+
+
+def rounds_in_turns(steppers: dict[str, Stepper], rounds: int, steps: int) -> dict[str, list[float]]:
+    """The mean step time of every round, each round timing every stepper in turn."""
     for s in steppers.values():
         s(max(2, steps // 2))                       # warm-up: allocations, optimizer state, caches
     times: dict[str, list[float]] = {name: [] for name in steppers}
@@ -117,7 +123,13 @@ def in_turns(steppers: dict[str, Stepper], rounds: int, steps: int) -> dict[str,
             start = time.perf_counter()
             s(steps)
             times[name].append((time.perf_counter() - start) / steps)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def paired_ratio(times: dict[str, list[float]], variant: str, baseline: str = "bp") -> float:
+    """Median over rounds of ``variant``'s step time over ``baseline``'s in the same round: this host's speed
+    drifts by 20-30% within minutes, and a round's neighbours share its drift (a ratio of medians does not)."""
+    return statistics.median(v / b for v, b in zip(times[variant], times[baseline]))
 
 
 def category(event) -> str:
@@ -213,11 +225,12 @@ def measure(name: str, args, bandwidth: float, split: bool) -> dict[str, Any]:
     regime = REGIMES[name]
     steppers = {v: Stepper(make_trainer(regime, v, args.precision, args.device), regime.batch) for v in VARIANTS}
     steps = max(1, int(regime.steps * args.scale))
-    times = in_turns(steppers, args.rounds, steps)
+    rounds = rounds_in_turns(steppers, args.rounds, steps)
+    times = {v: statistics.median(t) for v, t in rounds.items()}
     rate = matmul_rate(regime.batch, regime.width, regime.width, args.device)
     row = {"regime": name, "depth": regime.depth, "width": regime.width, "batch": regime.batch,
            "optimizer": regime.optimizer, "step_s": times,
-           "ratio": {v: times[v] / times["bp"] for v in ("sal", "sal-shared")},
+           "ratio": {v: paired_ratio(rounds, v) for v in ("sal", "sal-shared")}, "round_s": rounds,
            "matmul_flop_per_s": rate, "floor": {v: floor(regime, v, rate, bandwidth) for v in VARIANTS}}
     if split and args.device == "cpu":
         row["split_s"] = {v: profile_split(steppers[v], times[v], steps) for v in ("sal", "sal-shared")}
