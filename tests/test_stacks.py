@@ -82,6 +82,23 @@ def test_every_local_signal_goes_through_a_stack(rule_name, signal, spy):
     assert_same(stacked, step(model, rule, False, x, y))
 
 
+def test_the_trace_keeps_each_stack_whole_and_the_rule_reports_the_same_diagnostics(spy):
+    model = deep()
+    rule = build_rule(model, RuleConfig(rule="sal", signal="both"), 0)
+    x, y = data()
+    trace = model.trace(x, detach=True)
+    (first, alone), (run, stacked) = trace.segments()
+    assert (first, alone, run) == (range(0, 1), None, range(1, 5))
+    assert torch.equal(stacked, torch.stack(trace.hidden[1:5]))
+    outs = []
+    for stack in (True, False):
+        model.stack_alike_blocks = stack
+        outs.append(rule(model, x, y))
+    for key in ("signal_rms", "activation_rms"):
+        torch.testing.assert_close(getattr(outs[0], key), getattr(outs[1], key), msg=key)
+    assert spy == [4, 4]
+
+
 def test_untouched_areas_get_no_gradient_and_stay_unmarked():
     model = deep(areas=4)
     rule = build_rule(model, RuleConfig(rule="sal", signal="local"), 0)

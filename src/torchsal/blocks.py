@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +56,23 @@ class Trace:
     routing_loss: Tensor              # scalar, sum of the routers' local objectives
     rows: Tensor | None = None        # (B,) batch index of each trace row; None: batch order
     inverse: Tensor | None = None     # (B,) trace row of each sample
+    # runs of hidden blocks computed as one stack: first block -> their outputs (L, B, ...), of which ``hidden``
+    # holds views
+    stacks: dict[int, Tensor] = field(default_factory=dict)
+
+    def segments(self) -> list[tuple[range, Tensor | None]]:
+        """The hidden blocks in consecutive segments: each stacked run with its outputs (L, B, ...), and the blocks
+        between runs with None. A rule that handles a segment at once saves a copy of the stack's outputs and
+        the per-block kernels (a 128-layer step's surrogate took 127 dot products and their backward a stack)."""
+        out, start = [], 0
+        for first, stacked in sorted(self.stacks.items()):
+            if first > start:
+                out.append((range(start, first), None))
+            out.append((range(first, first + len(stacked)), stacked))
+            start = first + len(stacked)
+        if start < len(self.hidden):
+            out.append((range(start, len(self.hidden)), None))
+        return out
 
     def in_trace_order(self, t: Tensor) -> Tensor:
         """A per-sample tensor in batch order (labels, say), reordered like the trace's rows."""
@@ -163,7 +180,7 @@ class BlockNet(nn.Module):
         x = self._shaped(x).to(self.dtype)   # inputs follow the weights (bfloat16 models take float32 data)
         routing_loss = x.new_zeros(())
         area, groups, rows, inverse, grouped = None, None, None, None, False
-        hidden, areas, block_groups = [], [], []
+        hidden, areas, block_groups, stacks = [], [], [], {}
         # a local rule's graph: runs of alike blocks may go as one (torchsal.stacks)
         runs = self._alike_runs() if detach and on_hidden is None and torch.is_grad_enabled() and \
             not torch.is_autocast_enabled(x.device.type) else {}
@@ -175,6 +192,7 @@ class BlockNet(nn.Module):
             if run is not None and (groups is None or grouped and groups.slot is not None):
                 with routed(groups):
                     out = type(block).run_stack(self.blocks[run.start: run.stop], h_in, groups)
+                stacks[len(hidden)] = out
                 hidden.extend(out.unbind(0))
                 areas.extend([area] * len(run))
                 block_groups.extend([groups] * len(run))
@@ -192,7 +210,7 @@ class BlockNet(nn.Module):
             with routed(groups):            # layer routing: the block's own grouping, batch order outside it
                 h = block(h_in) if groups is None or grouped else block(h_in[groups.order])[groups.inverse]
             if i == len(self.blocks) - 1:
-                return Trace(h, hidden, areas, block_groups, routing_loss, rows, inverse)
+                return Trace(h, hidden, areas, block_groups, routing_loss, rows, inverse, stacks)
             if on_hidden is None:
                 hidden.append(h)
             else:

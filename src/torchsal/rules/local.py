@@ -111,7 +111,7 @@ class LocalSignalRule(LearningRule):
         grouping) picks each sample's feedback matrix under per-area feedback, ``grouped`` says whether the rows
         of ``h`` are already grouped by it."""
         if self.per_layer == 1:
-            return self.signals_at_once([layer], [h], error, onehot)[0]
+            return self.signals_at_once([layer], h.unsqueeze(0), error, onehot)[0]
         with named_range("torchsal.signal"):     # a named range for profiles (benchmarks/speed.py)
             parts = []
             if "direct" in self.signals():                   # e B_l[k]
@@ -126,22 +126,20 @@ class LocalSignalRule(LearningRule):
             return parts[0] if len(parts) == 1 else parts[0] + parts[1]
 
     @torch.no_grad()
-    def signals_at_once(self, layers: Sequence[int], hs: list[Tensor], error: Tensor | None,
-                        onehot: Tensor) -> list[Tensor]:
-        """g_l for hidden layers whose detached outputs ``hs`` share one shape (one matrix per layer), computed
-        for all of them at once: each kind is one batched product for every layer instead of a few kernels per
-        layer (at 128 layers of width 64 the per-layer loop took about a tenth of the step)."""
+    def signals_at_once(self, layers: Sequence[int], h: Tensor, error: Tensor | None, onehot: Tensor) -> Tensor:
+        """g_l (L, B, ...) for hidden layers whose detached outputs ``h`` (L, B, ...) share one shape (one matrix
+        per layer), computed for all of them at once: each kind is one batched product for every layer instead of
+        a few kernels per layer (at 128 layers of width 64 the per-layer loop took about a tenth of the step)."""
         with named_range("torchsal.signal"):
-            h = torch.stack(hs)                                  # (L, B, ...)
             parts = []
             if "direct" in self.signals():                       # e B_l
                 parts.append(torch.matmul(error, self._stacked("direct", layers)).view_as(h))
             if "local" in self.signals():                        # (softmax(h G^T) - y) G, through the pooling
                 readouts, flat, pool = self._stacked("local", layers), h.flatten(0, 1), self.config.readout_pool
-                logits = read_out(flat, pool).view(len(hs), h.shape[1], -1) @ readouts.transpose(-1, -2)
+                logits = read_out(flat, pool).view(len(h), h.shape[1], -1) @ readouts.transpose(-1, -2)
                 grad = softmax_error(logits, onehot) @ readouts
                 parts.append(read_out_adjoint(flat, grad.flatten(0, 1), pool).view_as(h))
-            return list((parts[0] if len(parts) == 1 else parts[0] + parts[1]).unbind(0))
+            return parts[0] if len(parts) == 1 else parts[0] + parts[1]
 
     @staticmethod
     def _per_area(t: Tensor, matrices: list[Tensor], groups: Groups | None, grouped: bool,
@@ -172,14 +170,22 @@ class LocalSignalRule(LearningRule):
         trace = model.trace(x, detach=True)
         onehot = trace.in_trace_order(labels)
         error = softmax_error(trace.logits.detach(), onehot)
-        grouped = trace.rows is not None
-        hidden = [h.detach() for h in trace.hidden]
+        grouped, hidden = trace.rows is not None, trace.hidden
         if self.per_layer == 1 and len({h.shape for h in hidden}) == 1:
-            signals = self.signals_at_once(range(len(hidden)), hidden, error, onehot)
+            # a segment at once: a stack's outputs as they are, the blocks between stacked (graph and signal side
+            # by side for the surrogate)
+            graph, signal, signals = [], [], []
+            for layers, stacked in trace.segments():
+                h = stacked.detach() if stacked is not None else torch.stack([hidden[i].detach() for i in layers])
+                g = self.signals_at_once(layers, h, error, onehot)
+                signals.extend(g.unbind(0))
+                graph.extend([stacked] if stacked is not None else [hidden[i] for i in layers])
+                signal.extend([g] if stacked is not None else signals[-len(layers):])
         else:
-            signals = [self.signal(i, h, error, onehot, groups, grouped)
-                       for i, (h, groups) in enumerate(zip(hidden, trace.groups))]
-        return output_step(trace, y, surrogate(trace.hidden, signals, batch), signal_rms=rms(signals))
+            graph = hidden
+            signal = signals = [self.signal(i, h.detach(), error, onehot, groups, grouped)
+                                for i, (h, groups) in enumerate(zip(hidden, trace.groups))]
+        return output_step(trace, y, surrogate(graph, signal, batch), signal_rms=rms(signals))
 
 
 @register_rule("dfa")
