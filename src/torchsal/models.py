@@ -27,8 +27,9 @@ __all__ = ["AreaMLP", "BlockNet", "Trace", "build_model", "count_parameters"]
 
 # Blocks whose area weights hold more elements than this run one by one, not as a stack: a stack saves each
 # block's fixed cost (kernels and Python, about 0.1-0.2 ms), worth most of a block of 16 areas of 64 x 64 (a
-# 128-layer step 18-25% faster) and nothing beside 16 areas of 4096 x 4096, where the stack's padded rows in the
-# shared path's products made a step slower (2.8 against 2.35 s, benchmarks/scale.py billion). Between, unmeasured.
+# 128-layer step 18-25% faster) and less as blocks grow. Measured (benchmarks/stack_threshold.py, batch 128, stack
+# step over block by block): 0.89-0.93 at 16 areas of 128 x 128, 0.97-0.98 at 256 x 256, 0.93 and 1.01 (shared
+# path) at 512 x 512, 1.06-1.07 at 1024 x 1024; at 4096 x 4096 2.8 against 2.35 s (benchmarks/scale.py billion).
 STACK_MAX_WEIGHTS = 2**20
 
 
