@@ -20,7 +20,7 @@ from torchsal.config import ModelConfig
 from torchsal.dispatch import Groups, from_padded, give_memory, take_memory, to_padded
 from torchsal.errors import ConfigError
 from torchsal.layers import AreaLinear
-from torchsal.stacks import GRADIENT_MEMORY, hand_out, layer_stack, stacked
+from torchsal.stacks import GRADIENT_MEMORY, hand_out, stacked
 
 __all__ = ["AreaMLP", "BlockNet", "Trace", "build_model", "count_parameters"]
 
@@ -62,86 +62,89 @@ class MLPBlock(nn.Module):
     def run_stack(blocks: Sequence[MLPBlock], h: Tensor, groups: Groups | None) -> Tensor:
         """The outputs (L, B, width) of alike blocks, each on the detached output of the one before (the first on
         ``h``, rows grouped by ``groups``), as a local rule trains them: one pass without autograd, block by block
-        in the padded layout (torchsal.dispatch: no block pads and unpads its rows), whose results autograd then
-        takes as the value of every block's branch at once (``_Branches``: one batched product of L * K areas in
-        the backward); only the norms are recomputed, all at once, for their gradients."""
+        in the padded layout (torchsal.dispatch: no block pads and unpads its rows), writing every block's input,
+        norm and branch into stacked buffers, whose values autograd then takes as every block's output at once
+        (``_Branches``: the gradients of all blocks in a few batched products)."""
         first = blocks[0]
         owners = [[b.linear.weight for b in blocks], [b.linear.bias for b in blocks],
                   [b.linear.shared for b in blocks] if first.linear.shared is not None else None]
-        # (L, K, out, in), (L, K, out), (L, out, in)
+        norm_owners = [[b.norm.get_parameter(n) for b in blocks] for n, _ in first.norm.named_parameters()]
+        # (L, K, out, in), (L, K, out), (L, out, in); the norms' weight and bias (L, features)
         weight, bias, shared = (None if o is None else stacked(o) for o in owners)
-        norm = [layer_stack([b.norm.get_parameter(n) for b in blocks]) for n, _ in first.norm.named_parameters()]
+        norm = [stacked(o) for o in norm_owners]
         x = h if groups is None else to_padded(h, groups)                           # (K * capacity, in)
         (count, areas, width), features = weight.shape[:3], x.shape[1]
-        inputs, branch = x.new_empty(count, *x.shape), x.new_empty(count, x.shape[0], width)
-        normed = []
+        # block l's input at l, the run's outputs from 1 on (alike consecutive blocks: in = out = width)
+        inputs, branch = x.new_empty(count + 1, *x.shape), x.new_empty(count, x.shape[0], width)
+        normed = inputs[:count] if not norm_owners else torch.empty_like(inputs[:count])
+        units = []                             # each block's norm before its affine map, for the norm's gradients
         with torch.no_grad():
             inputs[0] = x
-            # each block's views, made at once: its input, branch, weights, bias, then shared weights and norm
+            # each block's views, made at once: input, output, norm, branch, weights, bias, shared weights, norm's
             extra = ([] if shared is None else [shared.mT]) + norm
-            per_block = zip(inputs.unbind(0), branch.view(count, areas, -1, width).unbind(0), weight.mT.unbind(0),
+            per_block = zip(inputs.unbind(0), inputs[1:].unbind(0), normed.unbind(0),
+                            branch.view(count, areas, -1, width).unbind(0), weight.mT.unbind(0),
                             bias.unsqueeze(2).unbind(0), *(t.unbind(0) for t in extra))
-            for layer, (h_in, out, w, b, *rest) in enumerate(per_block):
-                n = first._norm_at(h_in, rest[shared is not None:])
+            for h_in, h_out, n, out, w, b, *rest in per_block:
+                if norm_owners:
+                    units.append(first._normalized(h_in, n, *rest[shared is not None:]))
                 torch.baddbmm(b, n.view(areas, -1, features), w, out=out)
                 out = out.view(h_in.shape[0], width)
                 if shared is not None:
                     out.addmm_(n, rest[0])
                 out.relu_()
-                normed.append(n)
-                if layer + 1 < count:
-                    torch.add(h_in, out, out=inputs[layer + 1]) if first.residual else inputs[layer + 1].copy_(out)
-        # the norms again, all blocks at once, for their parameters' gradients (none to recompute without them)
-        graph = first._norm_at(inputs, [p.unsqueeze(1) for p in norm]) if any(p.requires_grad for p in norm) \
-            else None
-        out = _Branches.apply(graph, weight, bias, shared, torch.stack(normed), branch, (owners, groups))
-        out = inputs + out if first.residual else out
+                torch.add(h_in, out, out=h_out) if first.residual else h_out.copy_(out)
+        unit = torch.stack(units) if units else None
+        out = _Branches.apply(weight, bias, shared, *norm,
+                              (inputs[1:], normed, unit, branch, owners, norm_owners, groups))
         return out if groups is None else from_padded(out, groups)
 
-    def _norm_at(self, t: Tensor, params: list[Tensor]) -> Tensor:
-        """This block's norm with the parameters ``params`` (its own, another block's, or stacked ones)."""
-        if isinstance(self.norm, nn.Identity):
-            return t
+    def _normalized(self, t: Tensor, out: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """This block's norm of ``t`` written into ``out``, with the given affine parameters; returns the norm
+        before the affine map, whose products with the output's gradient are the affine parameters' gradients."""
         features = (t.shape[-1],)
-        if params[0].dim() == 1:                       # one block's: the fused kernel
-            return F.layer_norm(t, features, *params, eps=self.norm.eps) if isinstance(self.norm, nn.LayerNorm) \
-                else F.rms_norm(t, features, params[0], self.norm.eps)
-        out = F.layer_norm(t, features, eps=self.norm.eps) if isinstance(self.norm, nn.LayerNorm) \
-            else F.rms_norm(t, features, eps=self.norm.eps)
-        return out * params[0] if len(params) == 1 else torch.addcmul(params[1], out, params[0])
+        if isinstance(self.norm, nn.LayerNorm):
+            unit = F.layer_norm(t, features, eps=self.norm.eps)
+            torch.addcmul(bias, unit, weight, out=out)
+        else:
+            unit = F.rms_norm(t, features, eps=self.norm.eps)
+            torch.mul(unit, weight, out=out)
+        return unit
 
 
 class _Branches(torch.autograd.Function):
-    """``relu(n W[k].T + b[k] (+ n S.T))`` of L stacked blocks over padded rows, its value ``branch`` computed
-    beforehand without autograd: the backward forms every block's gradients in a few batched products (weights
-    (L * K, out, in) in their own layout) and hands each block's parameters their slices (``stacks.hand_out``,
-    touched areas recorded): through autograd, a stacked gradient whose slices were handed out the step before
-    was copied every step (autograd copies a gradient it does not own outright). The weight gradient is written
-    into memory recycled across steps when every block's gradient was released (a fresh block per step cost its
-    page faults: about 6 ms of a 128-layer step).
-    ``graph`` is the norms' output that gradient flows back to (None without norm parameters); ``normed`` the same
-    values as the branch saw them; ``owners`` the blocks' weights, biases and shared weights, and the grouping."""
+    """The outputs ``h + relu(n W[k].T + b[k] (+ n S.T))`` (or without ``h``, plain blocks) of L stacked blocks
+    over padded rows, ``n`` their norms, all computed beforehand without autograd; no gradient goes to ``h`` (a local
+    rule detaches every block input). The backward forms every block's gradients in a few batched products
+    (weights (L * K, out, in) in their own layout; the norms' from the norm before its affine map, saved by the
+    forward pass instead of recomputed) and hands each block's parameters their slices (``stacks.hand_out``,
+    touched areas recorded): through autograd, a stacked gradient whose slices were handed out the step before was
+    copied every step (autograd copies a gradient it does not own outright). The weight gradient is written into
+    memory recycled across steps when every block's gradient was released (a fresh block per step cost its page
+    faults: about 6 ms of a 128-layer step)."""
 
     @staticmethod
-    def forward(ctx, graph: Tensor | None, weight: Tensor, bias: Tensor, shared: Tensor | None,  # noqa: ANN001
-                normed: Tensor, branch: Tensor, owners: tuple) -> Tensor:
-        ctx.save_for_backward(normed, branch, weight, shared)
-        ctx.owners = owners
-        return branch
+    def forward(ctx, weight: Tensor, bias: Tensor, shared: Tensor | None, *norm_and_values) -> Tensor:  # noqa: ANN001
+        *_, (outputs, normed, unit, branch, owners, norm_owners, groups) = norm_and_values
+        ctx.save_for_backward(normed, unit, branch, weight, shared)
+        ctx.owners, ctx.norm_owners, ctx.groups = owners, norm_owners, groups
+        return outputs
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
-        normed, branch, weight, shared = ctx.saved_tensors
-        (weights, biases, shareds), groups = ctx.owners
+        normed, unit, branch, weight, shared = ctx.saved_tensors
+        (weights, biases, shareds), groups = ctx.owners, ctx.groups
         count, areas = weight.shape[:2]
         grad_a = torch.ops.aten.threshold_backward(grad, branch, 0)                  # through the ReLU
         per_area = grad_a.view(count * areas, -1, grad_a.shape[-1])
-        grad_n = None
-        if ctx.needs_input_grad[0]:
+        if unit is not None and any(p.requires_grad for o in ctx.norm_owners for p in o):
             grad_n = torch.bmm(per_area, weight.flatten(0, 1)).view_as(normed)
             if shared is not None:
                 grad_n = grad_n.baddbmm_(grad_a, shared)
-        if ctx.needs_input_grad[1]:
+            hand_out(ctx.norm_owners[0], (grad_n * unit).sum(1))                   # the norm's weight
+            if len(ctx.norm_owners) > 1:
+                hand_out(ctx.norm_owners[1], grad_n.sum(1))                          # its bias
+        if ctx.needs_input_grad[0]:
             recycled = all(p.grad is None for p in weights)
             grad_w = take_memory(weights[0], GRADIENT_MEMORY, weight.dtype, weight.shape) if recycled else \
                 torch.empty_like(weight)
@@ -150,11 +153,11 @@ class _Branches(torch.autograd.Function):
             hand_out(weights, grad_w, groups)
             if recycled:                # taken again only once every block's gradient is released
                 give_memory(weights[0], GRADIENT_MEMORY, grad_w)
-        if ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[1]:
             hand_out(biases, per_area.sum(1).view(count, areas, -1), groups)
-        if shared is not None and ctx.needs_input_grad[3]:
+        if shared is not None and ctx.needs_input_grad[2]:
             hand_out(shareds, torch.bmm(grad_a.transpose(1, 2), normed))
-        return grad_n, None, None, None, None, None, None
+        return None, None, None, *(None for _ in range(len(ctx.needs_input_grad) - 3))
 
 
 class AreaMLP(BlockNet):

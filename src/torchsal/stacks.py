@@ -8,8 +8,8 @@ the run instead of a few per block. ``BlockNet.trace`` finds the runs: consecuti
 ``stack_key()`` is equal and not None.
 
 This module holds what every such class needs: the run's parameters as one ``(L, ...)`` tensor without a copy per
-step (``layer_stack``), whose gradient is handed to each block's own parameter, so parameters, optimizers,
-``state_dict`` and the touched-area invariant are as in the block-by-block step.
+step (``stacked``), and each block's own parameter handed its slice of a stacked gradient (``hand_out``), so
+parameters, optimizers, ``state_dict`` and the touched-area invariant are as in the block-by-block step.
 """
 
 from __future__ import annotations
@@ -39,23 +39,10 @@ def alike_runs(blocks: Sequence[nn.Module]) -> dict[int, range]:
 GRADIENT_MEMORY = "stack-gradient"
 
 
-def layer_stack(params: Sequence[nn.Parameter], groups: Groups | None = None) -> Tensor:
-    """The parameters as one ``(L, ...)`` leaf tensor on their own memory (``stacked``), whose gradient autograd
-    hands to each parameter's ``.grad`` (``hand_out``). For small parameters (norms): autograd copies a gradient
-    it does not own outright, and the slices handed out keep the stacked gradient referenced."""
-    stack = stacked(params)
-    if stack.requires_grad:
-        def hook(t: Tensor) -> None:
-            hand_out(params, t.grad, groups)
-            t.grad = None
-        stack.register_post_accumulate_grad_hook(hook)
-    return stack
-
-
 @torch.no_grad()
 def stacked(params: Sequence[nn.Parameter]) -> Tensor:
     """The parameters as one ``(L, ...)`` leaf on their own memory, no copy, requiring a gradient if any of them
-    does (nothing hands it to them: ``layer_stack`` or the caller's backward does). The first call moves them into one
+    does (nothing hands it to them: the caller's backward does, with ``hand_out``). The first call moves them into one
     block of memory (``p.data`` becomes a view of it; the parameters, their optimizer state and ``state_dict`` stay
     as they were), one at a time so that two copies are never held; so does any later call after something gave
     them memory of their own (``.to()``). A ``torch.stack`` per step instead copied every weight (7 ms of a
