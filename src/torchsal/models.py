@@ -157,7 +157,7 @@ class _Branches(torch.autograd.Function):
             hand_out(biases, per_area.sum(1).view(count, areas, -1), groups)
         if shared is not None and ctx.needs_input_grad[2]:
             hand_out(shareds, torch.bmm(grad_a.transpose(1, 2), normed))
-        return None, None, None, *(None for _ in range(len(ctx.needs_input_grad) - 3))
+        return (None,) * len(ctx.needs_input_grad)          # every gradient handed out above
 
 
 class AreaMLP(BlockNet):
