@@ -172,15 +172,20 @@ class LocalSignalRule(LearningRule):
         error = softmax_error(trace.logits.detach(), onehot)
         grouped, hidden = trace.rows is not None, trace.hidden
         if self.per_layer == 1 and len({h.shape for h in hidden}) == 1:
-            # a segment at once: a stack's outputs as they are, the blocks between stacked (graph and signal side
-            # by side for the surrogate)
+            # a segment at once; ``graph`` and ``signal`` side by side for the surrogate, ``signals`` per layer
             graph, signal, signals = [], [], []
             for layers, stacked in trace.segments():
-                h = stacked.detach() if stacked is not None else torch.stack([hidden[i].detach() for i in layers])
-                g = self.signals_at_once(layers, h, error, onehot)
-                signals.extend(g.unbind(0))
-                graph.extend([stacked] if stacked is not None else [hidden[i] for i in layers])
-                signal.extend([g] if stacked is not None else signals[-len(layers):])
+                if stacked is not None:          # a stack's outputs as they are: one signal, one dot product
+                    g = self.signals_at_once(layers, stacked.detach(), error, onehot)
+                    graph.append(stacked)
+                    signal.append(g)
+                    signals.extend(g.unbind(0))
+                else:                            # the blocks between stacks, stacked for their signals
+                    h = torch.stack([hidden[i].detach() for i in layers])
+                    per_layer = self.signals_at_once(layers, h, error, onehot).unbind(0)
+                    graph.extend(hidden[i] for i in layers)
+                    signal.extend(per_layer)
+                    signals.extend(per_layer)
         else:
             graph = hidden
             signal = signals = [self.signal(i, h.detach(), error, onehot, groups, grouped)
