@@ -103,6 +103,22 @@ def test_group_by_area_orders_and_inverts():
     assert torch.equal(area[groups.order][groups.inverse], area)
 
 
+def test_padded_layout_round_trip_and_its_gradient():
+    area = torch.tensor([3, 0, 3, 1, 0, 3])
+    groups = group_by_area(area, 4)
+    rows = torch.randn(6, 5)
+    padded = dispatch.to_padded(rows, groups)
+    assert padded.shape == (4 * groups.capacity, 5)
+    assert torch.equal(padded.view(4, groups.capacity, 5)[2], torch.zeros(groups.capacity, 5))   # empty area
+    assert torch.equal(dispatch.from_padded(padded, groups), rows)
+    # leading dimensions (a stack of layers): the gradient lands in each row's slot, zeros in the padding
+    stacked = torch.randn(2, 4 * groups.capacity, 5, requires_grad=True)
+    grad = torch.randn(2, 6, 5)
+    dispatch.from_padded(stacked, groups).backward(grad)
+    expected = torch.zeros(2, 4 * groups.capacity, 5).index_add_(1, groups.slot, grad)
+    assert torch.equal(stacked.grad, expected)
+
+
 def _naive_grouped_linear(rows, groups, weight, bias=None, shared=None):
     out = naive(rows, groups.row_area, weight, bias)
     return out if shared is None else out + torch.stack([shared @ r for r in rows])

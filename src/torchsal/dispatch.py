@@ -121,7 +121,26 @@ def to_padded(rows: Tensor, groups: Groups) -> Tensor:
 
 def from_padded(t: Tensor, groups: Groups) -> Tensor:
     """The grouped rows of ``t`` (..., K * capacity, ...) in the padded layout, along dimension -2."""
-    return t[..., groups.slot, :]
+    return _FromPadded.apply(t, groups.slot) if t.requires_grad and torch.is_grad_enabled() else t[..., groups.slot, :]
+
+
+class _FromPadded(torch.autograd.Function):
+    """``t[..., slot, :]`` whose backward writes each row's gradient into its slot: the slots are distinct, so a
+    plain copy serves, where autograd's indexing backward accumulates one row at a time (a 128-layer stack's rows,
+    (127, 208, 64): 3.9 ms against 0.3, measured)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, slot: Tensor) -> Tensor:  # noqa: ANN001
+        ctx.save_for_backward(slot)
+        ctx.shape = t.shape
+        return t[..., slot, :]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: ANN001
+        (slot,) = ctx.saved_tensors
+        out = grad.new_zeros(ctx.shape)
+        out[..., slot, :] = grad
+        return out, None
 
 
 def release_gradients(params: Iterable[Tensor]) -> None:
