@@ -136,7 +136,10 @@ class LocalSignalRule(LearningRule):
                 parts.append(torch.matmul(error, self._stacked("direct", layers)).view_as(h))
             if "local" in self.signals():                        # (softmax(h G^T) - y) G, through the pooling
                 readouts, flat, pool = self._stacked("local", layers), h.flatten(0, 1), self.config.readout_pool
-                logits = read_out(flat, pool).view(len(h), h.shape[1], -1) @ readouts.transpose(-1, -2)
+                features = read_out(flat, pool).view(len(h), h.shape[1], -1)
+                # (G f^T)^T: MKL forms a product with C = 10 rows 2-3x faster than one with 10 columns (128 layers
+                # of 128 x 64: 0.20 against 0.57 ms; 2 of 1024 x 1024: 0.48 against 1.03)
+                logits = (readouts @ features.transpose(-1, -2)).transpose(-1, -2)
                 grad = softmax_error(logits, onehot) @ readouts
                 parts.append(read_out_adjoint(flat, grad.flatten(0, 1), pool).view_as(h))
             return parts[0] if len(parts) == 1 else parts[0] + parts[1]
