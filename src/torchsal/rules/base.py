@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
@@ -57,6 +58,20 @@ def rms(tensors: list[Tensor]) -> Tensor | None:
         return None
     norms = torch.stack(torch._foreach_norm(tensors))
     return norms / torch.tensor([t.numel() for t in tensors], device=norms.device).sqrt()
+
+
+@torch.no_grad()
+def stacked_rms(t: Tensor) -> Tensor:
+    """(L,) root-mean-square of each layer of a stacked (L, ...) tensor, in one reduction (``rms`` of its L views
+    runs a kernel per view on CPU: 0.3 ms of a 128-layer step)."""
+    return torch.linalg.vector_norm(t.flatten(1), dim=1) / math.sqrt(t[0].numel())
+
+
+def hidden_rms(trace: Trace) -> Tensor | None:
+    """(L,) RMS of every hidden output of a trace, a layer stack's at once."""
+    parts = [rms([trace.hidden[i] for i in layers]) if stacked is None else stacked_rms(stacked)
+             for layers, stacked in trace.segments()]
+    return torch.cat(parts) if parts else None
 
 
 class _Surrogate(torch.autograd.Function):
@@ -109,7 +124,7 @@ def output_step(trace: Trace, y: Tensor, hidden_loss: Tensor | None = None, acti
     for term in _OUTPUT_TERMS.get():
         loss = loss + term(trace)
     return StepOutput(loss, trace.in_batch_order(trace.logits.detach()), task.detach(),
-                      rms(trace.hidden) if activation_rms is None else activation_rms, signal_rms)
+                      hidden_rms(trace) if activation_rms is None else activation_rms, signal_rms)
 
 
 class LearningRule(nn.Module):

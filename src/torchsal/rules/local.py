@@ -30,7 +30,7 @@ from torchsal.dispatch import Groups, area_linear, grouped_linear
 from torchsal.errors import ConfigError
 from torchsal.feedback import random_matrix
 from torchsal.profiling import named_range
-from torchsal.rules.base import LearningRule, StepOutput, output_step, register_rule, rms, surrogate
+from torchsal.rules.base import LearningRule, StepOutput, output_step, register_rule, rms, stacked_rms, surrogate
 
 SIGNALS = {"direct": ("direct",), "local": ("local",), "both": ("direct", "local")}
 
@@ -175,25 +175,23 @@ class LocalSignalRule(LearningRule):
         error = softmax_error(trace.logits.detach(), onehot)
         grouped, hidden = trace.rows is not None, trace.hidden
         if self.per_layer == 1 and len({h.shape for h in hidden}) == 1:
-            # a segment at once; ``graph`` and ``signal`` side by side for the surrogate, ``signals`` per layer
-            graph, signal, signals = [], [], []
+            # a segment at once; ``graph`` and ``signal`` side by side for the surrogate, each segment's signal RMS
+            graph, signal, signal_rms = [], [], []
             for layers, stacked in trace.segments():
                 if stacked is not None:          # a stack's outputs as they are: one signal, one dot product
                     g = self.signals_at_once(layers, stacked.detach(), error, onehot)
                     graph.append(stacked)
                     signal.append(g)
-                    signals.extend(g.unbind(0))
                 else:                            # the blocks between stacks, stacked for their signals
-                    h = torch.stack([hidden[i].detach() for i in layers])
-                    per_layer = self.signals_at_once(layers, h, error, onehot).unbind(0)
+                    g = self.signals_at_once(layers, torch.stack([hidden[i].detach() for i in layers]), error,
+                                             onehot)
                     graph.extend(hidden[i] for i in layers)
-                    signal.extend(per_layer)
-                    signals.extend(per_layer)
-        else:
-            graph = hidden
-            signal = signals = [self.signal(i, h.detach(), error, onehot, groups, grouped)
-                                for i, (h, groups) in enumerate(zip(hidden, trace.groups))]
-        return output_step(trace, y, surrogate(graph, signal, batch), signal_rms=rms(signals))
+                    signal.extend(g.unbind(0))
+                signal_rms.append(stacked_rms(g))
+            return output_step(trace, y, surrogate(graph, signal, batch), signal_rms=torch.cat(signal_rms))
+        signals = [self.signal(i, h.detach(), error, onehot, groups, grouped)
+                   for i, (h, groups) in enumerate(zip(hidden, trace.groups))]
+        return output_step(trace, y, surrogate(hidden, signals, batch), signal_rms=rms(signals))
 
 
 @register_rule("dfa")
