@@ -146,10 +146,12 @@ class _FromPadded(torch.autograd.Function):
 def release_gradients(params: Iterable[Tensor]) -> None:
     """``zero_grad(set_to_none=True)`` that keeps the released buffers for the next step's weight gradients.
 
-    Every ``.grad`` becomes None; the memory is reused instead of being freed and allocated again."""
+    Every ``.grad`` becomes None; the memory is reused instead of being freed and allocated again. A gradient that
+    is a view (a layer stack hands its blocks slices of one buffer, which it recycles itself) is only let go."""
     for p in params:
         if p.grad is not None:
-            give_memory(p, "gradient", p.grad)
+            if p.grad._base is None:
+                give_memory(p, "gradient", p.grad)
             p.grad = None
 
 
