@@ -9,9 +9,9 @@ All index arithmetic of the library lives here, so layers and rules never touch 
 
 Areas are one stacked ``(K, out, in)`` tensor per layer. On CPU, where areas hold few rows, the rows are
 padded to the largest area's count and one batched matmul serves every area (2-4x faster than per-area kernels
-below 32 rows per area); otherwise the forward pass is one ``torch._grouped_mm`` over the group offsets and the
-weight gradient one matmul per non-empty area into a buffer recycled across steps (faster on CPU than the grouped
-backward kernel). Where areas hold many rows the shared path is folded into the areas' product. Areas no row
+below 32 rows per area); otherwise each non-empty area is one matmul, forward (bias in the same kernel) and weight
+gradient (into a buffer recycled across steps): faster on CPU than ``torch._grouped_mm``, which a GPU runs over
+the group offsets. Where areas hold many rows the shared path is folded into the areas' product. Areas no row
 used get a zero gradient. Which areas a step used is recorded on the parameter (``touched_areas``: a (K,) bool
 tensor, None when all were), so the optimizers of ``torchsal.optim`` update, and keep state for, exactly those
 areas: an untouched area stays bit-identical. Plain SGD may apply each area's update inside its backward
@@ -211,9 +211,11 @@ def _padded(t: Tensor, groups: Groups) -> Tensor:
 
 
 def _pad_pays(groups: Groups) -> bool:
-    """One batched matmul over the padded layout beats per-area kernels on CPU unless padding more than doubles
-    the rows (measured: 128 rows over 16 areas of 64x64, 2.5x faster forward; 16 rows of 784x256, 1.4x slower)."""
-    return groups.slot is not None and groups.areas * groups.capacity <= 2 * groups.slot.numel()
+    """One batched matmul over the padded layout beats per-area kernels on CPU where areas hold few rows (below 32
+    on average), unless padding more than doubles the rows (measured: 128 rows over 16 areas of 64x64, 2.5x faster
+    forward; 16 rows of 784x256, 1.4x slower). From 32 rows per area the per-area products run at the dense rate
+    and padding only adds rows (1024 rows over 16 areas of 1024 x 784, padded to 90 each: 18.3 against 12.1 ms)."""
+    return _few_rows(groups) and groups.areas * groups.capacity <= 2 * groups.slot.numel()
 
 
 def _affine(rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor | None, padded_rows: Tensor | None) -> Tensor:
@@ -223,8 +225,7 @@ def _affine(rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor | None, p
         w = weight.transpose(1, 2)
         out = torch.bmm(padded_rows, w) if bias is None else torch.baddbmm(bias.unsqueeze(1), padded_rows, w)
         return out.view(-1, out.shape[2]).index_select(0, groups.slot)
-    out = _grouped_mm(rows, groups, weight)
-    return out if bias is None else out.add_(bias.index_select(0, groups.row_area))
+    return _grouped_mm(rows, groups, weight, bias)
 
 
 def _grouped_kernel(a: Tensor, b: Tensor, groups: Groups) -> Tensor | None:
@@ -239,15 +240,20 @@ def _grouped_kernel(a: Tensor, b: Tensor, groups: Groups) -> Tensor | None:
         return None
 
 
-def _grouped_mm(rows: Tensor, groups: Groups, weight: Tensor) -> Tensor:
-    """``rows[i] @ weight[k_i].T`` for grouped rows: one grouped kernel, else one matmul per non-empty area."""
-    out = _grouped_kernel(rows, weight.transpose(1, 2), groups)
+def _grouped_mm(rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``rows[i] @ weight[k_i].T (+ bias[k_i])`` for grouped rows. With the counts on the host (CPU), one matmul
+    per non-empty area, its bias added by the same kernel: torch._grouped_mm runs a slower loop on CPU (wide regime
+    of benchmarks/speed.py, SAL step 0.92 of it). Else one grouped kernel over the device offsets."""
+    out = None if groups.counts is not None else _grouped_kernel(rows, weight.transpose(1, 2), groups)
     if out is not None:
-        return out
+        return out if bias is None else out.add_(bias.index_select(0, groups.row_area))
     out, counts = rows.new_empty(rows.shape[0], weight.shape[1]), host_counts(groups)
-    for o, r, bank, n in zip(out.split(counts), rows.split(counts), weight.unbind(0), counts):
-        if n:
+    biases = [None] * len(counts) if bias is None else bias.unbind(0)
+    for o, r, bank, b, n in zip(out.split(counts), rows.split(counts), weight.unbind(0), biases, counts):
+        if n and b is None:
             torch.mm(r, bank.T, out=o)
+        elif n:
+            torch.addmm(b, r, bank.T, out=o)
     return out
 
 
