@@ -213,8 +213,8 @@ def _padded(t: Tensor, groups: Groups) -> Tensor:
 def _pad_pays(groups: Groups) -> bool:
     """One batched matmul over the padded layout beats per-area kernels on CPU where areas hold few rows (below 32
     on average), unless padding more than doubles the rows (measured: 128 rows over 16 areas of 64x64, 2.5x faster
-    forward; 16 rows of 784x256, 1.4x slower). From 32 rows per area the per-area products run at the dense rate
-    and padding only adds rows (1024 rows over 16 areas of 1024 x 784, padded to 90 each: 18.3 against 12.1 ms)."""
+    forward; 16 rows of 784x256, 1.4x slower). From 32 rows per area the per-area products are efficient on their
+    own and padding only adds rows (1024 rows over 16 areas of 1024 x 784, padded to 90 each: 18.3 against 12.1 ms)."""
     return _few_rows(groups) and groups.areas * groups.capacity <= 2 * groups.slot.numel()
 
 
@@ -243,7 +243,7 @@ def _grouped_kernel(a: Tensor, b: Tensor, groups: Groups) -> Tensor | None:
 def _grouped_mm(rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``rows[i] @ weight[k_i].T (+ bias[k_i])`` for grouped rows. With the counts on the host (CPU), one matmul
     per non-empty area, its bias added by the same kernel: torch._grouped_mm runs a slower loop on CPU (wide regime
-    of benchmarks/speed.py, SAL step 0.92 of it). Else one grouped kernel over the device offsets."""
+    of benchmarks/speed.py, SAL step 0.90-0.97 of it). Else one grouped kernel over the device offsets."""
     out = None if groups.counts is not None else _grouped_kernel(rows, weight.transpose(1, 2), groups)
     if out is not None:
         return out if bias is None else out.add_(bias.index_select(0, groups.row_area))
