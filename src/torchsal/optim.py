@@ -25,13 +25,12 @@ Usage::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from torchsal.errors import ConfigError
+from torchsal.stacks import back_to_back
 
 
 def touched_runs(p: Tensor) -> list[tuple[int, int]] | None:
@@ -50,23 +49,6 @@ def touched_runs(p: Tensor) -> list[tuple[int, int]] | None:
             runs.append((start, k))
             start = None
     return runs
-
-
-def back_to_back(tensors: Sequence[Tensor]) -> Tensor | None:
-    """One flat view of ``tensors`` (of one device) if they lie back to back, in this order, in one block of memory;
-    else None."""
-    first = tensors[0]
-    start, size, dtype = first.data_ptr(), first.element_size(), first.dtype
-    end = start
-    for t in tensors:
-        if t.data_ptr() != end or t.dtype != dtype or not t.is_contiguous():
-            return None
-        end += t.numel() * size
-    storage = first.untyped_storage()
-    # (live tensors cannot overlap: lying within the first one's storage, they are all views of it)
-    if storage.data_ptr() + storage.nbytes() < end:
-        return None
-    return first.detach().as_strided(((end - start) // size,), (1,))
 
 
 def _host_reads_free(p: Tensor) -> bool:
