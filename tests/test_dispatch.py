@@ -49,8 +49,7 @@ def test_grouped_gradients_match_per_sample_reference(with_bias, host_counts, n_
         else:
             groups = group_by_area(area, 6)
             if not host_counts:
-                groups = dispatch.Groups(groups.order, groups.inverse, groups.row_area, groups.ends, None,
-                                         groups.touched)
+                groups = dispatch.Groups(groups.order, groups.inverse, groups.per_area, None, groups.area)
             out = grouped_linear(xs[groups.order], groups, w, b)[groups.inverse]
         ((out - target) ** 2).sum().backward()
         grads.append([xs.grad, w.grad, None if b is None else b.grad])

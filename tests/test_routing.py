@@ -102,3 +102,22 @@ def test_a_shard_reports_the_whole_models_parameters():
     assert shard.parameter_counts()["params_total"] == whole.parameter_counts()["params_total"]
     assert shard.parameter_counts()["params_held_by_this_process"] < whole.parameter_counts()["params_total"]
     assert "params_held_by_this_process" not in whole.parameter_counts()
+
+
+def test_learned_routing_step_equals_autograd_of_its_objective():
+    """The router's written-out backward gives the projection what autograd of the plain objective gives."""
+    router = make_router(areas=8, dim=12).double()
+    x = torch.randn(32, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    area, loss = router(x)
+    loss.backward()
+    fused = router.projection.weight.grad.clone(), router.projection.bias.grad.clone()
+    router.zero_grad()
+    z = torch.nn.functional.normalize(router.projection(x), dim=1)
+    expected_area, scores = route(z, router.prototypes)
+    target = sinkhorn(scores.detach()).double()
+    expected = -(target * torch.log_softmax(scores / 0.1, dim=1)).sum(1).mean()
+    expected.backward()
+    assert torch.equal(area, expected_area)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(fused[0], router.projection.weight.grad)
+    torch.testing.assert_close(fused[1], router.projection.bias.grad)

@@ -189,7 +189,7 @@ class BlockNet(nn.Module):
             block = self.blocks[i]
             h_in = h.detach() if detach else h
             run = runs.get(i)
-            if run is not None and (groups is None or grouped and groups.slot is not None):
+            if run is not None and (groups is None or grouped and groups.counts is not None):
                 with routed(groups):
                     out = type(block).run_stack(self.blocks[run.start: run.stop], h_in, groups)
                 stacks[len(hidden)] = out

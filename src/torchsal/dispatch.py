@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -63,20 +64,48 @@ def sgd_in_backward(optimizer: torch.optim.Optimizer) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class Groups:
-    """A batch's rows grouped by area: ``x[order]`` holds area 0's rows, then area 1's, and so on."""
+    """A batch's rows grouped by area: ``x[order]`` holds area 0's rows, then area 1's, and so on.
+
+    What only some paths read (offsets, areas touched, each row's area, the padded layout) is derived on first use:
+    at small batches every kernel of a step counts (a training step at batch 16 used a third of them)."""
 
     order: Tensor             # (B,) batch index of each grouped row
     inverse: Tensor           # (B,) grouped[inverse] restores the batch order
-    row_area: Tensor          # (B,) area of each grouped row (sorted)
-    ends: Tensor              # (K,) int32 end offset of each area's rows (device; for grouped kernels)
+    per_area: Tensor          # (K,) rows per area (device)
     counts: list[int] | None  # rows per area on the host, where reading it costs no device sync (CPU)
-    touched: Tensor           # (K,) bool: areas with at least one row
-    slot: Tensor | None = None  # (B,) row of each grouped row in the padded (K * capacity) layout (CPU)
-    capacity: int = 0           # rows per area in the padded layout: the largest area's count
+    area: Tensor              # (B,) area of each row in batch order
 
     @property
     def areas(self) -> int:
-        return self.ends.numel()
+        return self.per_area.numel()
+
+    @functools.cached_property
+    def row_area(self) -> Tensor:
+        """(B,) area of each grouped row (sorted)."""
+        return self.area[self.order]
+
+    @functools.cached_property
+    def ends(self) -> Tensor:
+        """(K,) int32 end offset of each area's rows (device; for grouped kernels)."""
+        return self.per_area.cumsum(0).to(torch.int32)
+
+    @functools.cached_property
+    def touched(self) -> Tensor:
+        """(K,) bool: areas with at least one row."""
+        return self.per_area > 0
+
+    @property
+    def capacity(self) -> int:
+        """Rows per area in the padded layout (CPU): the largest area's count."""
+        return max(self.counts, default=0)
+
+    @functools.cached_property
+    def slot(self) -> Tensor | None:
+        """(B,) row of each grouped row in the padded (K * capacity) layout; None without host counts."""
+        if self.counts is None:
+            return None
+        starts = self.ends - self.per_area
+        return self.row_area * self.capacity + torch.arange(self.order.numel()) - starts[self.row_area]
 
 
 @contextlib.contextmanager
@@ -101,16 +130,13 @@ def group_by_area(area: Tensor, areas: int) -> Groups:
         order = torch.argsort(area, stable=True)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        # (bincount would read the largest id back to the host to size its output: a sync on a GPU)
-        counts = torch.zeros(areas, dtype=torch.long, device=area.device).index_add_(0, area, torch.ones_like(area))
-        ends = counts.cumsum(0)
-        row_area = area[order]
         if area.device.type != "cpu":        # no host reads on a GPU: the grouped kernels take device offsets
-            return Groups(order, inverse, row_area, ends.to(torch.int32), None, counts > 0)
-        host = counts.tolist()
-        capacity = max(host, default=0)
-        slot = row_area * capacity + torch.arange(order.numel()) - (ends - counts)[row_area]
-        return Groups(order, inverse, row_area, ends.to(torch.int32), host, counts > 0, slot, capacity)
+            # (bincount would read the largest id back to the host to size its output: a sync)
+            per_area = torch.zeros(areas, dtype=torch.long, device=area.device).index_add_(0, area,
+                                                                                           torch.ones_like(area))
+            return Groups(order, inverse, per_area, None, area)
+        per_area = torch.bincount(area, minlength=areas)
+        return Groups(order, inverse, per_area, per_area.tolist(), area)
 
 
 def to_padded(rows: Tensor, groups: Groups) -> Tensor:
@@ -249,11 +275,13 @@ def _grouped_mm(rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor | Non
         return out if bias is None else out.add_(bias.index_select(0, groups.row_area))
     out, counts = rows.new_empty(rows.shape[0], weight.shape[1]), host_counts(groups)
     biases = [None] * len(counts) if bias is None else bias.unbind(0)
-    for o, r, bank, b, n in zip(out.split(counts), rows.split(counts), weight.unbind(0), biases, counts):
+    # (the banks transposed in one view op, not one per area)
+    for o, r, bank_t, b, n in zip(out.split(counts), rows.split(counts), weight.transpose(1, 2).unbind(0), biases,
+                                  counts):
         if n and b is None:
-            torch.mm(r, bank.T, out=o)
+            torch.mm(r, bank_t, out=o)
         elif n:
-            torch.addmm(b, r, bank.T, out=o)
+            torch.addmm(b, r, bank_t, out=o)
     return out
 
 

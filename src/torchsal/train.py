@@ -387,7 +387,7 @@ class Trainer:
         """Stop at a non-finite loss. On CPU at once; on a GPU the first bad step is recorded on the device and
         reported at the next epoch end or checkpoint (checking every step would stall the stream)."""
         if self.device.type == "cpu":
-            if not torch.isfinite(loss):
+            if not math.isfinite(loss.item()):          # a host read, where torch.isfinite is two kernels
                 raise self._diverged(self._first_non_finite(x) or f"loss became {loss.item()}")
             return
         bad = ~torch.isfinite(loss)

@@ -57,6 +57,9 @@ def rms(tensors: list[Tensor]) -> Tensor | None:
     if not tensors:
         return None
     norms = torch.stack(torch._foreach_norm(tensors))
+    sizes = {t.numel() for t in tensors}
+    if len(sizes) == 1:                 # one kernel, not a tensor of sizes built and divided by
+        return norms.div_(math.sqrt(sizes.pop()))
     return norms / torch.tensor([t.numel() for t in tensors], device=norms.device).sqrt()
 
 
@@ -71,7 +74,7 @@ def hidden_rms(trace: Trace) -> Tensor | None:
     """(L,) RMS of every hidden output of a trace, a layer stack's at once."""
     parts = [rms([trace.hidden[i] for i in layers]) if stacked is None else stacked_rms(stacked)
              for layers, stacked in trace.segments()]
-    return torch.cat(parts) if parts else None
+    return torch.cat(parts) if len(parts) > 1 else parts[0] if parts else None
 
 
 class _Surrogate(torch.autograd.Function):
@@ -86,7 +89,7 @@ class _Surrogate(torch.autograd.Function):
         # against 0.75 ms cast to float32 first, an Intel Xeon), and the loss is logged in float32 anyway
         wide = torch.promote_types(hidden[0].dtype, torch.float32)
         dots = [torch.vdot(h.reshape(-1).to(wide), g.reshape(-1).to(wide)) for h, g in zip(hidden, signals)]
-        return torch.stack(dots).sum().float() / batch
+        return (torch.stack(dots).sum() if len(dots) > 1 else dots[0]).float() / batch
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001

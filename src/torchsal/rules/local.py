@@ -66,6 +66,12 @@ def softmax_error(logits: Tensor, onehot: Tensor) -> Tensor:
     return e.div_(e.sum(-1, keepdim=True)).to(onehot.dtype).sub_(onehot)
 
 
+def one_hot(y: Tensor, classes: int, dtype: torch.dtype) -> Tensor:
+    """``F.one_hot(y, classes).to(dtype)`` in two kernels instead of seven (F.one_hot checks the labels' range with
+    two reductions read on the host, then converts); out-of-range labels still raise, in ``scatter_``."""
+    return torch.zeros(y.shape[0], classes, dtype=dtype, device=y.device).scatter_(1, y.unsqueeze(1), 1)
+
+
 class LocalSignalRule(LearningRule):
     """Base of DFA and SAL: which signals a hidden layer receives is the only difference."""
 
@@ -139,7 +145,10 @@ class LocalSignalRule(LearningRule):
                 features = read_out(flat, pool).view(len(h), h.shape[1], -1)
                 # (G f^T)^T: MKL forms a product with C = 10 rows 2-3x faster than one with 10 columns (128 layers
                 # of 128 x 64: 0.20 against 0.57 ms; 2 of 1024 x 1024: 0.48 against 1.03)
-                logits = (readouts @ features.transpose(-1, -2)).transpose(-1, -2)
+                if readouts.dim() == 2:          # one readout for every layer: one product over all rows
+                    logits = (readouts @ features.flatten(0, 1).T).T.view(*features.shape[:2], -1)
+                else:
+                    logits = (readouts @ features.transpose(-1, -2)).transpose(-1, -2)
                 grad = softmax_error(logits, onehot) @ readouts
                 parts.append(read_out_adjoint(flat, grad.flatten(0, 1), pool).view_as(h))
             return parts[0] if len(parts) == 1 else parts[0] + parts[1]
@@ -155,7 +164,7 @@ class LocalSignalRule(LearningRule):
 
     def forward(self, model: BlockNet, x: Tensor, y: Tensor) -> StepOutput:
         batch = x.shape[0]
-        labels = F.one_hot(y, model.num_classes).to(model.dtype)
+        labels = one_hot(y, model.num_classes, model.dtype)
         if self.config.memory == "lean":
             # Update each layer from its local signal as soon as it is computed; its graph is freed at once and
             # only two scalars per layer (for diagnostics) outlive it.
@@ -183,12 +192,14 @@ class LocalSignalRule(LearningRule):
                     graph.append(stacked)
                     signal.append(g)
                 else:                            # the blocks between stacks, stacked for their signals
-                    g = self.signals_at_once(layers, torch.stack([hidden[i].detach() for i in layers]), error,
-                                             onehot)
+                    outputs = [hidden[i].detach() for i in layers]
+                    g = self.signals_at_once(layers, torch.stack(outputs) if len(outputs) > 1 else
+                                             outputs[0].unsqueeze(0), error, onehot)
                     graph.extend(hidden[i] for i in layers)
                     signal.extend(g.unbind(0))
                 signal_rms.append(stacked_rms(g))
-            return output_step(trace, y, surrogate(graph, signal, batch), signal_rms=torch.cat(signal_rms))
+            signal_rms = torch.cat(signal_rms) if len(signal_rms) > 1 else signal_rms[0]
+            return output_step(trace, y, surrogate(graph, signal, batch), signal_rms=signal_rms)
         signals = [self.signal(i, h.detach(), error, onehot, groups, grouped)
                    for i, (h, groups) in enumerate(zip(hidden, trace.groups))]
         return output_step(trace, y, surrogate(hidden, signals, batch), signal_rms=rms(signals))
