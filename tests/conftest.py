@@ -19,3 +19,14 @@ def tiny(rule: str = "sal", *, areas: int = 1, shared: bool = False, depth: int 
 def batch():
     g = torch.Generator().manual_seed(123)
     return torch.randn(6, 5, generator=g), torch.tensor([0, 1, 2, 0, 1, 2])
+
+
+@pytest.fixture(params=["gathered", "grouped"])
+def layout(request, monkeypatch):
+    """Small banks compute gathered per row (torchsal.dispatch._gather_pays); "grouped" turns that off, so the
+    padded and per-area kernels of larger layers run on the tests' small shapes too."""
+    from torchsal import dispatch
+
+    if request.param == "grouped":
+        monkeypatch.setattr(dispatch, "GATHERED_ELEMENTS", 0)
+    return request.param

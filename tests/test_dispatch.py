@@ -19,7 +19,7 @@ SHAPES = [(1, 3, 2, 4), (17, 5, 7, 3), (64, 8, 8, 16), (9, 4, 6, 1), (33, 12, 10
 
 
 @pytest.mark.parametrize("batch,n_in,n_out,areas", SHAPES)
-def test_area_linear_matches_per_sample_reference(batch, n_in, n_out, areas):
+def test_area_linear_matches_per_sample_reference(batch, n_in, n_out, areas, layout):
     g = torch.Generator().manual_seed(batch)
     x = torch.randn(batch, n_in, generator=g)
     weight, bias = torch.randn(areas, n_out, n_in, generator=g), torch.randn(areas, n_out, generator=g)
@@ -31,7 +31,7 @@ def test_area_linear_matches_per_sample_reference(batch, n_in, n_out, areas):
 @pytest.mark.parametrize("host_counts", [True, False])
 @pytest.mark.parametrize("n_in,n_out", [(5, 4), (8, 12)])
 @pytest.mark.parametrize("rows", [23, 200])
-def test_grouped_gradients_match_per_sample_reference(with_bias, host_counts, n_in, n_out, rows):
+def test_grouped_gradients_match_per_sample_reference(with_bias, host_counts, n_in, n_out, rows, layout):
     """The grouped backward (weight gradient into one buffer, zeros for empty areas; input gradient) equals
     autograd through the per-sample loop: padded batched matmuls (few rows per area), per-area matmuls (many),
     and, without host counts, the device-side grouped kernels a GPU uses."""
@@ -128,7 +128,7 @@ def _naive_grouped_linear(rows, groups, weight, bias=None, shared=None):
 @pytest.mark.parametrize("routing", ["input", "layer"])
 @pytest.mark.parametrize("batch", [40, 160])
 def test_every_rule_through_the_dispatch_equals_the_per_sample_reference(rule_name, shared, routing, batch,
-                                                                         monkeypatch):
+                                                                         monkeypatch, layout):
     """A whole step (outputs and every parameter's update) with the grouped dispatch equals the same step with
     each sample's area applied one sample at a time, for every rule, with and without the shared path, for input
     and per-layer routing; 160 rows over 4 areas take the kernels of many rows per area (shared path folded in)."""

@@ -27,7 +27,7 @@ def area_tensors(model, optimizer, k):
 
 @pytest.mark.parametrize("rule_name", ["bp", "sal"])
 @pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
-def test_untouched_areas_are_bit_identical(rule_name, opt_name):
+def test_untouched_areas_are_bit_identical(rule_name, opt_name, layout):
     model, rule = tiny(rule_name, areas=4, shared=True, in_features=5)
     x, y = torch.randn(256, 5, generator=torch.Generator().manual_seed(0)), torch.randint(3, (256,))
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], OPTIMIZERS[opt_name])

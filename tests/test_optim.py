@@ -69,7 +69,7 @@ def test_a_stock_optimizer_that_would_move_untouched_areas_is_refused():
 
 @pytest.mark.parametrize("batch", [6, 300])
 @pytest.mark.parametrize("mixed", [False, True])
-def test_plain_sgd_applied_in_backward_equals_the_gradient_then_the_step(batch, mixed):
+def test_plain_sgd_applied_in_backward_equals_the_gradient_then_the_step(batch, mixed, layout):
     """The trainer's plain-SGD fast path (each area updated inside its own backward, no .grad written) moves
     every parameter as computing the gradient and stepping does, and leaves untouched areas bit-identical; 300
     rows over 8 areas fold the shared path into the areas' product."""
