@@ -243,7 +243,7 @@ def _pad_pays(groups: Groups) -> bool:
     on average), unless padding more than doubles the rows (measured: 128 rows over 16 areas of 64x64, 2.5x faster
     forward; 16 rows of 784x256, 1.4x slower). From 32 rows per area the per-area products are efficient on their
     own and padding only adds rows (1024 rows over 16 areas of 1024 x 784, padded to 90 each: 18.3 against 12.1 ms)."""
-    return _few_rows(groups) and groups.areas * groups.capacity <= 2 * groups.slot.numel()
+    return _few_rows(groups) and groups.areas * groups.capacity <= 2 * groups.order.numel()
 
 
 def _gather_pays(groups: Groups, weight: Tensor) -> bool:
@@ -314,7 +314,7 @@ def _grouped_mm(rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor | Non
 def _few_rows(groups: Groups) -> bool:
     """Below 32 rows per area, one batched matmul over the padded layout (zeros for empty areas come free) forms
     the weight gradients 2-4x faster than per-area rank-n updates; above, the per-area matmuls win (measured)."""
-    return groups.slot is not None and groups.slot.numel() < 32 * groups.areas
+    return groups.counts is not None and groups.order.numel() < 32 * groups.areas
 
 
 def _weight_gradient(grad: Tensor, rows: Tensor, groups: Groups, out: Tensor, alpha: float | None = None,
