@@ -178,7 +178,7 @@ class BlockNet(nn.Module):
                 kept (lean memory: a block may update and free its graph at once).
         """
         x = self._shaped(x).to(self.dtype)   # inputs follow the weights (bfloat16 models take float32 data)
-        routing_loss = x.new_zeros(())
+        routing_loss = None
         area, groups, rows, inverse, grouped = None, None, None, None, False
         hidden, areas, block_groups, stacks = [], [], [], {}
         # a local rule's graph: runs of alike blocks may go as one (torchsal.stacks)
@@ -200,7 +200,7 @@ class BlockNet(nn.Module):
                 continue
             if i < len(self.routers):   # input routing: router 0 only, its areas reused by every block
                 area, loss = self.routers[i](h_in.flatten(1) if i == 0 else routing_features(h_in))
-                routing_loss = routing_loss + loss
+                routing_loss = loss if routing_loss is None else routing_loss + loss
                 groups = group_by_area(area, self.areas)
                 if len(self.routers) == 1:      # group the rows once, for every block
                     rows, inverse, grouped = groups.order, groups.inverse, True
@@ -210,7 +210,8 @@ class BlockNet(nn.Module):
             with routed(groups):            # layer routing: the block's own grouping, batch order outside it
                 h = block(h_in) if groups is None or grouped else block(h_in[groups.order])[groups.inverse]
             if i == len(self.blocks) - 1:
-                return Trace(h, hidden, areas, block_groups, routing_loss, rows, inverse, stacks)
+                return Trace(h, hidden, areas, block_groups, x.new_zeros(()) if routing_loss is None else routing_loss,
+                             rows, inverse, stacks)
             if on_hidden is None:
                 hidden.append(h)
             else:

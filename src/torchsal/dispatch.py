@@ -252,7 +252,7 @@ def _gather_pays(groups: Groups, weight: Tensor) -> bool:
     area in one scatter, where per-area kernels run a few small kernels per area. Measured alone on CPU (forward
     and weight gradient, 2 threads): 0.43-0.74 of the per-area time up to 2^18 gathered elements, 0.9-1.1 at
     2^19-2^20, 30x slower at 2^23."""
-    return groups.counts is not None and groups.order.numel() * weight[0].numel() <= GATHERED_ELEMENTS
+    return groups.counts is not None and groups.order.numel() * weight.shape[1] * weight.shape[2] <= GATHERED_ELEMENTS
 
 
 def _pad_pays_here(groups: Groups, weight: Tensor) -> bool:

@@ -181,7 +181,7 @@ class LocalSignalRule(LearningRule):
             return output_step(trace, y, activation_rms=activation_rms, signal_rms=signal_rms)
         trace = model.trace(x, detach=True)
         onehot = trace.in_trace_order(labels)
-        error = softmax_error(trace.logits.detach(), onehot)
+        error = softmax_error(trace.logits.detach(), onehot) if "direct" in self.signals() else None
         grouped, hidden = trace.rows is not None, trace.hidden
         if self.per_layer == 1 and len({h.shape for h in hidden}) == 1:
             # a segment at once; ``graph`` and ``signal`` side by side for the surrogate, each segment's signal RMS
