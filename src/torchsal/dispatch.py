@@ -11,8 +11,9 @@ Areas are one stacked ``(K, out, in)`` tensor per layer. On CPU, where areas hol
 padded to the largest area's count and one batched matmul serves every area (2-4x faster than per-area kernels
 below 32 rows per area); otherwise each non-empty area is one matmul, forward (bias in the same kernel) and weight
 gradient (into a buffer recycled across steps): faster on CPU than ``torch._grouped_mm``, which a GPU runs over
-the group offsets. Where areas hold many rows the shared path is folded into the areas' product. Areas no row
-used get a zero gradient. Which areas a step used is recorded on the parameter (``touched_areas``: a (K,) bool
+the group offsets. Small banks (a head) are gathered: each row computes with a copy of its own area's weights.
+Where areas hold many rows the shared path is folded into the areas' product. Areas no row used get a zero
+gradient. Which areas a step used is recorded on the parameter (``touched_areas``: a (K,) bool
 tensor, None when all were), so the optimizers of ``torchsal.optim`` update, and keep state for, exactly those
 areas: an untouched area stays bit-identical. Plain SGD may apply each area's update inside its backward
 (``sgd_in_backward``). docs/design.md gives the measurements behind each choice.
