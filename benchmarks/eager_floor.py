@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -241,6 +242,46 @@ def check_same_updates(regime: str, in_cache: bool = False, steps: int = 5) -> f
     return worst
 
 
+class _Timed:
+    """Wraps a callable and keeps the wall time of every call."""
+
+    def __init__(self, fn) -> None:  # noqa: ANN001
+        self.fn, self.seconds = fn, []
+
+    def __call__(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN204
+        start = time.perf_counter()
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.seconds.append(time.perf_counter() - start)
+
+
+def phases(regime: str, steps: int = 400) -> dict[str, dict[str, float]]:
+    """Microseconds per step of the trainer's BP and SAL steps by phase (medians over ``steps`` steps): the rule's
+    forward, autograd's backward, the optimizer, the scheduler, and the rest (batch gather, gradient release, loss
+    check, running metrics), each timed by wrapping the trainer's own calls."""
+    out = {}
+    for variant in ("bp", "sal"):
+        trainer = make_trainer(REGIMES[regime], variant, "fp32", "cpu")
+        stepper = Stepper(trainer, REGIMES[regime].batch)
+        stepper(50)
+        parts = {"forward": _Timed(trainer.rule), "optimizer": _Timed(trainer.optimizer.step),
+                 "scheduler": _Timed(trainer.scheduler.step), "backward": _Timed(torch.autograd.backward)}
+        trainer.rule, trainer.optimizer.step, trainer.scheduler.step = \
+            parts["forward"], parts["optimizer"], parts["scheduler"]
+        whole = _Timed(stepper)
+        original, torch.autograd.backward = torch.autograd.backward, parts["backward"]
+        try:
+            for _ in range(steps):
+                whole()
+        finally:
+            torch.autograd.backward = original
+        per = {name: 1e6 * statistics.median(t.seconds) for name, t in parts.items()}
+        per["rest"] = 1e6 * statistics.median(whole.seconds) - sum(per.values())
+        out[variant] = per
+    return out
+
+
 def check(regime: str) -> tuple[dict[str, bool], dict[str, float]]:
     """The hand-written SAL variants of ``regime`` (name -> in_cache), each checked against the trainer's step."""
     variants = {"sal-by-hand": False} if regime == "paper" else {"sal-by-hand": False, "sal-by-hand-in-cache": True}
@@ -290,6 +331,11 @@ def main() -> None:
                                       "ratio_runs": ratios, "round_s": runs[regime]}
         for name, r in ratios.items():
             print(f"| {regime} | {name} | {ms[name]:.3f} | {statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f}) |")
+    print("\n| regime | phase | BP us | SAL us |\n|---|---|---|---|")
+    for regime in regimes:
+        split = results["regimes"][regime]["phases_us"] = phases(regime)
+        for name in split["bp"]:
+            print(f"| {regime} | {name} | {split['bp'][name]:.0f} | {split['sal'][name]:.0f} |")
     print("hand-written SAL steps against the trainer's after 5 steps (difference / update): " + ", ".join(
         f"{regime} {name} {d:.1e}" for regime in regimes for name, d in checked[regime][1].items()))
     if args.out:

@@ -15,7 +15,8 @@ work, losses, autograd bookkeeping, Python), scaled to the measured step.
 
 The physical floor of each step is ``max(FLOPs / matmul rate, bytes / bandwidth)``: matmul FLOPs of the forward
 and update (and, for BP, input-gradient) products at the rate measured on the regime's own dense matmul, and the
-bytes the step must move (weights read, gradients written, optimizer traffic) at the measured copy bandwidth.
+bytes the step must move (weights read, gradients written, optimizer traffic) at the measured streaming
+bandwidth (the fastest of a copy, a scale and an add over 256 MB: scale.stream_bandwidth).
 For SAL the bytes count every *touched* area (the expected number of distinct areas a batch of B uniform samples
 hits, ``K (1 - (1 - 1/K)^B)``): each must be read, and its update written.
 
@@ -38,7 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from scale import MATMULS, ancestors, median_seconds  # benchmarks/scale.py: shared profiling helpers
+from scale import MATMULS, ancestors, median_seconds, stream_bandwidth  # benchmarks/scale.py: shared helpers
 from torch.profiler import ProfilerActivity, profile
 
 from torchsal import make_config
@@ -159,12 +160,6 @@ def profile_split(stepper: Stepper, wall: float, steps: int) -> dict[str, float]
 
 
 # ----------------------------------------------------------------------------------------------- the floor
-def copy_bandwidth(device: str) -> float:
-    """Bytes per second (read + write) of a 256 MB copy: the ceiling of a memory-bound update."""
-    src, dst = torch.randn(64 * 2**20, device=device), torch.randn(64 * 2**20, device=device)
-    return 2 * src.numel() * 4 / median_seconds(lambda: _synced(dst.copy_, src), 7)
-
-
 def _synced(fn, *args) -> None:
     fn(*args)
     if torch.cuda.is_available():
@@ -251,9 +246,9 @@ def run(args) -> dict[str, Any]:
     """Every regime ``--repeats`` times, the repeats spread over the whole run (this shared machine drifts by
     20-30% over minutes); each regime's table row holds the medians."""
     results = {"machine": machine(), "precision": args.precision, "rounds": args.rounds, "repeats": args.repeats}
-    bandwidth = copy_bandwidth(args.device)
-    results["copy_bandwidth_bytes_per_s"] = bandwidth
-    print(f"# {results['machine']}\n# copy bandwidth {bandwidth / 1e9:.1f} GB/s, precision {args.precision}",
+    bandwidth = stream_bandwidth(args.device)
+    results["stream_bandwidth_bytes_per_s"] = bandwidth
+    print(f"# {results['machine']}\n# streaming bandwidth {bandwidth / 1e9:.1f} GB/s, precision {args.precision}",
           flush=True)
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in args.regimes}
     for repeat in range(args.repeats):
