@@ -92,6 +92,7 @@ def test_plain_sgd_applied_in_backward_equals_the_gradient_then_the_step(batch, 
                 loss.backward()
             optimizer.step()
         assert fast == (model.layers[0].weight.grad is None)       # no gradient materialised on the fast path
+        assert fast == (model.routers[0].projection.weight.grad is None)    # the router stepped in its backward
         states.append(model.state_dict())
     untouched = sorted(set(range(8)) - used)
     assert untouched or batch > 8, "the small batch must leave an area unused"

@@ -48,9 +48,10 @@ def sgd_in_backward(optimizer: torch.optim.Optimizer) -> Iterator[None]:
     """Inside this block, each area parameter of a plain-SGD ``optimizer`` (no momentum, no weight decay) is
     updated during its own backward, ``w[k] -= lr * grad_k`` as one in-place matmul per layer, and gets no
     ``.grad``: the per-area gradient is never written and read back (wide regime of benchmarks/speed.py: SAL step
-    67 -> 57 ms against BP's 50). Exact for plain SGD only,
-    and only where nothing else needs the gradient: not under gradient clipping, hooks, or a data-parallel
-    all-reduce (which must see the gradient before anyone steps). Other optimizers make this a no-op.
+    67 -> 57 ms against BP's 50). A learned router's projection is stepped in its backward too (``lr_in_backward``):
+    under plain SGD the optimizer then has nothing left of a routed MLP without the shared path. Exact for plain
+    SGD only, and only where nothing else needs the gradient: not under gradient clipping, hooks, or a
+    data-parallel all-reduce (which must see the gradient before anyone steps). Other optimizers make this a no-op.
     """
     groups = {}
     for group in optimizer.param_groups:
@@ -63,6 +64,14 @@ def sgd_in_backward(optimizer: torch.optim.Optimizer) -> Iterator[None]:
         yield
     finally:
         _UPDATE_IN_BACKWARD.reset(token)
+
+
+def lr_in_backward(p: Tensor) -> float | None:
+    """The learning rate of the plain-SGD step ``p`` takes inside its own backward (``sgd_in_backward``), or None
+    where ``p`` gets a ``.grad`` as usual. For backward functions that write their parameters' gradients out."""
+    update = _UPDATE_IN_BACKWARD.get()
+    group = None if update is None else update.get(id(p))
+    return None if group is None else group["lr"]
 
 
 @dataclass(frozen=True)
@@ -399,19 +408,18 @@ class _GroupedLinear(torch.autograd.Function):
                 grad_rows = torch.bmm(padded_grad, weight).view(-1, weight.shape[2]).index_select(0, groups.slot)
             else:
                 grad_rows = _grouped_mm(grad, groups, weight.transpose(1, 2))
-        update = _UPDATE_IN_BACKWARD.get()
         wants_shared = ctx.shared is not None and ctx.needs_input_grad[4]
         if ctx.needs_input_grad[2] or wants_shared:
-            group = update.get(id(ctx.weight)) if update is not None and ctx.needs_input_grad[2] else None
-            if group is not None and not wants_shared:    # plain SGD in place: w[k] += (-lr) grad_k.T rows_k
-                _weight_gradient(grad, rows, groups, ctx.weight, -group["lr"], padded_grad, padded_rows)
+            lr = lr_in_backward(ctx.weight) if ctx.needs_input_grad[2] else None
+            if lr is not None and not wants_shared:    # plain SGD in place: w[k] += (-lr) grad_k.T rows_k
+                _weight_gradient(grad, rows, groups, ctx.weight, -lr, padded_grad, padded_rows)
             else:
                 buffer = take_memory(ctx.weight, "gradient", ctx.weight.dtype)
                 grad_w = _weight_gradient(grad, rows, groups, buffer, None, padded_grad, padded_rows)
                 if wants_shared:
                     grad_s = grad_w.sum(0)                     # every row is in one area: S gets their sum
-                if group is not None:                          # in place after all, from the product
-                    ctx.weight.add_(grad_w, alpha=-group["lr"])   # empty areas: + 0, bit-identical
+                if lr is not None:                             # in place after all, from the product
+                    ctx.weight.add_(grad_w, alpha=-lr)         # empty areas: + 0, bit-identical
                     give_memory(ctx.weight, "gradient", grad_w)
                     grad_w = None
                 elif ctx.needs_input_grad[2]:
@@ -419,11 +427,11 @@ class _GroupedLinear(torch.autograd.Function):
                 else:
                     grad_w = None
         if ctx.bias is not None and ctx.needs_input_grad[3]:
-            group = None if update is None else update.get(id(ctx.bias))
+            lr = lr_in_backward(ctx.bias)
             per_area = padded_grad.sum(1, dtype=ctx.bias.dtype) if padded_grad is not None else \
                 ctx.bias.new_zeros(ctx.bias.shape).index_add_(0, groups.row_area, grad.to(ctx.bias.dtype))
-            if group is not None:
-                ctx.bias.add_(per_area, alpha=-group["lr"])   # empty areas: + 0, bit-identical
+            if lr is not None:
+                ctx.bias.add_(per_area, alpha=-lr)              # empty areas: + 0, bit-identical
             else:
                 grad_b = per_area
                 mark_touched(ctx.bias, groups)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchsal.config import RoutingConfig
+from torchsal.dispatch import lr_in_backward
 from torchsal.distributed import all_gather_rows
 from torchsal.profiling import named_range
 
@@ -79,7 +80,7 @@ class _LearnedRouting(torch.autograd.Function):
         log_p = F.log_softmax(scores.to(wide) / temperature, dim=1)
         loss = torch.vdot(target.to(wide).flatten(), log_p.flatten()) / -scores.shape[0]
         ctx.save_for_backward(x, z, norm, prototypes, log_p, target)
-        ctx.temperature, ctx.weight_dtype = temperature, weight.dtype
+        ctx.temperature, ctx.params = temperature, (weight, bias)
         area = scores.argmax(dim=1)
         ctx.mark_non_differentiable(area)
         return area, loss
@@ -91,8 +92,20 @@ class _LearnedRouting(torch.autograd.Function):
         z = z.to(ds.dtype)
         dz = ds @ prototypes.to(ds.dtype)
         du = dz.sub_(z * (z * dz).sum(dim=1, keepdim=True)).div_(norm.to(ds.dtype))
-        dtype = ctx.weight_dtype
-        return None, (du.T @ x.to(du.dtype)).to(dtype), du.sum(0).to(dtype), None, None
+        weight, bias = ctx.params
+        return (None, _step_or_gradient(weight, du.T @ x.to(du.dtype)) if ctx.needs_input_grad[1] else None,
+                _step_or_gradient(bias, du.sum(0)) if ctx.needs_input_grad[2] else None, None, None)
+
+
+def _step_or_gradient(param: Tensor, grad: Tensor) -> Tensor | None:
+    """``param``'s gradient, or None where plain SGD steps it right here (``dispatch.sgd_in_backward``): a
+    parameter updated in its backward skips autograd's accumulation and the optimizer's step."""
+    grad = grad.to(param.dtype)
+    lr = lr_in_backward(param)
+    if lr is None:
+        return grad
+    param.add_(grad, alpha=-lr)
+    return None
 
 
 def make_prototypes(areas: int, dim: int, generator: torch.Generator) -> Tensor:
