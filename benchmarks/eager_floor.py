@@ -22,7 +22,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from speed import REGIMES, Stepper, machine, make_trainer, rounds_in_turns  # benchmarks/speed.py
+from speed import REGIMES, Stepper, machine, make_trainer, paired_ratio, rounds_in_turns  # benchmarks/speed.py
 from torch import Tensor
 
 
@@ -351,7 +351,7 @@ def main() -> None:
     results = {"machine": machine(), "rounds": args.rounds, "repeats": args.repeats, "regimes": {}}
     print("| regime | step | ms | / the trainer's BP step (range over repeats) |\n|---|---|---|---|")
     for regime in regimes:
-        ratios = {name: [statistics.median(v / b for v, b in zip(times[name], times["bp"])) for times in runs[regime]]
+        ratios = {name: [paired_ratio(times, name) for times in runs[regime]]
                   for name in runs[regime][0]}
         ms = {name: statistics.median(1e3 * statistics.median(times[name]) for times in runs[regime])
               for name in ratios}

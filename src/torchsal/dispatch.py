@@ -48,7 +48,7 @@ def sgd_in_backward(optimizer: torch.optim.Optimizer) -> Iterator[None]:
     """Inside this block, each area parameter of a plain-SGD ``optimizer`` (no momentum, no weight decay) is
     updated during its own backward, ``w[k] -= lr * grad_k`` as one in-place matmul per layer, and gets no
     ``.grad``: the per-area gradient is never written and read back (wide regime of benchmarks/speed.py: SAL step
-    67 -> 57 ms against BP's 50). A learned router's projection is stepped in its backward too (``lr_in_backward``):
+    67 -> 57 ms against BP's 50). A learned router's projection is stepped in its backward too (``step_or_gradient``):
     under plain SGD the optimizer then has nothing left of a routed MLP without the shared path. Exact for plain
     SGD only, and only where nothing else needs the gradient: not under gradient clipping, hooks, or a
     data-parallel all-reduce (which must see the gradient before anyone steps). Other optimizers make this a no-op.
@@ -72,6 +72,17 @@ def lr_in_backward(p: Tensor) -> float | None:
     update = _UPDATE_IN_BACKWARD.get()
     group = None if update is None else update.get(id(p))
     return None if group is None else group["lr"]
+
+
+def step_or_gradient(p: Tensor, grad: Tensor) -> Tensor | None:
+    """``grad`` in ``p``'s type for a backward function to return, or None where plain SGD steps ``p`` right here
+    (``sgd_in_backward``): a parameter updated in its backward skips autograd's accumulation and the optimizer."""
+    grad = grad.to(p.dtype)
+    lr = lr_in_backward(p)
+    if lr is None:
+        return grad
+    p.add_(grad, alpha=-lr)
+    return None
 
 
 @dataclass(frozen=True)
@@ -427,13 +438,10 @@ class _GroupedLinear(torch.autograd.Function):
                 else:
                     grad_w = None
         if ctx.bias is not None and ctx.needs_input_grad[3]:
-            lr = lr_in_backward(ctx.bias)
             per_area = padded_grad.sum(1, dtype=ctx.bias.dtype) if padded_grad is not None else \
                 ctx.bias.new_zeros(ctx.bias.shape).index_add_(0, groups.row_area, grad.to(ctx.bias.dtype))
-            if lr is not None:
-                ctx.bias.add_(per_area, alpha=-lr)              # empty areas: + 0, bit-identical
-            else:
-                grad_b = per_area
+            grad_b = step_or_gradient(ctx.bias, per_area)      # stepped: empty areas + 0, bit-identical
+            if grad_b is not None:
                 mark_touched(ctx.bias, groups)
         return grad_rows, None, grad_w, grad_b, grad_s
 

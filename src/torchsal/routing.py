@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchsal.config import RoutingConfig
-from torchsal.dispatch import lr_in_backward
+from torchsal.dispatch import step_or_gradient
 from torchsal.distributed import all_gather_rows
 from torchsal.profiling import named_range
 
@@ -93,19 +93,8 @@ class _LearnedRouting(torch.autograd.Function):
         dz = ds @ prototypes.to(ds.dtype)
         du = dz.sub_(z * (z * dz).sum(dim=1, keepdim=True)).div_(norm.to(ds.dtype))
         weight, bias = ctx.params
-        return (None, _step_or_gradient(weight, du.T @ x.to(du.dtype)) if ctx.needs_input_grad[1] else None,
-                _step_or_gradient(bias, du.sum(0)) if ctx.needs_input_grad[2] else None, None, None)
-
-
-def _step_or_gradient(param: Tensor, grad: Tensor) -> Tensor | None:
-    """``param``'s gradient, or None where plain SGD steps it right here (``dispatch.sgd_in_backward``): a
-    parameter updated in its backward skips autograd's accumulation and the optimizer's step."""
-    grad = grad.to(param.dtype)
-    lr = lr_in_backward(param)
-    if lr is None:
-        return grad
-    param.add_(grad, alpha=-lr)
-    return None
+        return (None, step_or_gradient(weight, du.T @ x.to(du.dtype)) if ctx.needs_input_grad[1] else None,
+                step_or_gradient(bias, du.sum(0)) if ctx.needs_input_grad[2] else None, None, None)
 
 
 def make_prototypes(areas: int, dim: int, generator: torch.Generator) -> Tensor:
