@@ -127,11 +127,14 @@ def _naive_grouped_linear(rows, groups, weight, bias=None, shared=None):
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("routing", ["input", "layer"])
 @pytest.mark.parametrize("batch", [40, 160])
-def test_every_rule_through_the_dispatch_equals_the_per_sample_reference(rule_name, shared, routing, batch,
+@pytest.mark.parametrize("call", ["backward", "step"])
+def test_every_rule_through_the_dispatch_equals_the_per_sample_reference(rule_name, shared, routing, batch, call,
                                                                          monkeypatch, layout):
     """A whole step (outputs and every parameter's update) with the grouped dispatch equals the same step with
     each sample's area applied one sample at a time, for every rule, with and without the shared path, for input
-    and per-layer routing; 160 rows over 4 areas take the kernels of many rows per area (shared path folded in)."""
+    and per-layer routing; 160 rows over 4 areas take the kernels of many rows per area (shared path folded in).
+    ``step``: the rule's one-call step (for dfa and sal under input routing, the closed form without autograd)
+    against the autograd step of the reference."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(batch, 8, generator=g), torch.randint(3, (batch,), generator=g)
     results = []
@@ -143,8 +146,11 @@ def test_every_rule_through_the_dispatch_equals_the_per_sample_reference(rule_na
         with torch.no_grad():
             for i, layer in enumerate(model.layers):     # areas differ (with a shared path they start at zero)
                 layer.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(i))
-        out = rule(model, x, y)
-        out.loss.backward()
+        if call == "step" and not reference:
+            out = rule.step(model, x, y)
+        else:
+            out = rule(model, x, y)
+            out.loss.backward()
         results.append((out.logits, out.loss.detach(),
                         {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     (logits, loss, grads), (ref_logits, ref_loss, ref_grads) = results

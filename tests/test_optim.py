@@ -69,10 +69,12 @@ def test_a_stock_optimizer_that_would_move_untouched_areas_is_refused():
 
 @pytest.mark.parametrize("batch", [6, 300])
 @pytest.mark.parametrize("mixed", [False, True])
-def test_plain_sgd_applied_in_backward_equals_the_gradient_then_the_step(batch, mixed, layout):
+@pytest.mark.parametrize("call", ["backward", "step"])
+def test_plain_sgd_applied_in_backward_equals_the_gradient_then_the_step(batch, mixed, call, layout):
     """The trainer's plain-SGD fast path (each area updated inside its own backward, no .grad written) moves
     every parameter as computing the gradient and stepping does, and leaves untouched areas bit-identical; 300
-    rows over 8 areas fold the shared path into the areas' product."""
+    rows over 8 areas fold the shared path into the areas' product. ``step``: the same through the rule's one-call
+    step (the closed form in fp32, autograd under autocast)."""
     from conftest import tiny
 
     from torchsal.dispatch import sgd_in_backward
@@ -86,10 +88,12 @@ def test_plain_sgd_applied_in_backward_equals_the_gradient_then_the_step(batch, 
         for _ in range(3):
             used |= set(model.routers[0](x)[0].tolist())
             optimizer.zero_grad()
-            with sgd_in_backward(optimizer) if fast else torch.enable_grad():
-                with torch.autocast("cpu", torch.bfloat16, enabled=mixed):      # --precision bf16-mixed
-                    loss = rule(model, x, y).loss
-                loss.backward()
+            with sgd_in_backward(optimizer) if fast else torch.enable_grad(), \
+                    torch.autocast("cpu", torch.bfloat16, enabled=mixed):      # --precision bf16-mixed
+                if call == "step":
+                    rule.step(model, x, y)
+                else:
+                    rule(model, x, y).loss.backward()
             optimizer.step()
         assert fast == (model.layers[0].weight.grad is None)       # no gradient materialised on the fast path
         assert fast == (model.routers[0].projection.weight.grad is None)    # the router stepped in its backward

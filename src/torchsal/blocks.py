@@ -177,12 +177,12 @@ class BlockNet(nn.Module):
                 or None for batch order) as soon as hidden block l is computed; the hidden outputs are then not
                 kept (lean memory: a block may update and free its graph at once).
         """
-        x = self._shaped(x).to(self.dtype)   # inputs follow the weights (bfloat16 models take float32 data)
+        x = self.prepared(x)
         routing_loss = None
         area, groups, rows, inverse, grouped = None, None, None, None, False
         hidden, areas, block_groups, stacks = [], [], [], {}
         # a local rule's graph: runs of alike blocks may go as one (torchsal.stacks)
-        runs = self._alike_runs() if detach and on_hidden is None and torch.is_grad_enabled() and \
+        runs = self.alike_runs() if detach and on_hidden is None and torch.is_grad_enabled() and \
             not torch.is_autocast_enabled(x.device.type) else {}
         h, i = x, 0
         while True:
@@ -218,7 +218,7 @@ class BlockNet(nn.Module):
                 on_hidden(i, h, groups, rows)
             i += 1
 
-    def _alike_runs(self) -> dict[int, range]:
+    def alike_runs(self) -> dict[int, range]:
         """Runs of alike hidden blocks after the first (which takes the routed input), found once; none when
         ``stack_alike_blocks`` is off."""
         if not self.stack_alike_blocks:
@@ -227,6 +227,11 @@ class BlockNet(nn.Module):
             runs = alike_runs(self.blocks[1:-1])
             self._runs = {start + 1: range(run.start + 1, run.stop + 1) for start, run in runs.items()}
         return self._runs
+
+    def prepared(self, x: Tensor) -> Tensor:
+        """The input as the blocks take it: shaped (``_shaped``) and in the model's type (bfloat16 models take
+        float32 data)."""
+        return self._shaped(x).to(self.dtype)
 
     def _shaped(self, x: Tensor) -> Tensor:
         """The input as (B, *in_shape); images channels last in memory, the layout mkldnn convolves and pools

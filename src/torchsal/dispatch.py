@@ -74,6 +74,15 @@ def lr_in_backward(p: Tensor) -> float | None:
     return None if group is None else group["lr"]
 
 
+def step_product_or_gradient(p: Tensor, a: Tensor, b: Tensor) -> Tensor | None:
+    """``step_or_gradient(p, a @ b)``, the step taken as one in-place product (``p -= lr a @ b``)."""
+    lr = lr_in_backward(p)
+    if lr is None or a.dtype != p.dtype:        # (a float32 gradient of a bfloat16 weight: formed, then cast)
+        return step_or_gradient(p, a @ b.to(a.dtype))
+    p.addmm_(a, b.to(p.dtype), alpha=-lr)
+    return None
+
+
 def step_or_gradient(p: Tensor, grad: Tensor) -> Tensor | None:
     """``grad`` in ``p``'s type for a backward function to return, or None where plain SGD steps ``p`` right here
     (``sgd_in_backward``): a parameter updated in its backward skips autograd's accumulation and the optimizer."""
@@ -382,6 +391,62 @@ def host_counts(groups: Groups) -> list[int]:
                                                                       ).tolist()
 
 
+def _affine_forward(rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor | None,
+                    shared: Tensor | None) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor | None]]:
+    """The output of per-area linear maps over grouped rows (the shared weight folded in), and what their update
+    needs: the rows, the weights computed with, the padded rows (kept so that the update pads only the output
+    gradient)."""
+    padded_rows = _padded(rows, groups) if _pad_pays_here(groups, weight) else None
+    # the weights in the rows' type (mixed precision), with the shared path folded in
+    compute = _compute_weights(weight, shared, rows.dtype)
+    out = _affine(rows, groups, compute, None if bias is None else _cast(bias, rows.dtype), padded_rows)
+    return out, (rows, compute, padded_rows)
+
+
+def _padded_gradient(grad: Tensor, groups: Groups, compute: Tensor, padded_rows: Tensor | None) -> Tensor | None:
+    """The output gradient in the padded layout, where the products that read it use that layout."""
+    gathered = _gather_pays(groups, compute)
+    return _padded(grad, groups) if padded_rows is not None or _few_rows(groups) and not gathered else None
+
+
+def _area_gradients(grad: Tensor, groups: Groups, rows: Tensor, padded_grad: Tensor | None,
+                    padded_rows: Tensor | None, weight: Tensor, bias: Tensor | None, shared: Tensor | None,
+                    wants: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The gradients of an area layer's weight, bias and folded shared weight (those ``wants`` asks for) from its
+    output gradient, the areas each touched marked on it; None for those stepped in place by plain SGD
+    (``sgd_in_backward``). Weight gradients go into a buffer recycled across steps."""
+    grad_w = grad_b = grad_s = None
+    wants_weight, wants_bias, wants_shared = wants[0], wants[1] and bias is not None, wants[2] and shared is not None
+    if wants_weight or wants_shared:
+        lr = lr_in_backward(weight) if wants_weight else None
+        if lr is not None and not wants_shared:        # plain SGD in place: w[k] += (-lr) grad_k.T rows_k
+            _weight_gradient(grad, rows, groups, weight, -lr, padded_grad, padded_rows)
+        else:
+            buffer = take_memory(weight, "gradient", weight.dtype)
+            grad_w = _weight_gradient(grad, rows, groups, buffer, None, padded_grad, padded_rows)
+            if wants_shared:
+                grad_s = grad_w.sum(0)                     # every row is in one area: S gets their sum
+            if lr is not None:                             # in place after all, from the product
+                weight.add_(grad_w, alpha=-lr)             # empty areas: + 0, bit-identical
+                give_memory(weight, "gradient", grad_w)
+                grad_w = None
+            elif wants_weight:
+                mark_touched(weight, groups)
+            else:
+                grad_w = None
+    if wants_bias:
+        lr = lr_in_backward(bias)
+        if padded_grad is None and lr is not None:         # stepped row by row: only the rows' areas change
+            bias.index_add_(0, groups.row_area, grad.to(bias.dtype), alpha=-lr)
+        else:
+            per_area = padded_grad.sum(1, dtype=bias.dtype) if padded_grad is not None else \
+                bias.new_zeros(bias.shape).index_add_(0, groups.row_area, grad.to(bias.dtype))
+            grad_b = step_or_gradient(bias, per_area)      # stepped: empty areas + 0, bit-identical
+            if grad_b is not None:
+                mark_touched(bias, groups)
+    return grad_w, grad_b, grad_s
+
+
 class _GroupedLinear(torch.autograd.Function):
     """Per-area linear maps over grouped rows, optionally with a shared weight folded into every area; backward
     fills a recycled (K, out, in) weight gradient (zeros for areas without rows) and marks the areas it touched on
@@ -395,12 +460,10 @@ class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor | None,  # noqa: ANN001
                 shared: Tensor | None) -> Tensor:
-        padded_rows = _padded(rows, groups) if _pad_pays_here(groups, weight) else None
-        # the weights in the rows' type (mixed precision), with the shared path folded in
-        compute = _compute_weights(weight, shared, rows.dtype)
-        ctx.save_for_backward(rows, compute, padded_rows)
+        out, saved = _affine_forward(rows, groups, weight, bias, shared)
+        ctx.save_for_backward(*saved)
         ctx.groups, ctx.weight, ctx.bias, ctx.shared = groups, weight, bias, shared
-        return _affine(rows, groups, compute, None if bias is None else _cast(bias, rows.dtype), padded_rows)
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
@@ -408,41 +471,17 @@ class _GroupedLinear(torch.autograd.Function):
         if weight is not ctx.weight:
             give_memory(ctx.weight, "compute", weight)       # the computed weights' memory serves the next forward
         groups: Groups = ctx.groups
-        gathered = _gather_pays(groups, weight)
-        padded_grad = _padded(grad, groups) if padded_rows is not None or _few_rows(groups) and not gathered \
-            else None
-        grad_rows = grad_w = grad_b = grad_s = None
+        padded_grad = _padded_gradient(grad, groups, weight, padded_rows)
+        grad_rows = None
         if ctx.needs_input_grad[0]:
-            if gathered:
+            if _gather_pays(groups, weight):
                 grad_rows = torch.bmm(grad.unsqueeze(1), weight.index_select(0, groups.row_area)).squeeze(1)
             elif padded_rows is not None:
                 grad_rows = torch.bmm(padded_grad, weight).view(-1, weight.shape[2]).index_select(0, groups.slot)
             else:
                 grad_rows = _grouped_mm(grad, groups, weight.transpose(1, 2))
-        wants_shared = ctx.shared is not None and ctx.needs_input_grad[4]
-        if ctx.needs_input_grad[2] or wants_shared:
-            lr = lr_in_backward(ctx.weight) if ctx.needs_input_grad[2] else None
-            if lr is not None and not wants_shared:    # plain SGD in place: w[k] += (-lr) grad_k.T rows_k
-                _weight_gradient(grad, rows, groups, ctx.weight, -lr, padded_grad, padded_rows)
-            else:
-                buffer = take_memory(ctx.weight, "gradient", ctx.weight.dtype)
-                grad_w = _weight_gradient(grad, rows, groups, buffer, None, padded_grad, padded_rows)
-                if wants_shared:
-                    grad_s = grad_w.sum(0)                     # every row is in one area: S gets their sum
-                if lr is not None:                             # in place after all, from the product
-                    ctx.weight.add_(grad_w, alpha=-lr)         # empty areas: + 0, bit-identical
-                    give_memory(ctx.weight, "gradient", grad_w)
-                    grad_w = None
-                elif ctx.needs_input_grad[2]:
-                    mark_touched(ctx.weight, groups)
-                else:
-                    grad_w = None
-        if ctx.bias is not None and ctx.needs_input_grad[3]:
-            per_area = padded_grad.sum(1, dtype=ctx.bias.dtype) if padded_grad is not None else \
-                ctx.bias.new_zeros(ctx.bias.shape).index_add_(0, groups.row_area, grad.to(ctx.bias.dtype))
-            grad_b = step_or_gradient(ctx.bias, per_area)      # stepped: empty areas + 0, bit-identical
-            if grad_b is not None:
-                mark_touched(ctx.bias, groups)
+        grad_w, grad_b, grad_s = _area_gradients(grad, groups, rows, padded_grad, padded_rows, ctx.weight, ctx.bias,
+                                                 ctx.shared, ctx.needs_input_grad[2:5])
         return grad_rows, None, grad_w, grad_b, grad_s
 
 
@@ -464,12 +503,78 @@ def grouped_linear(rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor | 
             return grouped_linear(rows, groups, weight, bias) + rows @ _cast(shared, rows.dtype).T
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (rows, weight, bias, shared)):
             return _GroupedLinear.apply(rows, groups, weight, bias, shared)
-        compute = _compute_weights(weight, shared, rows.dtype)
-        out = _affine(rows, groups, compute, None if bias is None else _cast(bias, rows.dtype),
-                      _padded(rows, groups) if _pad_pays_here(groups, weight) else None)
+        out, (_, compute, _) = _affine_forward(rows, groups, weight, bias, shared)
         if compute is not weight:
             give_memory(weight, "compute", compute)
         return out
+
+
+@dataclass
+class LinearState:
+    """What ``learn_linear`` needs from the forward pass of ``local_linear``."""
+
+    rows: Tensor
+    groups: Groups | None
+    compute: Tensor | None          # the weights the areas computed with (None: one area)
+    padded_rows: Tensor | None
+    shared_apart: bool              # the shared weight went as a dense product of its own, not folded in
+
+
+@torch.no_grad()
+def local_linear(rows: Tensor, groups: Groups | None, weight: Tensor, bias: Tensor | None = None,
+                 shared: Tensor | None = None) -> tuple[Tensor, LinearState]:
+    """``grouped_linear`` (``groups`` None: one area, a plain linear map) without autograd, and what
+    ``learn_linear`` needs to update the parameters from the output's gradient: for a step that forms its updates
+    in closed form (torchsal.closed_form). The same kernels and the same choices as ``grouped_linear``."""
+    with named_range("torchsal.dispatch"):
+        if groups is None:
+            out = torch.nn.functional.linear(rows, weight[0], None if bias is None else bias[0])
+            return out if shared is None else out.addmm_(rows, shared.T), LinearState(rows, None, None, None, True)
+        apart = shared is not None and rows.shape[0] < 32 * weight.shape[0]
+        out, (_, compute, padded_rows) = _affine_forward(rows, groups, weight, bias, None if apart else shared)
+        if apart:
+            out.addmm_(rows, shared.T)
+        return out, LinearState(rows, groups, compute, padded_rows, apart)
+
+
+@torch.no_grad()
+def learn_linear(state: LinearState, grad: Tensor, weight: Tensor, bias: Tensor | None = None,
+                 shared: Tensor | None = None) -> None:
+    """The update of ``local_linear``'s parameters from its output's gradient ``grad``, as autograd would leave it:
+    accumulated into ``.grad`` with the touched areas marked, or stepped in place under plain SGD
+    (``sgd_in_backward``). Parameters that do not require a gradient are left alone."""
+    with named_range("torchsal.dispatch"):
+        rows, groups = state.rows, state.groups
+        folded = None if state.shared_apart else shared
+        if groups is None:
+            lr = lr_in_backward(weight) if weight.requires_grad else None
+            if lr is not None:                          # one area stepped in place: no gradient written
+                weight[0].addmm_(grad.T, rows, alpha=-lr)
+            elif weight.requires_grad:
+                accumulate_gradient(weight, (grad.T @ rows).unsqueeze(0))
+            if bias is not None and bias.requires_grad:
+                accumulate_gradient(bias, step_or_gradient(bias, grad.sum(0, keepdim=True)))
+        else:
+            if state.compute is not weight:
+                give_memory(weight, "compute", state.compute)
+            # (no input gradient: the weight's product pads the output gradient itself where it needs it)
+            wants = tuple(p is not None and p.requires_grad for p in (weight, bias, folded))
+            grads = _area_gradients(grad, groups, rows, None, state.padded_rows, weight, bias, folded, wants)
+            for p, g in zip((weight, bias, folded), grads):
+                accumulate_gradient(p, g)
+        if shared is not None and state.shared_apart and shared.requires_grad:
+            accumulate_gradient(shared, step_or_gradient(shared, grad.T @ rows))
+
+
+def accumulate_gradient(p: Tensor | None, grad: Tensor | None) -> None:
+    """Add ``grad`` into ``p.grad`` as autograd's accumulation does (the first gradient is taken as it is); a
+    None gradient (stepped in place) adds nothing."""
+    if p is None or grad is None:
+        return
+    if p.grad is None:
+        p.grad = grad
+    else:
+        p.grad.add_(grad)
 
 
 def _autocast_dtype(t: Tensor) -> torch.dtype | None:

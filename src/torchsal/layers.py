@@ -23,7 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchsal.dispatch import Groups, current_groups, grouped_conv2d, grouped_linear
+from torchsal.dispatch import (
+    Groups,
+    LinearState,
+    current_groups,
+    grouped_conv2d,
+    grouped_linear,
+    learn_linear,
+    local_linear,
+)
 from torchsal.distributed import area_parallel_linear
 from torchsal.feedback import feedback_for, feedback_point
 
@@ -134,6 +142,14 @@ class AreaLinear(AreaLayer):
 
     def send_back(self, grad: Tensor, feedback: Tensor, shape: torch.Size) -> Tensor:  # noqa: ARG002
         return grad @ feedback
+
+    def local_forward(self, rows: Tensor, groups: Groups | None) -> tuple[Tensor, LinearState]:
+        """The output without autograd, and what ``learn`` needs (a closed-form step: torchsal.rules.closed_form)."""
+        return local_linear(rows, None if self.areas == 1 else groups, self.weight, self.bias, self.shared)
+
+    def learn(self, state: LinearState, grad: Tensor) -> None:
+        """This layer's update from the gradient of ``local_forward``'s output (``dispatch.learn_linear``)."""
+        learn_linear(state, grad, self.weight, self.bias, self.shared)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, areas={self.areas}, "

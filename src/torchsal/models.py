@@ -47,6 +47,27 @@ class MLPBlock(nn.Module):
             return a
         return h + torch.relu(a) if self.residual else torch.relu(a)
 
+    def closed_form(self) -> bool:
+        """True when ``learn`` forms this block's whole update: an area linear map of the input (no norm, whose
+        parameters would need their own gradients), held whole by this process."""
+        return isinstance(self.norm, nn.Identity) and isinstance(self.linear, AreaLinear) and not self.linear.sharded
+
+    def local_forward(self, h: Tensor, groups: Groups | None) -> tuple[Tensor, tuple]:
+        """The output without autograd, and what ``learn`` needs (torchsal.rules.closed_form)."""
+        a, state = self.linear.local_forward(h, groups)
+        if not self.activation:
+            return a, (state, None)
+        branch = a.relu_()
+        return h + branch if self.residual else branch, (state, branch)
+
+    def learn(self, state: tuple, grad: Tensor) -> None:
+        """The update from the gradient of ``local_forward``'s output: through the ReLU into the linear map (the
+        residual's identity carries no parameters)."""
+        linear_state, branch = state
+        if branch is not None:
+            grad = torch.ops.aten.threshold_backward(grad, branch, 0)
+        self.linear.learn(linear_state, grad)
+
     def stack_key(self) -> tuple | None:
         """Equal for blocks ``run_stack`` may run as one (torchsal.stacks); None for those it does not run."""
         norm, linear = self.norm, self.linear

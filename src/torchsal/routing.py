@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchsal.config import RoutingConfig
-from torchsal.dispatch import step_or_gradient
+from torchsal.dispatch import accumulate_gradient, step_or_gradient, step_product_or_gradient
 from torchsal.distributed import all_gather_rows
 from torchsal.profiling import named_range
 
@@ -58,6 +58,33 @@ def balanced_target(scores: Tensor) -> Tensor:
     return sinkhorn(everyone)[offset: offset + scores.shape[0]]
 
 
+def _learned_routing(x: Tensor, weight: Tensor, bias: Tensor, prototypes: Tensor,
+                     temperature: float) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    """A learned router's forward pass without autograd: ``(area, routing loss, what its gradient needs)``."""
+    u = F.linear(x, weight, bias)
+    norm = torch.linalg.vector_norm(u, dim=1, keepdim=True).clamp_min_(1e-12)
+    z = u / norm
+    scores = z @ prototypes.T
+    target = balanced_target(scores)
+    wide = torch.promote_types(scores.dtype, torch.float32)     # bfloat16 models: the loss in float32
+    log_p = F.log_softmax(scores.to(wide) / temperature, dim=1)
+    loss = torch.vdot(target.to(wide).flatten(), log_p.flatten()) / -scores.shape[0]
+    return scores.argmax(dim=1), loss, (x, z, norm, prototypes, log_p, target)
+
+
+def _step_or_gradients(saved: tuple[Tensor, ...], grad: Tensor | float, temperature: float, weight: Tensor,
+                       bias: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """The gradients of the projection's weight and bias (those that require one) from the routing loss's
+    gradient ``grad``, or None for those plain SGD steps here (``dispatch.step_or_gradient``)."""
+    x, z, norm, prototypes, log_p, target = saved
+    ds = log_p.exp().sub_(target.to(log_p.dtype)).mul_(grad / (log_p.shape[0] * temperature))
+    z = z.to(ds.dtype)
+    dz = ds @ prototypes.to(ds.dtype)
+    du = dz.sub_(z * (z * dz).sum(dim=1, keepdim=True)).div_(norm.to(ds.dtype))
+    return (step_product_or_gradient(weight, du.T, x) if weight.requires_grad else None,
+            step_or_gradient(bias, du.sum(0)) if bias.requires_grad else None)
+
+
 class _LearnedRouting(torch.autograd.Function):
     """A learned router's step in one node, ``(area, routing_loss(normalize(x P^T + c) C^T, T))``, its backward
     written out. Autograd of the plain expression ran about 60 small kernels (0.30 ms at batch 16 and 784
@@ -71,30 +98,15 @@ class _LearnedRouting(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, prototypes: Tensor,  # noqa: ANN001
                 temperature: float) -> tuple[Tensor, Tensor]:
-        u = F.linear(x, weight, bias)
-        norm = torch.linalg.vector_norm(u, dim=1, keepdim=True).clamp_min_(1e-12)
-        z = u / norm
-        scores = z @ prototypes.T
-        target = balanced_target(scores)
-        wide = torch.promote_types(scores.dtype, torch.float32)     # bfloat16 models: the loss in float32
-        log_p = F.log_softmax(scores.to(wide) / temperature, dim=1)
-        loss = torch.vdot(target.to(wide).flatten(), log_p.flatten()) / -scores.shape[0]
-        ctx.save_for_backward(x, z, norm, prototypes, log_p, target)
+        area, loss, saved = _learned_routing(x, weight, bias, prototypes, temperature)
+        ctx.save_for_backward(*saved)
         ctx.temperature, ctx.params = temperature, (weight, bias)
-        area = scores.argmax(dim=1)
         ctx.mark_non_differentiable(area)
         return area, loss
 
     @staticmethod
     def backward(ctx, _: Tensor | None, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
-        x, z, norm, prototypes, log_p, target = ctx.saved_tensors
-        ds = log_p.exp().sub_(target.to(log_p.dtype)).mul_(grad / (log_p.shape[0] * ctx.temperature))
-        z = z.to(ds.dtype)
-        dz = ds @ prototypes.to(ds.dtype)
-        du = dz.sub_(z * (z * dz).sum(dim=1, keepdim=True)).div_(norm.to(ds.dtype))
-        weight, bias = ctx.params
-        return (None, step_or_gradient(weight, du.T @ x.to(du.dtype)) if ctx.needs_input_grad[1] else None,
-                step_or_gradient(bias, du.sum(0)) if ctx.needs_input_grad[2] else None, None, None)
+        return None, *_step_or_gradients(ctx.saved_tensors, grad, ctx.temperature, *ctx.params), None, None
 
 
 def make_prototypes(areas: int, dim: int, generator: torch.Generator) -> Tensor:
@@ -144,6 +156,25 @@ class Router(nn.Module):
                                          self.prototypes, self.config.routing_temperature)
         area, scores = route(F.normalize(self.projection(x.detach()), dim=1), self.prototypes)
         return area, scores.new_zeros(())
+
+    def local_step(self, x: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...] | None]:
+        """``forward`` without autograd: ``(area, loss, state)``, ``state`` being what ``learn`` needs (None when
+        there is nothing to learn). For a step that forms its updates in closed form (torchsal.closed_form)."""
+        with named_range("torchsal.route"), torch.no_grad():
+            if self.config.router == "learned" and self.training and self.projection.weight.requires_grad:
+                return _learned_routing(x, self.projection.weight, self.projection.bias, self.prototypes,
+                                        self.config.routing_temperature)
+            return *self._route(x), None
+
+    @torch.no_grad()
+    def learn(self, state: tuple[Tensor, ...], grad: Tensor | float) -> None:
+        """The projection's update from the routing loss's gradient ``grad``, as the autograd step leaves it:
+        accumulated into ``.grad``, or stepped in place under plain SGD (``dispatch.sgd_in_backward``)."""
+        with named_range("torchsal.route"):
+            weight, bias = self.projection.weight, self.projection.bias
+            grads = _step_or_gradients(state, grad, self.config.routing_temperature, weight, bias)
+            for p, g in zip((weight, bias), grads):
+                accumulate_gradient(p, g)
 
     def extra_repr(self) -> str:
         return f"areas={self.areas}, routing_dim={self.config.routing_dim}, router={self.config.router}"

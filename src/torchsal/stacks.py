@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from torchsal.dispatch import Groups, mark_touched
+from torchsal.dispatch import Groups, accumulate_gradient, mark_touched
 
 
 def alike_runs(blocks: Sequence[nn.Module]) -> dict[int, range]:
@@ -82,7 +82,4 @@ def hand_out(params: Sequence[nn.Parameter], grad: Tensor, groups: Groups | None
             continue
         if groups is not None:
             mark_touched(p, groups)
-        if p.grad is None:
-            p.grad = slice_
-        else:
-            p.grad.add_(slice_)
+        accumulate_gradient(p, slice_)

@@ -361,11 +361,10 @@ class Trainer:
         # the module tree took 2-3% of a 128-layer step.
         release_gradients(p for group in self.optimizer.param_groups for p in group["params"])
         term = None if self.method is None else self.method.output_term(x)
-        with self._updates_in_backward(), output_terms(*([term] if term else [])):
-            with self._autocast():
-                out = self.rule(self.model, x, y)      # (a lean rule already fills hidden layers' .grad here)
-            self._check_loss(out.loss, x)
-            out.loss.backward()
+        with self._updates_in_backward(), output_terms(*([term] if term else [])), self._autocast():
+            # the rule's forward pass and update at once (in closed form where it can); a non-finite loss stops
+            # the run before the update
+            out = self.rule.step(self.model, x, y, before_update=lambda out: self._check_loss(out.loss, x))
         distributed.sync_gradients(self.model, len(local), len(batch))
         if self.method is not None:                    # EWC, SI: a per-parameter term added to the update
             self.method.penalize(self.model)

@@ -18,19 +18,30 @@ and no gradient crosses a layer boundary. The output layer minimises its own cro
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from torchsal.blocks import BlockNet
+from torchsal.blocks import BlockNet, Trace
 from torchsal.config import RuleConfig
 from torchsal.dispatch import Groups, area_linear, grouped_linear
 from torchsal.errors import ConfigError
 from torchsal.feedback import random_matrix
 from torchsal.profiling import named_range
-from torchsal.rules.base import LearningRule, StepOutput, output_step, register_rule, rms, stacked_rms, surrogate
+from torchsal.rules import closed_form
+from torchsal.rules.base import (
+    LearningRule,
+    StepOutput,
+    one_hot,
+    output_step,
+    register_rule,
+    rms,
+    softmax_error,
+    stacked_rms,
+    surrogate,
+)
 
 SIGNALS = {"direct": ("direct",), "local": ("local",), "both": ("direct", "local")}
 
@@ -53,23 +64,6 @@ def read_out_adjoint(h: Tensor, grad: Tensor, pool: int = 2) -> Tensor:
         return grad
     pooled = grad.view(h.shape[0], *readout_shape(h.shape[1:], pool))
     return torch.ops.aten._adaptive_avg_pool2d_backward(pooled.to(h.dtype), h)
-
-
-def softmax_error(logits: Tensor, onehot: Tensor) -> Tensor:
-    """``softmax(logits) - onehot`` over the last dimension, without autograd. Written out in elementwise kernels,
-    because torch 2.13's CPU softmax along a dimension shorter than 16 runs a slow path: 16,384 x 10 (the local
-    signals of a 128-layer step at batch 128) took 1.1-2.1 ms against 0.27-0.39 ms this way, and 16,384 x 16 took
-    0.13-0.23 ms (1 and 2 threads, an AMD EPYC); it breaks even at about 32 rows. As ``torch.softmax``, it
-    computes in float32 and returns the labels' type."""
-    x = logits.float()
-    e = (x - x.amax(-1, keepdim=True)).exp_()
-    return e.div_(e.sum(-1, keepdim=True)).to(onehot.dtype).sub_(onehot)
-
-
-def one_hot(y: Tensor, classes: int, dtype: torch.dtype) -> Tensor:
-    """``F.one_hot(y, classes).to(dtype)`` in two kernels instead of seven (F.one_hot checks the labels' range with
-    two reductions read on the host, then converts); out-of-range labels still raise, in ``scatter_``."""
-    return torch.zeros(y.shape[0], classes, dtype=dtype, device=y.device).scatter_(1, y.unsqueeze(1), 1)
 
 
 class LocalSignalRule(LearningRule):
@@ -162,6 +156,13 @@ class LocalSignalRule(LearningRule):
         stack = torch.stack([m.T if transpose else m for m in matrices])
         return grouped_linear(t, groups, stack) if grouped else area_linear(t, groups, stack)
 
+    def step(self, model: BlockNet, x: Tensor, y: Tensor,
+             before_update: Callable[[StepOutput], None] | None = None) -> StepOutput:
+        """``LearningRule.step``, in closed form where the model allows (torchsal.rules.closed_form)."""
+        if closed_form.applies(self, model, x):
+            return closed_form.step(self, model, x, y, before_update)
+        return super().step(model, x, y, before_update)
+
     def forward(self, model: BlockNet, x: Tensor, y: Tensor) -> StepOutput:
         batch = x.shape[0]
         labels = one_hot(y, model.num_classes, model.dtype)
@@ -182,9 +183,17 @@ class LocalSignalRule(LearningRule):
         trace = model.trace(x, detach=True)
         onehot = trace.in_trace_order(labels)
         error = softmax_error(trace.logits.detach(), onehot) if "direct" in self.signals() else None
-        grouped, hidden = trace.rows is not None, trace.hidden
+        graph, signals, signal_rms = self.hidden_signals(trace, error, onehot)
+        return output_step(trace, y, surrogate(graph, signals, batch), signal_rms=signal_rms)
+
+    def hidden_signals(self, trace: Trace, error: Tensor | None, onehot: Tensor
+                       ) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
+        """``(outputs, signals, signal RMS)`` of the hidden blocks of ``trace``, side by side for the surrogate:
+        a layer stack's outputs whole with its signals (L, B, ...), other blocks one by one (their signals computed
+        at once where they share a shape and a matrix); ``error`` is the head's (softmax - onehot), needed by the
+        direct signal."""
+        hidden = trace.hidden
         if self.per_layer == 1 and len({h.shape for h in hidden}) == 1:
-            # a segment at once; ``graph`` and ``signal`` side by side for the surrogate, each segment's signal RMS
             graph, signal, signal_rms = [], [], []
             for layers, stacked in trace.segments():
                 if stacked is not None:          # a stack's outputs as they are: one signal, one dot product
@@ -198,11 +207,10 @@ class LocalSignalRule(LearningRule):
                     graph.extend(hidden[i] for i in layers)
                     signal.extend(g.unbind(0))
                 signal_rms.append(stacked_rms(g))
-            signal_rms = torch.cat(signal_rms) if len(signal_rms) > 1 else signal_rms[0]
-            return output_step(trace, y, surrogate(graph, signal, batch), signal_rms=signal_rms)
-        signals = [self.signal(i, h.detach(), error, onehot, groups, grouped)
+            return graph, signal, torch.cat(signal_rms) if len(signal_rms) > 1 else signal_rms[0]
+        signals = [self.signal(i, h.detach(), error, onehot, groups, trace.rows is not None)
                    for i, (h, groups) in enumerate(zip(hidden, trace.groups))]
-        return output_step(trace, y, surrogate(hidden, signals, batch), signal_rms=rms(signals))
+        return list(hidden), signals, rms(signals)
 
 
 @register_rule("dfa")

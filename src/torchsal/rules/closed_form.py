@@ -1,0 +1,86 @@
+"""A local rule's step in closed form: no autograd graph, for models whose every block forms its own update.
+
+Under a local rule (dfa, sal) no gradient crosses a block: each block's update is a closed-form function of its
+input, its output and its signal, and the router's a closed-form function of its own objective. Where every block
+provides that (``closed_form()``, ``local_forward``, ``learn``: torchsal.models.MLPBlock) and the batch is routed
+once (input routing, or one area), the step runs one pass forward without recording a graph, computes the signals,
+and applies every update at once (``LearningRule.step``): into ``.grad`` with the touched areas marked, for
+any optimizer, or in place under plain SGD (``dispatch.sgd_in_backward``), as ``rule(model, x, y).loss.backward()``
+leaves it. At small batches autograd's graph, built and run again every step, cost as much as the kernels it
+drives: docs/performance.md measures both.
+
+Models it does not cover take the autograd step: norms and convolutions (their parameters need gradients through
+the block), a user's own modules, layer routing, runs of alike blocks (``torchsal.stacks`` batches those), lean
+memory, mixed precision and extra output terms (continual learning's distillation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from torchsal.blocks import BlockNet, Trace
+from torchsal.dispatch import group_by_area
+from torchsal.rules.base import (
+    LearningRule,
+    StepOutput,
+    hidden_rms,
+    one_hot,
+    output_terms_active,
+    softmax_error,
+    surrogate_value,
+)
+
+if TYPE_CHECKING:
+    from torchsal.rules.local import LocalSignalRule
+
+
+def applies(rule: LearningRule, model: BlockNet, x: Tensor) -> bool:
+    """True when ``rule`` may train ``model`` on ``x`` in closed form."""
+    return (rule.config.memory != "lean" and torch.is_grad_enabled()
+            and (model.areas == 1 or model.routing.routing == "input")
+            and all(callable(getattr(b, "closed_form", None)) and b.closed_form() for b in model.blocks)
+            and not model.alike_runs() and not torch.is_autocast_enabled(x.device.type) and not output_terms_active())
+
+
+def step(rule: LocalSignalRule, model: BlockNet, x: Tensor, y: Tensor,
+         before_update: Callable[[StepOutput], None] | None = None) -> StepOutput:
+    """The rule's whole step on ``(x, y)`` (``LearningRule.step``): its hidden blocks learn from the rule's signals,
+    the head from its cross-entropy, the router from its own objective."""
+    x = model.prepared(x)
+    batch = x.shape[0]
+    area = groups = rows = inverse = router_state = None
+    routing_loss = x.new_zeros((), dtype=torch.float32)
+    h = x
+    if model.routers:
+        router = model.routers[0]
+        area, routing_loss, router_state = router.local_step(x.flatten(1))
+        groups = group_by_area(area, model.areas)
+        rows, inverse = groups.order, groups.inverse
+        h = x[rows]
+    outputs, states = [], []
+    with torch.no_grad():
+        for block in model.blocks:
+            h, state = block.local_forward(h, groups)
+            outputs.append(h)
+            states.append(state)
+        count = len(outputs)
+        trace = Trace(outputs[-1], outputs[:-1], [area] * count, [groups] * count, routing_loss, rows, inverse)
+        labels = trace.in_trace_order(y)
+        onehot = one_hot(labels, model.num_classes, model.dtype)
+        error = softmax_error(trace.logits, onehot)           # the head's output gradient, times B
+        hidden, signals, signal_rms = rule.hidden_signals(trace, error, onehot)
+        task = F.cross_entropy(trace.logits, labels)
+        loss = task + surrogate_value(hidden, signals, batch) + routing_loss
+    out = StepOutput(loss, trace.in_batch_order(trace.logits), task, hidden_rms(trace), signal_rms)
+    if before_update is not None:
+        before_update(out)
+    for block, state, g in zip(model.blocks, states, [*signals, error]):
+        block.learn(state, g.div(batch))
+    if router_state is not None:
+        model.routers[0].learn(router_state, 1.0)
+    return out

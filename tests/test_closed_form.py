@@ -1,0 +1,138 @@
+"""The local rules' closed-form step (torchsal.rules.closed_form): the autograd step's update without a graph."""
+
+import functools
+
+import pytest
+import torch
+
+from torchsal.config import ModelConfig, RoutingConfig, RuleConfig
+from torchsal.dispatch import sgd_in_backward
+from torchsal.models import build_model
+from torchsal.rules import build_rule, closed_form
+from torchsal.rules.base import LearningRule
+
+
+def model_and_rule(rule="sal", signal="local", areas=4, shared=False, depth=2, block="plain", norm="none",
+                   routing="input", memory="standard"):
+    cfg = ModelConfig(depth=depth, width=8, shared=shared, block=block, norm=norm,
+                      routing_config=RoutingConfig(areas=areas, routing_dim=4, routing=routing))
+    model = build_model(6, 3, cfg, seed=0)
+    with torch.no_grad():                          # areas that differ (with a shared path they start at zero)
+        for i, block_ in enumerate(model.blocks):
+            block_.linear.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(i))
+    return model, build_rule(model, RuleConfig(rule=rule, signal=signal, memory=memory), seed=0)
+
+
+def data(batch=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 6, generator=g), torch.randint(3, (batch,), generator=g)
+
+
+def saved_tensors(fn):
+    """How many tensors autograd saves for a backward while ``fn`` runs (0: no graph is recorded)."""
+    count = 0
+
+    def pack(t):
+        nonlocal count
+        count += 1
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return count
+
+
+@pytest.mark.parametrize("rule_name,signal", [("sal", "local"), ("sal", "direct"), ("sal", "both"), ("dfa", "direct")])
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("areas", [1, 4])
+@pytest.mark.parametrize("block", ["plain", "residual"])
+@pytest.mark.parametrize("optimizer", ["sgd-in-place", "adamw"])
+def test_the_closed_form_step_follows_the_autograd_step(rule_name, signal, shared, areas, block, optimizer, layout):
+    """Three steps in closed form and three through autograd (the base class's step) from the same start: the same
+    parameters, losses, logits and diagnostics, under an optimizer that reads .grad and under plain SGD taken in
+    place."""
+    runs = []
+    for closed in (True, False):
+        model, rule = model_and_rule(rule_name, signal, areas, shared, block=block)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=0.3) if optimizer == "sgd-in-place" else \
+            torch.optim.AdamW(params, lr=0.01, weight_decay=0.1)
+        outs = []
+        for i in range(3):
+            x, y = data(seed=i)
+            assert closed_form.applies(rule, model, x)
+            opt.zero_grad()
+            with sgd_in_backward(opt):
+                outs.append(rule.step(model, x, y) if closed else LearningRule.step(rule, model, x, y))
+            opt.step()
+        runs.append((model.state_dict(), outs))
+    (state, outs), (ref_state, ref_outs) = runs
+    for name in ref_state:
+        torch.testing.assert_close(state[name], ref_state[name], rtol=1e-5, atol=1e-6, msg=name)
+    for out, ref in zip(outs, ref_outs):
+        assert not out.loss.requires_grad and not ref.loss.requires_grad
+        for field in ("loss", "logits", "task_loss", "activation_rms", "signal_rms"):
+            torch.testing.assert_close(getattr(out, field), getattr(ref, field), msg=field)
+
+
+def test_the_closed_form_records_no_graph_and_the_autograd_step_does():
+    model, rule = model_and_rule(shared=True)
+    x, y = data()
+    assert saved_tensors(lambda: rule.step(model, x, y)) == 0
+    assert saved_tensors(lambda: LearningRule.step(rule, model, x, y)) > 0
+
+
+@pytest.mark.parametrize("why,settings", [
+    ("layer routing groups every block apart", {"routing": "layer"}),
+    ("a norm's parameters learn through the block", {"block": "residual", "norm": "layer"}),
+    ("runs of alike blocks go as layer stacks", {"depth": 4}),
+    ("lean memory updates layer by layer", {"memory": "lean"}),
+])
+def test_models_without_a_closed_form_take_the_autograd_step(why, settings):
+    model, rule = model_and_rule(**settings)
+    x, y = data()
+    assert not closed_form.applies(rule, model, x), why
+    assert saved_tensors(lambda: rule.step(model, x, y)) > 0
+
+
+def test_no_closed_form_under_autocast_or_for_bp():
+    model, rule = model_and_rule()
+    x, y = data()
+    with torch.autocast("cpu", torch.bfloat16):
+        assert not closed_form.applies(rule, model, x)
+    bp_model, bp = model_and_rule("bp")
+    assert saved_tensors(lambda: bp.step(bp_model, x, y)) > 0
+
+
+def test_before_update_sees_the_output_first_and_can_stop_the_update():
+    """The trainer's check of the loss runs between the forward pass and the update: raising there leaves every
+    parameter as it was, with no gradient."""
+    model, rule = model_and_rule()
+    x, y = data()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def stop(out):
+        assert torch.isfinite(out.loss) and out.logits.shape == (len(y), 3)
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        rule.step(model, x, y, before_update=stop)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_gradients_accumulate_across_closed_form_steps_as_across_backward_calls():
+    """Without releasing the gradients, two closed-form steps leave the sum of their updates, as two backward
+    calls do (areas touched by either marked)."""
+    grads = []
+    for closed in (True, False):
+        model, rule = model_and_rule(shared=True)
+        step = rule.step if closed else functools.partial(LearningRule.step, rule)
+        for seed in (0, 1):
+            x, y = data(batch=6, seed=seed)
+            step(model, x, y)
+        grads.append({n: (p.grad.clone(), getattr(p, "touched_areas", None)) for n, p in model.named_parameters()})
+    for name, (grad, touched) in grads[1].items():
+        torch.testing.assert_close(grads[0][name][0], grad, msg=name)
+        assert (touched is None) == (grads[0][name][1] is None) and (touched is None or torch.equal(
+            touched, grads[0][name][1])), name
