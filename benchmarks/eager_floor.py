@@ -287,17 +287,18 @@ class _Timed:
 
 def phases(regime: str, steps: int = 400) -> dict[str, dict[str, float]]:
     """Microseconds per step of the trainer's BP and SAL steps by phase (medians over ``steps`` steps): the rule's
-    forward, autograd's backward, the optimizer, the scheduler, and the rest (batch gather, gradient release, loss
-    check, running metrics), each timed by wrapping the trainer's own calls."""
+    step without its backward (forward pass and, in closed form, the update), autograd's backward, the optimizer,
+    the scheduler, and the rest (batch gather, gradient release, loss check, running metrics), each timed by
+    wrapping the trainer's own calls."""
     out = {}
     for variant in ("bp", "sal"):
         trainer = make_trainer(REGIMES[regime], variant, "fp32", "cpu")
         stepper = Stepper(trainer, REGIMES[regime].batch)
         stepper(50)
-        parts = {"forward": _Timed(trainer.rule), "optimizer": _Timed(trainer.optimizer.step),
+        parts = {"rule": _Timed(trainer.rule.step), "optimizer": _Timed(trainer.optimizer.step),
                  "scheduler": _Timed(trainer.scheduler.step), "backward": _Timed(torch.autograd.backward)}
-        trainer.rule, trainer.optimizer.step, trainer.scheduler.step = \
-            parts["forward"], parts["optimizer"], parts["scheduler"]
+        trainer.rule.step, trainer.optimizer.step, trainer.scheduler.step = \
+            parts["rule"], parts["optimizer"], parts["scheduler"]
         whole = _Timed(stepper)
         original, torch.autograd.backward = torch.autograd.backward, parts["backward"]
         try:
@@ -305,7 +306,8 @@ def phases(regime: str, steps: int = 400) -> dict[str, dict[str, float]]:
                 whole()
         finally:
             torch.autograd.backward = original
-        per = {name: 1e6 * statistics.median(t.seconds) for name, t in parts.items()}
+        per = {name: 1e6 * statistics.median(t.seconds) if t.seconds else 0.0 for name, t in parts.items()}
+        per["rule"] -= per["backward"]              # (the backward runs inside the rule's step)
         per["rest"] = 1e6 * statistics.median(whole.seconds) - sum(per.values())
         out[variant] = per
     return out

@@ -180,12 +180,14 @@ def test_per_area_feedback_uses_each_samples_own_matrix(batch, signal):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_softmax_error_equals_torch_softmax_minus_labels(dtype):
-    """The written-out softmax of the signals (faster on CPU for few classes) is torch's, also for logits far
-    from zero (stability) and in bfloat16 (computed in float32, returned in the labels' type)."""
+@pytest.mark.parametrize("layers", [1, 8])
+def test_softmax_error_equals_torch_softmax_minus_labels(dtype, layers):
+    """The written-out softmax of the signals (faster on CPU for few classes and many rows; 8 x 32 rows take it)
+    is torch's, also for logits far from zero (stability) and in bfloat16 (computed in float32, returned in the
+    labels' type)."""
     from torchsal.rules.local import softmax_error
 
-    logits = (torch.randn(4, 32, 10, generator=torch.Generator().manual_seed(0)) * 30 + 500).to(dtype)
+    logits = (torch.randn(layers, 32, 10, generator=torch.Generator().manual_seed(0)) * 30 + 500).to(dtype)
     onehot = F.one_hot(torch.arange(32) % 10, 10).to(dtype)
     want = torch.softmax(logits.float(), -1).to(dtype) - onehot
     got = softmax_error(logits, onehot)
