@@ -46,7 +46,7 @@ _UPDATE_IN_BACKWARD: contextvars.ContextVar[dict[int, dict] | None] = contextvar
 @contextlib.contextmanager
 def sgd_in_backward(optimizer: torch.optim.Optimizer) -> Iterator[None]:
     """Inside this block, each area parameter of a plain-SGD ``optimizer`` (no momentum, no weight decay) is
-    updated during its own backward, ``w[k] -= lr * grad_k`` as one in-place matmul per layer, and gets no
+    updated during its own backward (or a closed-form step's update: ``learn_linear``), ``w[k] -= lr * grad_k`` as one in-place matmul per layer, and gets no
     ``.grad``: the per-area gradient is never written and read back (wide regime of benchmarks/speed.py: SAL step
     67 -> 57 ms against BP's 50). A learned router's projection is stepped in its backward too (``step_or_gradient``):
     under plain SGD the optimizer then has nothing left of a routed MLP without the shared path. Exact for plain
@@ -563,7 +563,7 @@ def learn_linear(state: LinearState, grad: Tensor, weight: Tensor, bias: Tensor 
             for p, g in zip((weight, bias, folded), grads):
                 accumulate_gradient(p, g)
         if shared is not None and state.shared_apart and shared.requires_grad:
-            accumulate_gradient(shared, step_or_gradient(shared, grad.T @ rows))
+            accumulate_gradient(shared, step_product_or_gradient(shared, grad.T, rows))
 
 
 def accumulate_gradient(p: Tensor | None, grad: Tensor | None) -> None:
