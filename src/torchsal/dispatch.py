@@ -46,10 +46,11 @@ _UPDATE_IN_BACKWARD: contextvars.ContextVar[dict[int, dict] | None] = contextvar
 @contextlib.contextmanager
 def sgd_in_backward(optimizer: torch.optim.Optimizer) -> Iterator[None]:
     """Inside this block, each area parameter of a plain-SGD ``optimizer`` (no momentum, no weight decay) is
-    updated during its own backward (or a closed-form step's update: ``learn_linear``), ``w[k] -= lr * grad_k`` as one in-place matmul per layer, and gets no
-    ``.grad``: the per-area gradient is never written and read back (wide regime of benchmarks/speed.py: SAL step
-    67 -> 57 ms against BP's 50). A learned router's projection is stepped in its backward too (``step_or_gradient``):
-    under plain SGD the optimizer then has nothing left of a routed MLP without the shared path. Exact for plain
+    updated during its own backward (or a closed-form step's update, ``learn_linear``), ``w[k] -= lr * grad_k``
+    as one in-place matmul per layer, and gets no ``.grad``: the per-area gradient is never written and read back
+    (wide regime of benchmarks/speed.py: SAL step 67 -> 57 ms against BP's 50). A learned router's projection is
+    stepped there too (``step_or_gradient``), and so is a shared weight computed apart: under plain SGD the
+    optimizer then has nothing left of a routed MLP. Exact for plain
     SGD only, and only where nothing else needs the gradient: not under gradient clipping, hooks, or a
     data-parallel all-reduce (which must see the gradient before anyone steps). Other optimizers make this a no-op.
     """
