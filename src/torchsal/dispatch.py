@@ -273,8 +273,12 @@ def _pad_pays(groups: Groups) -> bool:
     """One batched matmul over the padded layout beats per-area kernels on CPU where areas hold few rows (below 32
     on average), unless padding more than doubles the rows (measured: 128 rows over 16 areas of 64x64, 2.5x faster
     forward; 16 rows of 784x256, 1.4x slower). From 32 rows per area the per-area products are efficient on their
-    own and padding only adds rows (1024 rows over 16 areas of 1024 x 784, padded to 90 each: 18.3 against 12.1 ms)."""
-    return _few_rows(groups) and groups.areas * groups.capacity <= 2 * groups.order.numel()
+    own and padding only adds rows (1024 rows over 16 areas of 1024 x 784, padded to 90 each: 18.3 against 12.1 ms).
+    Nor where a quarter of the areas or more hold no row: the padded product reads every area, the per-area ones
+    only those used, and weights read from memory cost more than the per-row overhead (16 rows over 16 areas of
+    784 x 256, about 10 used: paper SAL step 0.95-0.99 of before, A/B in three runs; tuned's 64 rows unchanged)."""
+    return _few_rows(groups) and groups.areas * groups.capacity <= 2 * groups.order.numel() and \
+        4 * groups.counts.count(0) < groups.areas
 
 
 def _gather_pays(groups: Groups, weight: Tensor) -> bool:
