@@ -13,14 +13,15 @@ from torchsal.rules.base import LearningRule
 
 
 def model_and_rule(rule="sal", signal="local", areas=4, shared=False, depth=2, block="plain", norm="none",
-                   routing="input", memory="standard"):
+                   routing="input", memory="standard", feedback="per-layer", readout="per-layer"):
     cfg = ModelConfig(depth=depth, width=8, shared=shared, block=block, norm=norm,
                       routing_config=RoutingConfig(areas=areas, routing_dim=4, routing=routing))
     model = build_model(6, 3, cfg, seed=0)
     with torch.no_grad():                          # areas that differ (with a shared path they start at zero)
         for i, block_ in enumerate(model.blocks):
             block_.linear.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(i))
-    return model, build_rule(model, RuleConfig(rule=rule, signal=signal, memory=memory), seed=0)
+    return model, build_rule(model, RuleConfig(rule=rule, signal=signal, memory=memory, feedback=feedback,
+                                               readout=readout), seed=0)
 
 
 def data(batch=24, seed=0):
@@ -73,6 +74,31 @@ def test_the_closed_form_step_follows_the_autograd_step(rule_name, signal, share
         assert not out.loss.requires_grad and not ref.loss.requires_grad
         for field in ("loss", "logits", "task_loss", "activation_rms", "signal_rms"):
             torch.testing.assert_close(getattr(out, field), getattr(ref, field), msg=field)
+
+
+@pytest.mark.parametrize("feedback,readout", [("per-area", "per-layer"), ("per-layer", "single")])
+def test_per_area_feedback_and_a_single_readout_in_closed_form(feedback, readout):
+    """Each row's own area's feedback matrix, and one readout for every layer, as the autograd step has them."""
+    runs = []
+    for closed in (True, False):
+        model, rule = model_and_rule(signal="both", shared=True, feedback=feedback, readout=readout)
+        for i in range(2):
+            x, y = data(seed=i)
+            (rule.step if closed else functools.partial(LearningRule.step, rule))(model, x, y)
+        runs.append({n: p.grad for n, p in model.named_parameters()})
+    for name, grad in runs[1].items():
+        torch.testing.assert_close(runs[0][name], grad, msg=name)
+
+
+def test_a_frozen_learned_router_reports_its_loss_and_does_not_learn():
+    model, rule = model_and_rule()
+    model.routers[0].projection.requires_grad_(False)
+    x, y = data()
+    ref = LearningRule.step(rule, model, x, y)
+    model.zero_grad()
+    out = rule.step(model, x, y)
+    torch.testing.assert_close(out.loss, ref.loss)
+    assert model.routers[0].projection.weight.grad is None
 
 
 def test_the_closed_form_records_no_graph_and_the_autograd_step_does():

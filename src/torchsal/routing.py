@@ -161,7 +161,7 @@ class Router(nn.Module):
         """``forward`` without autograd: ``(area, loss, state)``, ``state`` being what ``learn`` needs (None when
         there is nothing to learn). For a step that forms its updates in closed form (torchsal.closed_form)."""
         with named_range("torchsal.route"), torch.no_grad():
-            if self.config.router == "learned" and self.training and self.projection.weight.requires_grad:
+            if self.config.router == "learned" and self.training:
                 return _learned_routing(x, self.projection.weight, self.projection.bias, self.prototypes,
                                         self.config.routing_temperature)
             return *self._route(x), None
