@@ -162,3 +162,38 @@ def test_gradients_accumulate_across_closed_form_steps_as_across_backward_calls(
         torch.testing.assert_close(grads[0][name][0], grad, msg=name)
         assert (touched is None) == (grads[0][name][1] is None) and (touched is None or torch.equal(
             touched, grads[0][name][1])), name
+
+
+@pytest.mark.parametrize("optimizer", ["sgd-in-place", "adamw"])
+def test_the_closed_form_with_device_side_groupings(optimizer, monkeypatch):
+    """Groupings whose counts stay on the device (as on a GPU: grouped kernels over device offsets, no padded
+    layout) give the closed form the autograd step's updates."""
+    import dataclasses
+
+    import torchsal
+    from torchsal.config import TrainConfig
+    from torchsal.train import make_optimizer
+
+    def on_device(area, areas):
+        return dataclasses.replace(torchsal.dispatch.group_by_area(area, areas), counts=None)
+
+    states, empty = [], False
+    for closed in (True, False):
+        model, rule = model_and_rule(shared=True)
+        config = TrainConfig(optimizer="sgd", lr=0.3) if optimizer == "sgd-in-place" else \
+            TrainConfig(optimizer="adamw", lr=0.01, weight_decay=0.1)
+        opt = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
+        if closed:
+            monkeypatch.setattr(closed_form, "group_by_area", on_device)
+        for i in range(3):
+            x, y = data(batch=5, seed=i)                   # 5 rows over 4 areas
+            empty |= bool((torch.bincount(model.routers[0](x)[0], minlength=4) == 0).any())
+            opt.zero_grad()
+            with sgd_in_backward(opt):
+                (rule.step if closed else functools.partial(LearningRule.step, rule))(model, x, y)
+            opt.step()
+        monkeypatch.undo()
+        states.append(model.state_dict())
+    for name, value in states[1].items():
+        torch.testing.assert_close(states[0][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert empty, "some step must leave an area without rows"
