@@ -5,7 +5,8 @@ minimises the surrogate ``(h_l * g_l).sum() / B``. Autograd runs only inside the
 
     grad W_l[k] = (1/B) sum over samples routed to k of (g_l * f'(a_l)) h_{l-1}^T
 
-and no gradient crosses a layer boundary. The output layer minimises its own cross-entropy. Signals:
+and no gradient crosses a layer boundary. The output layer minimises its own cross-entropy. ``rule.step`` forms
+that same update without autograd where every block has it in closed form (torchsal.rules.closed_form). Signals:
 
 - ``direct`` (DFA, Nokland 2016): g_l = e B_l, e = softmax(logits) - onehot(y), B_l (C, width) fixed random.
 - ``local``: g_l = (softmax(h_l G_l^T) - onehot(y)) G_l, the gradient of a layer-local cross-entropy through a
