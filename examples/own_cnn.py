@@ -20,6 +20,6 @@ for rule in ("sal", "dfa"):
     for _ in range(steps):
         i = torch.randint(len(data.y_train), (64,))
         optimizer.zero_grad()
-        learn(model, data.x_train[i], data.y_train[i]).loss.backward()
+        learn.step(model, data.x_train[i], data.y_train[i])      # = learn(...).loss.backward()
         optimizer.step()
     print(f"{rule} test accuracy {torchsal.evaluate(model, data.x_test, data.y_test):.4f}")
