@@ -197,3 +197,28 @@ def test_the_closed_form_with_device_side_groupings(optimizer, monkeypatch):
     for name, value in states[1].items():
         torch.testing.assert_close(states[0][name], value, rtol=1e-5, atol=1e-6, msg=name)
     assert empty, "some step must leave an area without rows"
+
+
+@pytest.mark.parametrize("areas", [1, 4])
+def test_closed_form_and_autograd_steps_mix_on_one_model(areas):
+    """The closed form runs in inference mode; nothing it leaves behind (gradients, recycled memory, outputs) may
+    stop autograd from adding to it or the optimizer from stepping it later. Steps alternate between the two,
+    gradients sometimes accumulated over two steps, against the same sequence through autograd alone."""
+    from torchsal.dispatch import release_gradients
+    from torchsal.optim import AdamW
+
+    states = []
+    for mixed in (True, False):
+        model, rule = model_and_rule(areas=areas, shared=True)
+        opt = AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01, weight_decay=0.1, fused=True)
+        for i in range(6):
+            x, y = data(seed=i)
+            if i % 3 != 1:                                 # steps 1 and 4 add to the gradients of 0 and 3
+                release_gradients(model.parameters())
+            out = rule.step(model, x, y) if mixed and i % 2 == 0 else LearningRule.step(rule, model, x, y)
+            out.logits.add_(1)                             # the outputs are ordinary tensors
+            if i % 3 != 0:
+                opt.step()
+        states.append(model.state_dict())
+    for name, value in states[1].items():
+        torch.testing.assert_close(states[0][name], value, rtol=1e-5, atol=1e-6, msg=name)

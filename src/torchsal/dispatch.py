@@ -227,7 +227,8 @@ def take_memory(p: Tensor, purpose: str, dtype: torch.dtype, shape: tuple[int, .
     shape = p.shape if shape is None else torch.Size(shape)
     owner, out = _SCRATCH.pop((id(p), purpose), (None, None))
     if owner is None or owner() is not p or out.shape != shape or out.dtype != dtype or out.device != p.device:
-        out = torch.empty(shape, dtype=dtype, device=p.device)
+        with torch.inference_mode(False):      # ordinary memory even when asked for in inference mode: it outlives
+            out = torch.empty(shape, dtype=dtype, device=p.device)          # the step (a closed-form one)
     return out
 
 
@@ -555,8 +556,10 @@ def learn_linear(state: LinearState, grad: Tensor, weight: Tensor, bias: Tensor 
             lr = lr_in_backward(weight) if weight.requires_grad else None
             if lr is not None:                          # one area stepped in place: no gradient written
                 weight[0].addmm_(grad.T, rows, alpha=-lr)
-            elif weight.requires_grad:
-                accumulate_gradient(weight, (grad.T @ rows).unsqueeze(0))
+            elif weight.requires_grad:                  # (into recycled memory, as the areas' gradients)
+                buffer = take_memory(weight, "gradient", weight.dtype)
+                accumulate_gradient(weight, torch.bmm(grad.T.to(weight.dtype).unsqueeze(0),
+                                                      rows.to(weight.dtype).unsqueeze(0), out=buffer))
             if bias is not None and bias.requires_grad:
                 accumulate_gradient(bias, step_or_gradient(bias, grad.sum(0, keepdim=True)))
         else:
@@ -572,11 +575,15 @@ def learn_linear(state: LinearState, grad: Tensor, weight: Tensor, bias: Tensor 
 
 
 def accumulate_gradient(p: Tensor | None, grad: Tensor | None) -> None:
-    """Add ``grad`` into ``p.grad`` as autograd's accumulation does (the first gradient is taken as it is); a
-    None gradient (stepped in place) adds nothing."""
+    """Add ``grad`` into ``p.grad`` as autograd's accumulation does (the first gradient is taken as it is, a copy
+    of it where it was made in inference mode, so that autograd may add to it later); a None gradient (stepped in
+    place) adds nothing."""
     if p is None or grad is None:
         return
     if p.grad is None:
+        if grad.is_inference():
+            with torch.inference_mode(False):
+                grad = grad.clone()
         p.grad = grad
     else:
         p.grad.add_(grad)
