@@ -491,6 +491,12 @@ class _GroupedLinear(torch.autograd.Function):
         return grad_rows, None, grad_w, grad_b, grad_s
 
 
+def _shared_apart(rows: Tensor, weight: Tensor, shared: Tensor | None) -> bool:
+    """Whether a shared weight goes as a dense product of its own rather than folded into the areas' product: where
+    areas hold fewer than 32 rows each (from there a (K, out, in) addition costs less than a second dense product)."""
+    return shared is not None and rows.shape[0] < 32 * weight.shape[0]
+
+
 def grouped_linear(rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor | None = None,
                    shared: Tensor | None = None) -> Tensor:
     """``y[i] = rows[i] @ (weight[k_i] + shared).T + bias[k_i]`` for rows grouped by ``groups``; weight (K, out,
@@ -505,7 +511,7 @@ def grouped_linear(rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor | 
         dtype = _autocast_dtype(rows)
         if dtype is not None:
             rows = rows.to(dtype)
-        if shared is not None and rows.shape[0] < 32 * weight.shape[0]:
+        if _shared_apart(rows, weight, shared):
             return grouped_linear(rows, groups, weight, bias) + rows @ _cast(shared, rows.dtype).T
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (rows, weight, bias, shared)):
             return _GroupedLinear.apply(rows, groups, weight, bias, shared)
@@ -536,7 +542,7 @@ def local_linear(rows: Tensor, groups: Groups | None, weight: Tensor, bias: Tens
         if groups is None:
             out = torch.nn.functional.linear(rows, weight[0], None if bias is None else bias[0])
             return out if shared is None else out.addmm_(rows, shared.T), LinearState(rows, None, None, None, True)
-        apart = shared is not None and rows.shape[0] < 32 * weight.shape[0]
+        apart = _shared_apart(rows, weight, shared)
         out, (_, compute, padded_rows) = _affine_forward(rows, groups, weight, bias, None if apart else shared)
         if apart:
             out.addmm_(rows, shared.T)
