@@ -165,6 +165,50 @@ def test_parameters_back_to_back_step_as_one_tensor(kind, fused, shape):
     assert all(optim.back_to_back([separate.state[q][k] for q in apart]) is None for k in moments)
 
 
+def _moment(opt, p):
+    return next(k for k, v in opt.state[p].items() if torch.is_tensor(v) and v.dim() > 0)
+
+
+# What may change between steps under a join kept from the step before, done to the parameters in one block (first
+# function) and to the same parameters held apart (second).
+CHANGES = {
+    "parameter moved": (lambda opt, ps: setattr(ps[1], "data", ps[1].data.clone()), lambda opt, ps: None),
+    "state replaced": [(lambda opt, ps: opt.state[ps[2]].__setitem__(_moment(opt, ps[2]),
+                                                                     opt.state[ps[2]][_moment(opt, ps[2])] * 0.5))] * 2,
+    "state changed in place": [lambda opt, ps: opt.state[ps[0]][_moment(opt, ps[0])].add_(1.0)] * 2,
+    "gradient apart": [lambda opt, ps: setattr(ps[3], "grad", ps[3].grad.clone())] * 2,
+    "no gradient": [lambda opt, ps: setattr(ps[0], "grad", None)] * 2,
+    "state reloaded": (lambda opt, ps: opt.load_state_dict(opt.state_dict()), lambda opt, ps: None),
+    "step count changed": [lambda opt, ps: opt.state[ps[1]]["step"].sub_(1) if "step" in opt.state[ps[1]]
+                           else None] * 2,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_a_kept_join_gives_way_to_whatever_changed(kind, change):
+    """The join found at one step is kept for the next while parameters, gradients and state lie as they did:
+    whatever changed in between (a parameter moved, state replaced or reloaded, a gradient apart or missing, a step
+    count apart), the steps after it are those of the parameters held apart, bit for bit, step counts included."""
+    ours_cls, _, hyper = KINDS[kind]
+    in_block, apart = _block_and_apart()
+    joined, separate = ours_cls(in_block, **hyper), ours_cls(apart, **hyper)
+    for seed in range(4):
+        grads = torch.randn(4, 3, 2, 5, generator=torch.Generator().manual_seed(seed))
+        for p, q, g in zip(in_block, apart, grads.unbind(0)):
+            p.grad, q.grad = g, g.clone()
+        if seed == 2:
+            for apply, (opt, params) in zip(CHANGES[change], ((joined, in_block), (separate, apart))):
+                apply(opt, params)
+        joined.step()
+        separate.step()
+        for p, q in zip(in_block, apart):
+            assert torch.equal(p, q), seed
+            assert joined.state[p].keys() == separate.state[q].keys()
+            for key, value in separate.state[q].items():
+                assert torch.equal(torch.as_tensor(joined.state[p][key]), torch.as_tensor(value)), (seed, key)
+
+
 @pytest.mark.parametrize("kind", ["adam", "sgd-momentum"])
 def test_state_loaded_apart_is_joined_again_and_steps_alike(kind):
     """After ``load_state_dict`` the state lies apart: the next step joins it into one block and updates as
