@@ -160,15 +160,11 @@ class _Branches(torch.autograd.Function):
         normed, unit, branch, weight, shared = ctx.saved_tensors
         (weights, biases, shareds), groups = ctx.owners, ctx.groups
         count, areas = weight.shape[:2]
-        grad_a = torch.ops.aten.threshold_backward(grad, branch, 0)                  # through the ReLU
+        # through the ReLU, into the branch's memory: a fresh (L, rows, width) block per step cost its page faults
+        # (so do the norm's gradients below, in the memory of the norm's output once the products have read it;
+        # a second backward through this graph then fails on the saved tensors' versions, as it should)
+        grad_a = torch.ops.aten.threshold_backward.grad_input(grad, branch, 0, grad_input=branch)
         per_area = grad_a.view(count * areas, -1, grad_a.shape[-1])
-        if unit is not None and any(p.requires_grad for o in ctx.norm_owners for p in o):
-            grad_n = torch.bmm(per_area, weight.flatten(0, 1)).view_as(normed)
-            if shared is not None:
-                grad_n = grad_n.baddbmm_(grad_a, shared)
-            hand_out(ctx.norm_owners[0], (grad_n * unit).sum(1))                   # the norm's weight
-            if len(ctx.norm_owners) > 1:
-                hand_out(ctx.norm_owners[1], grad_n.sum(1))                          # its bias
         if ctx.needs_input_grad[0]:
             recycled = all(p.grad is None for p in weights)
             grad_w = take_memory(weights[0], GRADIENT_MEMORY, weight.dtype, weight.shape) if recycled else \
@@ -182,6 +178,13 @@ class _Branches(torch.autograd.Function):
             hand_out(biases, per_area.sum(1).view(count, areas, -1), groups)
         if shared is not None and ctx.needs_input_grad[2]:
             hand_out(shareds, torch.bmm(grad_a.transpose(1, 2), normed))
+        if unit is not None and any(p.requires_grad for o in ctx.norm_owners for p in o):
+            grad_n = torch.bmm(per_area, weight.flatten(0, 1), out=normed.view_as(per_area)).view_as(normed)
+            if shared is not None:
+                grad_n = grad_n.baddbmm_(grad_a, shared)
+            if len(ctx.norm_owners) > 1:
+                hand_out(ctx.norm_owners[1], grad_n.sum(1))                          # the norm's bias
+            hand_out(ctx.norm_owners[0], grad_n.mul_(unit).sum(1))                 # its weight
         return (None,) * len(ctx.needs_input_grad)          # every gradient handed out above
 
 
