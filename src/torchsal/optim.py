@@ -76,8 +76,12 @@ class _AreaAware:
         for index, group in enumerate(self.param_groups):
             params, whole = [], []
             for p in group["params"]:
-                touched = getattr(p, "touched_areas", None)
-                if p.grad is not None and touched is not None and not _host_reads_free(p):
+                grad = p.grad                                   # (one read of each attribute: 508 parameters)
+                touched = None if grad is None else getattr(p, "touched_areas", None)
+                if touched is None:
+                    (whole if grad is not None and _host_reads_free(p) else params).append(p)
+                    continue
+                if not _host_reads_free(p):
                     # No host read of the mask (a GPU sync): step the whole tensor, then put the untouched areas
                     # and their state back. Twice the bytes of the views below, but no stall.
                     saved = {key: value.clone() for key, value in self.state[p].items()
@@ -85,9 +89,9 @@ class _AreaAware:
                     masked.append((p, touched, {**saved, "": p.detach().clone()}))
                     params.append(p)
                     continue
-                runs = None if p.grad is None else touched_runs(p)
+                runs = touched_runs(p)
                 if runs is None:
-                    (whole if p.grad is not None and _host_reads_free(p) else params).append(p)
+                    whole.append(p)
                     continue
                 state = self.state[p]
                 for start, stop in runs:
