@@ -179,27 +179,28 @@ def to_padded(rows: Tensor, groups: Groups) -> Tensor:
 
 
 def from_padded(t: Tensor, groups: Groups) -> Tensor:
-    """The grouped rows of ``t`` (..., K * capacity, ...) in the padded layout, along dimension -2."""
-    return _FromPadded.apply(t, groups.slot) if t.requires_grad and torch.is_grad_enabled() else t[..., groups.slot, :]
+    """The grouped rows of ``t`` (..., K * capacity, ...) in the padded layout, along dimension -2 (``index_select``:
+    a 128-layer stack's rows, (127, 224, 64) to (127, 128, 64), in 95 us against 467 for ``t[..., slot, :]``)."""
+    if t.requires_grad and torch.is_grad_enabled():
+        return _FromPadded.apply(t, groups.slot)
+    return t.index_select(-2, groups.slot)
 
 
 class _FromPadded(torch.autograd.Function):
-    """``t[..., slot, :]`` whose backward writes each row's gradient into its slot: the slots are distinct, so a
-    plain copy serves, where autograd's indexing backward accumulates one row at a time (a 128-layer stack's rows,
-    (127, 208, 64): 3.9 ms against 0.3, measured)."""
+    """``t.index_select(-2, slot)`` whose backward writes each row's gradient into its slot: the slots are distinct,
+    so a plain copy serves, where autograd's indexing backward accumulates one row at a time (a 128-layer stack's
+    rows, (127, 208, 64): 3.9 ms against 0.3, measured)."""
 
     @staticmethod
     def forward(ctx, t: Tensor, slot: Tensor) -> Tensor:  # noqa: ANN001
         ctx.save_for_backward(slot)
         ctx.shape = t.shape
-        return t[..., slot, :]
+        return t.index_select(-2, slot)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: ANN001
         (slot,) = ctx.saved_tensors
-        out = grad.new_zeros(ctx.shape)
-        out[..., slot, :] = grad
-        return out, None
+        return grad.new_zeros(ctx.shape).index_copy_(-2, slot, grad), None
 
 
 def release_gradients(params: Iterable[Tensor]) -> None:
