@@ -127,6 +127,11 @@ class Groups:
         """(K,) bool: areas with at least one row."""
         return self.per_area > 0
 
+    @functools.cached_property
+    def every_area_used(self) -> bool:
+        """True when every area holds a row, known on the host (CPU): nothing for an optimizer to leave out."""
+        return self.counts is not None and all(self.counts)
+
     @property
     def capacity(self) -> int:
         """Rows per area in the padded layout (CPU): the largest area's count."""
@@ -257,7 +262,7 @@ def mark_touched(p: Tensor, groups: Groups) -> None:
         return
     fresh = p.grad is None
     before = None if fresh else getattr(p, "touched_areas", None)
-    if groups.counts is not None and all(groups.counts):
+    if groups.every_area_used:
         p.touched_areas = None
     elif fresh:
         p.touched_areas = groups.touched
@@ -371,7 +376,7 @@ def _weight_gradient(grad: Tensor, rows: Tensor, groups: Groups, out: Tensor, al
         return out.zero_().index_add_(0, groups.row_area, products) if alpha is None else \
             out.index_add_(0, groups.row_area, products, alpha=alpha)
     # An in-place step with some areas empty updates only the touched ones (the padded product would rewrite all).
-    if _few_rows(groups) and (alpha is None or all(groups.counts)):
+    if _few_rows(groups) and (alpha is None or groups.every_area_used):
         padded_grad = (_padded(grad, groups) if padded_grad is None else padded_grad).transpose(1, 2)
         padded_rows = _padded(rows, groups) if padded_rows is None else padded_rows
         if alpha is None:
