@@ -20,7 +20,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from torchsal.blocks import BlockNet, Trace
@@ -28,8 +27,8 @@ from torchsal.dispatch import group_by_area
 from torchsal.rules.base import (
     LearningRule,
     StepOutput,
-    hidden_rms,
     one_hot,
+    output_step,
     output_terms_active,
     softmax_error,
     surrogate_value,
@@ -79,10 +78,8 @@ def step(rule: LocalSignalRule, model: BlockNet, x: Tensor, y: Tensor,
         onehot = one_hot(labels, model.num_classes, model.dtype)
         error = softmax_error(trace.logits, onehot)           # the head's output gradient, times B
         hidden, signals, signal_rms = rule.hidden_signals(trace, error, onehot)
-        task = F.cross_entropy(trace.logits, labels)
-        loss = task + surrogate_value(hidden, signals, batch) + routing_loss
-        parts = (loss, trace.in_batch_order(trace.logits), task, hidden_rms(trace), signal_rms)
-    out = StepOutput(*(None if t is None else t.clone() for t in parts))
+        made = output_step(trace, y, surrogate_value(hidden, signals, batch), signal_rms=signal_rms)
+    out = StepOutput(*(None if t is None else t.clone() for t in vars(made).values()))
     if before_update is not None:
         before_update(out)
     with torch.inference_mode():
