@@ -206,9 +206,8 @@ class _AreaAware:
                 else:
                     for p in params:
                         self.state[p][name] = value
-            key, runs = kept.setdefault(run.group, (run.key, []))
-            if key == run.key:
-                runs.append(_JoinedRun(flat, params, state, counts, self.state))
+            # (``_join`` dropped the group's kept runs before finding these: they are its runs now)
+            kept.setdefault(run.group, (run.key, []))[1].append(_JoinedRun(flat, params, state, counts, self.state))
 
     def _restore_untouched(self, p: Tensor, touched: Tensor, saved: dict[str, Tensor]) -> None:
         keep = touched.view(-1, *[1] * (p.dim() - 1))
