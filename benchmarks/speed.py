@@ -4,6 +4,7 @@
     python benchmarks/speed.py --regimes paper,wide --rounds 9 --out docs/performance/speed.json
     python benchmarks/speed.py --regimes none --whole-run --data-dir ../shared/data      # K=16 against K=1, CLI
     python benchmarks/speed.py --precision-speedup                # bf16-mixed against fp32, BP and SAL
+    python benchmarks/speed.py --regimes paper,tuned --compile     # with --compile (a C++ compiler at run time)
 
 For each regime the trainer's own step (``Trainer.train_step``: batch gather, rule, backward, optimizer, scheduler,
 metrics) runs for BP on the dense model and for SAL (16 areas, local signal) without and with the shared path,
@@ -84,11 +85,11 @@ def random_splits(batch: int, seed: int = 0) -> Splits:
                   np.zeros(FEATURES), np.ones(FEATURES))
 
 
-def make_trainer(regime: Regime, variant: str, precision: str, device: str) -> Trainer:
+def make_trainer(regime: Regime, variant: str, precision: str, device: str, compile_: bool = False) -> Trainer:
     rule, settings = VARIANTS[variant]
     config = make_config(rule, depth=regime.depth, width=regime.width, batch_size=regime.batch,
-                         optimizer=regime.optimizer, lr=1e-4, epochs=1, device=device, **regime.extra,
-                         **settings, **({"precision": precision} if precision != "fp32" else {}))
+                         optimizer=regime.optimizer, lr=1e-4, epochs=1, device=device, compile=compile_,
+                         **regime.extra, **settings, **({"precision": precision} if precision != "fp32" else {}))
     return Trainer(config, random_splits(regime.batch))
 
 
@@ -139,7 +140,7 @@ def category(event) -> str:
         return "optimizer"
     if "torchsal.route" in above:
         return "routing"
-    if event.name in MATMULS:
+    if event.name in MATMULS or event.name.startswith("## Call CompiledFxGraph"):    # (--compile: area products)
         return "matmuls"
     if "torchsal.dispatch" in above:
         return "dispatch"
@@ -218,7 +219,8 @@ def machine() -> dict[str, Any]:
 def measure(name: str, args, bandwidth: float, split: bool) -> dict[str, Any]:
     """One in-turns timing of a regime (fresh trainers), with its floor and, if asked, SAL's profile split."""
     regime = REGIMES[name]
-    steppers = {v: Stepper(make_trainer(regime, v, args.precision, args.device), regime.batch) for v in VARIANTS}
+    steppers = {v: Stepper(make_trainer(regime, v, args.precision, args.device, args.compile), regime.batch)
+                for v in VARIANTS}
     steps = max(1, int(regime.steps * args.scale))
     rounds = rounds_in_turns(steppers, args.rounds, steps)
     times = {v: statistics.median(t) for v, t in rounds.items()}
@@ -245,10 +247,12 @@ def median_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def run(args) -> dict[str, Any]:
     """Every regime ``--repeats`` times, the repeats spread over the whole run (this shared machine drifts by
     20-30% over minutes); each regime's table row holds the medians."""
-    results = {"machine": machine(), "precision": args.precision, "rounds": args.rounds, "repeats": args.repeats}
+    results = {"machine": machine(), "precision": args.precision, "compile": args.compile, "rounds": args.rounds,
+               "repeats": args.repeats}
     bandwidth = stream_bandwidth(args.device)
     results["stream_bandwidth_bytes_per_s"] = bandwidth
-    print(f"# {results['machine']}\n# streaming bandwidth {bandwidth / 1e9:.1f} GB/s, precision {args.precision}",
+    print(f"# {results['machine']}\n# streaming bandwidth {bandwidth / 1e9:.1f} GB/s, precision {args.precision}"
+          f"{', --compile' if args.compile else ''}",
           flush=True)
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in args.regimes}
     for repeat in range(args.repeats):
@@ -341,6 +345,9 @@ def main() -> None:
                         help="measure every regime this many times, spread over the run; the table shows medians")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every regime's steps per round")
     parser.add_argument("--precision", default="fp32", help="fp32, or bf16-mixed (autocast, fp32 weights)")
+    parser.add_argument("--compile", action="store_true",
+                        help="train with --compile (SAL's few-row area products as one generated kernel; BP has "
+                             "none, so its step is unchanged)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")

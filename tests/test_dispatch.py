@@ -1,3 +1,5 @@
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -159,3 +161,63 @@ def test_every_rule_through_the_dispatch_equals_the_per_sample_reference(rule_na
     assert grads.keys() == ref_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], msg=name)
+
+
+def _few_rows_over_many_areas():
+    """12 rows over 16 areas, 10 or more of them empty: neither padded nor gathered, so the products of a few rows
+    per area (``_grouped_mm``) serve the forward and the input gradient."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(12, 40, generator=g)
+    weight, bias = torch.randn(16, 24, 40, generator=g), torch.randn(16, 24, generator=g)
+    return x, torch.randint(6, (12,), generator=g), weight, bias
+
+
+def _counted(monkeypatch, kernel):
+    """Replace the generated kernel with ``kernel``, counting its calls (small banks not gathered, so that the
+    tests' small shapes take the products of larger ones)."""
+    calls = []
+    monkeypatch.setattr(dispatch, "GATHERED_ELEMENTS", 0)
+
+    def counting(*args):
+        calls.append(1)
+        return kernel(*args)
+
+    monkeypatch.setattr(dispatch, "_compiled_row_products", lambda: counting)
+    monkeypatch.setattr(dispatch, "_COMPILE_FAILURE", [])
+    return calls
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="torch.compile needs a C++ compiler")
+def test_compiled_products_equal_the_per_sample_reference(monkeypatch):
+    """Under ``compiled_products`` the generated kernel computes the forward and the input gradient (it ran: both
+    calls counted), and both equal the per-sample reference, as does the weight gradient."""
+    x, area, weight, bias = _few_rows_over_many_areas()
+    calls = _counted(monkeypatch, dispatch._compiled_row_products.__wrapped__())
+    grads = []
+    for compiled in (True, False):
+        xs, w, b = x.clone().requires_grad_(), torch.nn.Parameter(weight.clone()), torch.nn.Parameter(bias.clone())
+        with dispatch.compiled_products(compiled):
+            out = area_linear(xs, area, w, b) if compiled else naive(xs, area, w, b)
+            (out * torch.arange(24.0)).sum().backward()
+        grads.append((out.detach(), xs.grad, w.grad, b.grad))
+    assert len(calls) == 2
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_products_that_fail_to_build_fall_back_with_one_warning(monkeypatch, caplog):
+    """Where torch.compile cannot build the kernel (no C++ compiler), the products run eagerly, with one warning
+    that names the cause and the fix, and it is not tried again."""
+    x, area, weight, bias = _few_rows_over_many_areas()
+
+    def broken(*args):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n(details)")
+
+    calls = _counted(monkeypatch, broken)
+    with dispatch.compiled_products(), caplog.at_level("WARNING", logger="torchsal.dispatch"):
+        first, second = area_linear(x, area, weight, bias), area_linear(x, area, weight, bias)
+    torch.testing.assert_close(first, naive(x, area, weight, bias))
+    torch.testing.assert_close(second, first)
+    assert len(calls) == 1
+    (warning,) = caplog.records
+    assert "No working C++ compiler found" in warning.getMessage() and "drop --compile" in warning.getMessage()

@@ -5,7 +5,7 @@ import torch
 
 from torchsal.config import make_config
 from torchsal.data import load_dataset, make_splits
-from torchsal.train import train
+from torchsal.train import Trainer, train
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +114,20 @@ def test_areas_take_a_number_or_auto():
 
     with pytest.raises(ConfigError, match="--areas takes a number or auto, got 'many'"):
         make_config("sal", areas="many")
+
+
+@pytest.mark.parametrize("compile_", [True, False])
+def test_compile_flag_routes_the_few_row_products_through_the_generated_kernel(compile_, monkeypatch):
+    """``--compile`` reaches the training step: with it, the products of a few rows per area go through the
+    generated kernel (here its eager twin, counted), and without it they do not."""
+    from torchsal import dispatch
+
+    calls = []
+    monkeypatch.setattr(dispatch, "GATHERED_ELEMENTS", 0)       # (small banks would be gathered instead)
+    monkeypatch.setattr(dispatch, "_compiled_row_products",
+                        lambda: lambda *args: calls.append(1) or dispatch._row_products(*args))
+    monkeypatch.setattr(dispatch, "_COMPILE_FAILURE", [])
+    trainer = Trainer(make_config("sal", areas=16, width=32, batch_size=8, epochs=1, max_steps=3,
+                                  compile=compile_))
+    trainer.fit(progress=False)
+    assert (len(calls) > 0) == compile_

@@ -113,6 +113,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, help="CPU threads for torch")
     g.add_argument("--precision", choices=["fp32", "bf16-mixed"],
                    help="bf16-mixed: forward and signals in bfloat16 autocast, float32 weights")
+    g.add_argument("--compile", action="store_true", default=None,
+                   help="CPU: SAL's area products over a few rows per area (small batches) as one kernel generated "
+                        "by torch.compile (needs a C++ compiler; seconds of compiling at the first step)")
 
 
 def _show_defaults(p: argparse.ArgumentParser) -> None:
