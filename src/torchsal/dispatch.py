@@ -346,7 +346,7 @@ def _grouped_mm(rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor | Non
     per non-empty area, its bias added by the same kernel: torch._grouped_mm runs a slower loop on CPU (wide regime
     of benchmarks/speed.py, SAL step 0.90-0.97 of it); a few rows per area under ``compiled_products``, one
     generated kernel. Else one grouped kernel over the device offsets."""
-    if groups.counts is not None and _few_rows(groups):
+    if _few_rows(groups):                            # (host counts and few rows per area)
         out = _compiled_products(rows, groups, weight, bias)
         if out is not None:
             return out
@@ -400,7 +400,7 @@ def _compiled_products(rows: Tensor, groups: Groups, weight: Tensor, bias: Tenso
     try:
         return _compiled_row_products()(weight, bias, rows, groups.row_area)
     except Exception as exc:  # noqa: BLE001 (the eager products follow; a real error shows there)
-        _COMPILE_FAILURE.append(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+        _COMPILE_FAILURE.append(f"{type(exc).__name__}: {next(iter(str(exc).strip().splitlines()), '')}")
         log.warning("--compile: torch.compile could not build the area products (%s); they run eagerly from now "
                     "on. It needs a working C++ compiler (g++ or clang on the PATH); or drop --compile.",
                     _COMPILE_FAILURE[0])
