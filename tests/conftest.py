@@ -30,3 +30,20 @@ def layout(request, monkeypatch):
     if request.param == "grouped":
         monkeypatch.setattr(dispatch, "GATHERED_ELEMENTS", 0)
     return request.param
+
+
+def count_compiled_kernel(monkeypatch, kernel):
+    """Replace ``--compile``'s generated kernel (torchsal.dispatch) with ``kernel``, counting its calls; small banks
+    are not gathered, so that the tests' small shapes take the products of larger ones. Returns the calls."""
+    from torchsal import dispatch
+
+    calls = []
+
+    def counting(*args):
+        calls.append(1)
+        return kernel(*args)
+
+    monkeypatch.setattr(dispatch, "GATHERED_ELEMENTS", 0)
+    monkeypatch.setattr(dispatch, "_compiled_row_products", lambda: counting)
+    monkeypatch.setattr(dispatch, "_COMPILE_FAILURE", [])
+    return calls

@@ -3,7 +3,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny
+from conftest import count_compiled_kernel, tiny
 
 import torchsal.layers
 from torchsal import dispatch
@@ -172,27 +172,12 @@ def _few_rows_over_many_areas():
     return x, torch.randint(6, (12,), generator=g), weight, bias
 
 
-def _counted(monkeypatch, kernel):
-    """Replace the generated kernel with ``kernel``, counting its calls (small banks not gathered, so that the
-    tests' small shapes take the products of larger ones)."""
-    calls = []
-    monkeypatch.setattr(dispatch, "GATHERED_ELEMENTS", 0)
-
-    def counting(*args):
-        calls.append(1)
-        return kernel(*args)
-
-    monkeypatch.setattr(dispatch, "_compiled_row_products", lambda: counting)
-    monkeypatch.setattr(dispatch, "_COMPILE_FAILURE", [])
-    return calls
-
-
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="torch.compile needs a C++ compiler")
 def test_compiled_products_equal_the_per_sample_reference(monkeypatch):
     """Under ``compiled_products`` the generated kernel computes the forward and the input gradient (it ran: both
     calls counted), and both equal the per-sample reference, as does the weight gradient."""
     x, area, weight, bias = _few_rows_over_many_areas()
-    calls = _counted(monkeypatch, dispatch._compiled_row_products.__wrapped__())
+    calls = count_compiled_kernel(monkeypatch, dispatch._compiled_row_products.__wrapped__())
     grads = []
     for compiled in (True, False):
         xs, w, b = x.clone().requires_grad_(), torch.nn.Parameter(weight.clone()), torch.nn.Parameter(bias.clone())
@@ -213,7 +198,7 @@ def test_compiled_products_that_fail_to_build_fall_back_with_one_warning(monkeyp
     def broken(*args):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n(details)")
 
-    calls = _counted(monkeypatch, broken)
+    calls = count_compiled_kernel(monkeypatch, broken)
     with dispatch.compiled_products(), caplog.at_level("WARNING", logger="torchsal.dispatch"):
         first, second = area_linear(x, area, weight, bias), area_linear(x, area, weight, bias)
     torch.testing.assert_close(first, naive(x, area, weight, bias))

@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from conftest import count_compiled_kernel
 
 from torchsal.config import make_config
 from torchsal.data import load_dataset, make_splits
@@ -122,11 +123,7 @@ def test_compile_flag_routes_the_few_row_products_through_the_generated_kernel(c
     generated kernel (here its eager twin, counted), and without it they do not."""
     from torchsal import dispatch
 
-    calls = []
-    monkeypatch.setattr(dispatch, "GATHERED_ELEMENTS", 0)       # (small banks would be gathered instead)
-    monkeypatch.setattr(dispatch, "_compiled_row_products",
-                        lambda: lambda *args: calls.append(1) or dispatch._row_products(*args))
-    monkeypatch.setattr(dispatch, "_COMPILE_FAILURE", [])
+    calls = count_compiled_kernel(monkeypatch, dispatch._row_products)
     trainer = Trainer(make_config("sal", areas=16, width=32, batch_size=8, epochs=1, max_steps=3,
                                   compile=compile_))
     trainer.fit(progress=False)
