@@ -1,3 +1,5 @@
+import functools
+
 import pytest
 import torch
 
@@ -32,18 +34,23 @@ def layout(request, monkeypatch):
     return request.param
 
 
-def count_compiled_kernel(monkeypatch, kernel):
-    """Replace ``--compile``'s generated kernel (torchsal.dispatch) with ``kernel``, counting its calls; small banks
-    are not gathered, so that the tests' small shapes take the products of larger ones. Returns the calls."""
+def count_compiled_kernel(monkeypatch, build):
+    """Build what ``--compile`` compiles (torchsal.dispatch.compiled_call) with ``build(fn)`` instead of
+    torch.compile, counting the calls of what it builds; small banks are not gathered, so that the tests' small
+    shapes take the products of larger ones. Returns the calls, by the compiled function's name."""
     from torchsal import dispatch
 
     calls = []
 
-    def counting(*args):
-        calls.append(1)
-        return kernel(*args)
+    def counting(fn):
+        built = build(fn)
+
+        def call(*args):
+            calls.append(fn.__name__)
+            return built(*args)
+        return call
 
     monkeypatch.setattr(dispatch, "GATHERED_ELEMENTS", 0)
-    monkeypatch.setattr(dispatch, "_compiled_row_products", lambda: counting)
+    monkeypatch.setattr(dispatch, "_compiled", functools.cache(counting))
     monkeypatch.setattr(dispatch, "_COMPILE_FAILURE", [])
     return calls

@@ -1,6 +1,7 @@
 """The local rules' closed-form step (torchsal.rules.closed_form): the autograd step's update without a graph."""
 
 import functools
+import shutil
 
 import pytest
 import torch
@@ -175,7 +176,7 @@ def test_the_closed_form_with_device_side_groupings(optimizer, monkeypatch):
     from torchsal.train import make_optimizer
 
     def on_device(area, areas):
-        return dataclasses.replace(torchsal.dispatch.group_by_area(area, areas), counts=None)
+        return dataclasses.replace(torchsal.dispatch.group_by_area(area, areas), on_host=False)
 
     states, empty = [], False
     for closed in (True, False):
@@ -197,6 +198,48 @@ def test_the_closed_form_with_device_side_groupings(optimizer, monkeypatch):
     for name, value in states[1].items():
         torch.testing.assert_close(states[0][name], value, rtol=1e-5, atol=1e-6, msg=name)
     assert empty, "some step must leave an area without rows"
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="torch.compile needs a C++ compiler")
+@pytest.mark.parametrize("optimizer", ["sgd-in-place", "adamw"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_the_compiled_step_follows_the_autograd_step(optimizer, shared, monkeypatch):
+    """Under ``--compile`` the step up to its updates runs as torch.compile builds it (it ran: counted), and three
+    steps leave the autograd step's parameters and outputs; areas without rows stay bit-identical."""
+    from conftest import count_compiled_kernel
+
+    from torchsal import dispatch
+    from torchsal.config import TrainConfig
+    from torchsal.dispatch import compiled_kernels
+    from torchsal.train import make_optimizer
+
+    calls = count_compiled_kernel(monkeypatch, torch.compile)
+    runs, untouched = [], 0
+    for compiled in (True, False):
+        model, rule = model_and_rule(shared=shared)
+        config = TrainConfig(optimizer="sgd", lr=0.3) if optimizer == "sgd-in-place" else \
+            TrainConfig(optimizer="adamw", lr=0.01, weight_decay=0.1)
+        opt = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
+        outs = []
+        for i in range(3):
+            x, y = data(batch=5, seed=i)                   # 5 rows over 4 areas
+            used = torch.bincount(model.routers[0](x)[0], minlength=4) > 0
+            before = [block.linear.weight.detach().clone() for block in model.blocks]
+            opt.zero_grad()
+            with sgd_in_backward(opt), compiled_kernels(compiled):
+                outs.append(rule.step(model, x, y) if compiled else LearningRule.step(rule, model, x, y))
+            opt.step()
+            for block, old in zip(model.blocks, before):
+                assert torch.equal(block.linear.weight[~used], old[~used])
+            untouched += int((~used).sum())
+        runs.append((model.state_dict(), outs))
+    assert calls.count("forward_phase") == 3 and not dispatch._COMPILE_FAILURE and untouched > 0
+    (state, outs), (ref_state, ref_outs) = runs
+    for name in ref_state:
+        torch.testing.assert_close(state[name], ref_state[name], rtol=1e-5, atol=1e-6, msg=name)
+    for out, ref in zip(outs, ref_outs):
+        for field in ("loss", "logits", "task_loss", "activation_rms", "signal_rms"):
+            torch.testing.assert_close(getattr(out, field), getattr(ref, field), msg=field)
 
 
 @pytest.mark.parametrize("areas", [1, 4])

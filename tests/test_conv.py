@@ -62,7 +62,7 @@ def test_grouped_conv_equals_per_sample_reference(counts_on_host):
     area = torch.tensor([2, 0, 2, 3, 0, 2, 2])          # area 1 empty
     groups = group_by_area(area, 4)
     if not counts_on_host:
-        groups = dataclasses.replace(groups, counts=None)
+        groups = dataclasses.replace(groups, on_host=False)
     out = conv(x[groups.order], groups)[groups.inverse]
     reference = torch.cat([F.conv2d(x[i: i + 1], conv.weight[k], conv.bias[k], padding=1)
                            for i, k in enumerate(area.tolist())])

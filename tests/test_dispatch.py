@@ -1,3 +1,4 @@
+import dataclasses
 import shutil
 
 import pytest
@@ -51,7 +52,7 @@ def test_grouped_gradients_match_per_sample_reference(with_bias, host_counts, n_
         else:
             groups = group_by_area(area, 6)
             if not host_counts:
-                groups = dispatch.Groups(groups.order, groups.inverse, groups.per_area, None, groups.area)
+                groups = dataclasses.replace(groups, on_host=False)
             out = grouped_linear(xs[groups.order], groups, w, b)[groups.inverse]
         ((out - target) ** 2).sum().backward()
         grads.append([xs.grad, w.grad, None if b is None else b.grad])
@@ -174,14 +175,14 @@ def _few_rows_over_many_areas():
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="torch.compile needs a C++ compiler")
 def test_compiled_products_equal_the_per_sample_reference(monkeypatch):
-    """Under ``compiled_products`` the generated kernel computes the forward and the input gradient (it ran: both
+    """Under ``compiled_kernels`` the generated kernel computes the forward and the input gradient (it ran: both
     calls counted), and both equal the per-sample reference, as does the weight gradient."""
     x, area, weight, bias = _few_rows_over_many_areas()
-    calls = count_compiled_kernel(monkeypatch, dispatch._compiled_row_products.__wrapped__())
+    calls = count_compiled_kernel(monkeypatch, dispatch._compiled.__wrapped__)
     grads = []
     for compiled in (True, False):
         xs, w, b = x.clone().requires_grad_(), torch.nn.Parameter(weight.clone()), torch.nn.Parameter(bias.clone())
-        with dispatch.compiled_products(compiled):
+        with dispatch.compiled_kernels(compiled):
             out = area_linear(xs, area, w, b) if compiled else naive(xs, area, w, b)
             (out * torch.arange(24.0)).sum().backward()
         grads.append((out.detach(), xs.grad, w.grad, b.grad))
@@ -198,8 +199,8 @@ def test_compiled_products_that_fail_to_build_fall_back_with_one_warning(monkeyp
     def broken(*args):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n(details)")
 
-    calls = count_compiled_kernel(monkeypatch, broken)
-    with dispatch.compiled_products(), caplog.at_level("WARNING", logger="torchsal.dispatch"):
+    calls = count_compiled_kernel(monkeypatch, lambda fn: broken)
+    with dispatch.compiled_kernels(), caplog.at_level("WARNING", logger="torchsal.dispatch"):
         first, second = area_linear(x, area, weight, bias), area_linear(x, area, weight, bias)
     torch.testing.assert_close(first, naive(x, area, weight, bias))
     torch.testing.assert_close(second, first)

@@ -26,8 +26,9 @@ import contextvars
 import functools
 import logging
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -35,6 +36,7 @@ from torch import Tensor
 from torchsal.profiling import named_range
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # (shape, dtype, device) keys on which torch._grouped_mm refused the layout: those run the per-area loop.
 _NO_GROUPED_MM: set[tuple] = set()
@@ -42,8 +44,8 @@ _NO_GROUPED_MM: set[tuple] = set()
 GATHERED_ELEMENTS = 2 ** 18
 # The grouping of the rows the area layers compute, while a routed model runs a block (``routed``).
 _GROUPS: contextvars.ContextVar[Groups | None] = contextvars.ContextVar("groups", default=None)
-# Whether CPU products of a few rows per area run as one generated kernel (``compiled_products``), and why
-# compiling failed on this machine, once it has (the products then run eagerly).
+# Whether work over a few rows per area runs as generated kernels (``compiled_kernels``), and why
+# compiling failed on this machine, once it has (everything then runs eagerly).
 _COMPILED: contextvars.ContextVar[bool] = contextvars.ContextVar("compiled", default=False)
 _COMPILE_FAILURE: list[str] = []
 # Parameters (by id) whose plain-SGD update is applied during their own backward, with their param group (lr).
@@ -102,6 +104,20 @@ def step_or_gradient(p: Tensor, grad: Tensor) -> Tensor | None:
     return None
 
 
+class _derived:  # noqa: N801 (a decorator, as functools.cached_property)
+    """``functools.cached_property`` without its lock (Python 3.11 takes one, which torch.compile cannot trace):
+    computed on first use, then read from the instance."""
+
+    def __init__(self, fn) -> None:  # noqa: ANN001
+        self.fn, self.name = fn, fn.__name__
+
+    def __get__(self, obj, owner=None):  # noqa: ANN001, ANN204
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.fn(obj)
+        return value
+
+
 @dataclass(frozen=True)
 class Groups:
     """A batch's rows grouped by area: ``x[order]`` holds area 0's rows, then area 1's, and so on.
@@ -112,29 +128,35 @@ class Groups:
     order: Tensor             # (B,) batch index of each grouped row
     inverse: Tensor           # (B,) grouped[inverse] restores the batch order
     per_area: Tensor          # (K,) rows per area (device)
-    counts: list[int] | None  # rows per area on the host, where reading it costs no device sync (CPU)
     area: Tensor              # (B,) area of each row in batch order
+    on_host: bool             # whether reading the counts on the host costs no device sync (CPU)
 
     @property
     def areas(self) -> int:
         return self.per_area.numel()
 
-    @functools.cached_property
+    @_derived
+    def counts(self) -> list[int] | None:
+        """Rows per area on the host (CPU), read on first use (a compiled step groups its rows inside the graph and
+        reads them after it); None on a GPU."""
+        return self.per_area.tolist() if self.on_host else None
+
+    @_derived
     def row_area(self) -> Tensor:
         """(B,) area of each grouped row (sorted)."""
         return self.area[self.order]
 
-    @functools.cached_property
+    @_derived
     def ends(self) -> Tensor:
         """(K,) int32 end offset of each area's rows (device; for grouped kernels)."""
         return self.per_area.cumsum(0).to(torch.int32)
 
-    @functools.cached_property
+    @_derived
     def touched(self) -> Tensor:
         """(K,) bool: areas with at least one row."""
         return self.per_area > 0
 
-    @functools.cached_property
+    @_derived
     def every_area_used(self) -> bool:
         """True when every area holds a row, known on the host (CPU): nothing for an optimizer to leave out."""
         return self.counts is not None and all(self.counts)
@@ -144,7 +166,7 @@ class Groups:
         """Rows per area in the padded layout (CPU): the largest area's count."""
         return max(self.counts, default=0)
 
-    @functools.cached_property
+    @_derived
     def slot(self) -> Tensor | None:
         """(B,) row of each grouped row in the padded (K * capacity) layout; None without host counts."""
         if self.counts is None:
@@ -175,13 +197,13 @@ def group_by_area(area: Tensor, areas: int) -> Groups:
         order = torch.argsort(area, stable=True)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        if area.device.type != "cpu":        # no host reads on a GPU: the grouped kernels take device offsets
-            # (bincount would read the largest id back to the host to size its output: a sync)
+        on_host = area.device.type == "cpu"
+        if on_host and not torch.compiler.is_compiling():
+            per_area = torch.bincount(area, minlength=areas)
+        else:   # bincount reads the largest id back to the host to size its output: a sync, a break in a graph
             per_area = torch.zeros(areas, dtype=torch.long, device=area.device).index_add_(0, area,
                                                                                            torch.ones_like(area))
-            return Groups(order, inverse, per_area, None, area)
-        per_area = torch.bincount(area, minlength=areas)
-        return Groups(order, inverse, per_area, per_area.tolist(), area)
+        return Groups(order, inverse, per_area, area, on_host)
 
 
 def to_padded(rows: Tensor, groups: Groups) -> Tensor:
@@ -344,10 +366,10 @@ def _grouped_kernel(a: Tensor, b: Tensor, groups: Groups) -> Tensor | None:
 def _grouped_mm(rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``rows[i] @ weight[k_i].T (+ bias[k_i])`` for grouped rows. With the counts on the host (CPU), one matmul
     per non-empty area, its bias added by the same kernel: torch._grouped_mm runs a slower loop on CPU (wide regime
-    of benchmarks/speed.py, SAL step 0.90-0.97 of it); a few rows per area under ``compiled_products``, one
+    of benchmarks/speed.py, SAL step 0.90-0.97 of it); a few rows per area under ``compiled_kernels``, one
     generated kernel. Else one grouped kernel over the device offsets."""
     if _few_rows(groups):                            # (host counts and few rows per area)
-        out = _compiled_products(rows, groups, weight, bias)
+        out = compiled_call(_row_products, weight, bias, rows, groups.row_area)
         if out is not None:
             return out
     out = None if groups.counts is not None else _grouped_kernel(rows, weight.transpose(1, 2), groups)
@@ -366,18 +388,38 @@ def _grouped_mm(rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor | Non
 
 
 @contextlib.contextmanager
-def compiled_products(enabled: bool = True) -> Iterator[None]:
-    """Inside this block (``--compile``), CPU area products over a few rows per area that are not padded run as one
-    kernel generated by ``torch.compile``: each row's output is a reduction over its area's weights, read in place
-    and split across threads, where MKL's per-area products of one to three rows run one area after another on one
-    core (paper regime: the first layer's products 436 -> 223 us in the SAL step, the step 0.78-0.87 of before,
-    A/B in one process). It needs a C++ compiler and compiles once per shape (seconds); where compiling fails the
-    products run eagerly, with one warning."""
+def compiled_kernels(enabled: bool = True) -> Iterator[None]:
+    """Inside this block (``--compile``), work over a few rows per area runs as kernels generated by
+    ``torch.compile``, where eager kernels are many and small: a local rule's step up to its updates
+    (torchsal.rules.closed_form), and elsewhere CPU area products that are not padded. In them each row's product
+    is a reduction over its area's weights, read in place and split across threads, where MKL's per-area products
+    of one to three rows run one area after another on one core. It needs a C++ compiler and compiles once per
+    shape (seconds); where compiling fails, everything runs eagerly, with one warning."""
     token = _COMPILED.set(enabled)
     try:
         yield
     finally:
         _COMPILED.reset(token)
+
+
+def compiled_call(fn: Callable[..., T], *args: object) -> T | None:
+    """``fn(*args)`` as ``torch.compile`` builds it, inside ``compiled_kernels``; None outside, or once compiling
+    has failed on this machine (one warning says why): the caller then runs ``fn`` eagerly."""
+    if not _COMPILED.get() or _COMPILE_FAILURE:
+        return None
+    try:
+        return _compiled(fn)(*args)
+    except Exception as exc:  # noqa: BLE001 (the caller runs eagerly next; a real error shows there)
+        _COMPILE_FAILURE.append(f"{type(exc).__name__}: {next(iter(str(exc).strip().splitlines()), '')}")
+        log.warning("--compile: torch.compile could not build %s (%s); everything runs eagerly from now on. It "
+                    "needs a working C++ compiler (g++ or clang on the PATH); or drop --compile.", fn.__name__,
+                    _COMPILE_FAILURE[0])
+        return None
+
+
+@functools.cache
+def _compiled(fn: Callable[..., T]) -> Callable[..., T]:
+    return torch.compile(fn, dynamic=False)
 
 
 def _row_products(weight: Tensor, bias: Tensor | None, rows: Tensor, row_area: Tensor) -> Tensor:
@@ -387,30 +429,15 @@ def _row_products(weight: Tensor, bias: Tensor | None, rows: Tensor, row_area: T
     return out if bias is None else out + bias[row_area]
 
 
-@functools.cache
-def _compiled_row_products():  # noqa: ANN202
-    return torch.compile(_row_products)
-
-
-def _compiled_products(rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor | None) -> Tensor | None:
-    """The products of ``_grouped_mm`` from the generated kernel (``compiled_products``), or None where it is off
-    or compiling failed (which turns it off, with a warning)."""
-    if not _COMPILED.get() or _COMPILE_FAILURE:
-        return None
-    try:
-        return _compiled_row_products()(weight, bias, rows, groups.row_area)
-    except Exception as exc:  # noqa: BLE001 (the eager products follow; a real error shows there)
-        _COMPILE_FAILURE.append(f"{type(exc).__name__}: {next(iter(str(exc).strip().splitlines()), '')}")
-        log.warning("--compile: torch.compile could not build the area products (%s); they run eagerly from now "
-                    "on. It needs a working C++ compiler (g++ or clang on the PATH); or drop --compile.",
-                    _COMPILE_FAILURE[0])
-        return None
+def few_rows(rows: int, areas: int) -> bool:
+    """Fewer than 32 rows per area on average: where one kernel over all areas beats per-area ones."""
+    return rows < 32 * areas
 
 
 def _few_rows(groups: Groups) -> bool:
     """Below 32 rows per area, one batched matmul over the padded layout (zeros for empty areas come free) forms
     the weight gradients 2-4x faster than per-area rank-n updates; above, the per-area matmuls win (measured)."""
-    return groups.counts is not None and groups.order.numel() < 32 * groups.areas
+    return groups.counts is not None and few_rows(groups.order.numel(), groups.areas)
 
 
 def _weight_gradient(grad: Tensor, rows: Tensor, groups: Groups, out: Tensor, alpha: float | None = None,
@@ -462,9 +489,12 @@ def _affine_forward(rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor |
     """The output of per-area linear maps over grouped rows (the shared weight folded in), and what their update
     needs: the rows, the weights computed with, the padded rows (kept so that the update pads only the output
     gradient)."""
-    padded_rows = _padded(rows, groups) if _pad_pays_here(groups, weight) else None
     # the weights in the rows' type (mixed precision), with the shared path folded in
     compute = _compute_weights(weight, shared, rows.dtype)
+    if torch.compiler.is_compiling():       # (a compiled step) each row's product read in place from its area
+        return _row_products(compute, None if bias is None else _cast(bias, rows.dtype), rows, groups.row_area), \
+            (rows, compute, None)
+    padded_rows = _padded(rows, groups) if _pad_pays_here(groups, weight) else None
     out = _affine(rows, groups, compute, None if bias is None else _cast(bias, rows.dtype), padded_rows)
     return out, (rows, compute, padded_rows)
 

@@ -17,5 +17,8 @@ _NOTHING = contextlib.nullcontext()
 
 
 def named_range(name: str) -> contextlib.AbstractContextManager:
-    """``record_function(name)`` while a profiler records, else a shared no-op context."""
+    """``record_function(name)`` while a profiler records, else a shared no-op context (always inside a compiled
+    region, whose kernels the profiler names itself)."""
+    if torch.compiler.is_compiling():
+        return _NOTHING
     return record_function(name) if torch._C._autograd._profiler_enabled() else _NOTHING

@@ -29,7 +29,7 @@ from torchsal.config import RunConfig, TrainConfig, make_config, resolve_areas
 from torchsal.continual_methods import ContinualMethod
 from torchsal.data import Splits, crop_flip, load_dataset, make_splits
 from torchsal.diagnostics import alignment, area_statistics, interference
-from torchsal.dispatch import compiled_products, release_gradients, sgd_in_backward
+from torchsal.dispatch import compiled_kernels, release_gradients, sgd_in_backward
 from torchsal.errors import ConfigError, DivergenceError, RunInterrupted
 from torchsal.models import BlockNet, build_model, count_parameters
 from torchsal.rules import LearningRule, build_rule
@@ -362,7 +362,7 @@ class Trainer:
         release_gradients(p for group in self.optimizer.param_groups for p in group["params"])
         term = None if self.method is None else self.method.output_term(x)
         with self._updates_in_backward(), output_terms(*([term] if term else [])), self._autocast(), \
-                compiled_products(self.config.train.compile):
+                compiled_kernels(self.config.train.compile):
             # the rule's forward pass and update at once (in closed form where it can); a non-finite loss stops
             # the run before the update
             out = self.rule.step(self.model, x, y, before_update=lambda out: self._check_loss(out.loss, x))
