@@ -72,15 +72,18 @@ def _learned_routing(x: Tensor, weight: Tensor, bias: Tensor, prototypes: Tensor
     return scores.argmax(dim=1), loss, (x, z, norm, prototypes, log_p, target)
 
 
-def _step_or_gradients(saved: tuple[Tensor, ...], grad: Tensor | float, temperature: float, weight: Tensor,
-                       bias: Tensor) -> tuple[Tensor | None, Tensor | None]:
-    """The gradients of the projection's weight and bias (those that require one) from the routing loss's
-    gradient ``grad``, or None for those plain SGD steps here (``dispatch.step_or_gradient``)."""
-    x, z, norm, prototypes, log_p, target = saved
+def _projection_gradient(saved: tuple[Tensor, ...], grad: Tensor | float, temperature: float) -> Tensor:
+    """The routing loss's gradient at the projection's output ``u``, from the loss's gradient ``grad``."""
+    _, z, norm, prototypes, log_p, target = saved
     ds = log_p.exp().sub_(target.to(log_p.dtype)).mul_(grad / (log_p.shape[0] * temperature))
     z = z.to(ds.dtype)
     dz = ds @ prototypes.to(ds.dtype)
-    du = dz.sub_(z * (z * dz).sum(dim=1, keepdim=True)).div_(norm.to(ds.dtype))
+    return dz.sub_(z * (z * dz).sum(dim=1, keepdim=True)).div_(norm.to(ds.dtype))
+
+
+def _step_or_gradients(x: Tensor, du: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """The gradients of the projection's weight and bias (those that require one) from the gradient ``du`` at its
+    output, or None for those plain SGD steps here (``dispatch.step_or_gradient``)."""
     return (step_product_or_gradient(weight, du.T, x) if weight.requires_grad else None,
             step_or_gradient(bias, du.sum(0)) if bias.requires_grad else None)
 
@@ -106,7 +109,8 @@ class _LearnedRouting(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, _: Tensor | None, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
-        return None, *_step_or_gradients(ctx.saved_tensors, grad, ctx.temperature, *ctx.params), None, None
+        du = _projection_gradient(ctx.saved_tensors, grad, ctx.temperature)
+        return None, *_step_or_gradients(ctx.saved_tensors[0], du, *ctx.params), None, None
 
 
 def make_prototypes(areas: int, dim: int, generator: torch.Generator) -> Tensor:
@@ -157,23 +161,26 @@ class Router(nn.Module):
         area, scores = route(F.normalize(self.projection(x.detach()), dim=1), self.prototypes)
         return area, scores.new_zeros(())
 
-    def local_step(self, x: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...] | None]:
+    def local_step(self, x: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
         """``forward`` without autograd: ``(area, loss, state)``, ``state`` being what ``learn`` needs (None when
-        there is nothing to learn). For a step that forms its updates in closed form (torchsal.closed_form)."""
+        there is nothing to learn): the input and the loss's gradient at the projection's output, the loss taken
+        with weight 1 as it enters the step's loss. For a step that forms its updates in closed form
+        (torchsal.closed_form)."""
         with named_range("torchsal.route"), torch.no_grad():
             if self.config.router == "learned" and self.training:
-                return _learned_routing(x, self.projection.weight, self.projection.bias, self.prototypes,
-                                        self.config.routing_temperature)
+                temperature = self.config.routing_temperature
+                area, loss, saved = _learned_routing(x, self.projection.weight, self.projection.bias,
+                                                     self.prototypes, temperature)
+                return area, loss, (x, _projection_gradient(saved, 1.0, temperature))
             return *self._route(x), None
 
     @torch.no_grad()
-    def learn(self, state: tuple[Tensor, ...], grad: Tensor | float) -> None:
-        """The projection's update from the routing loss's gradient ``grad``, as the autograd step leaves it:
-        accumulated into ``.grad``, or stepped in place under plain SGD (``dispatch.sgd_in_backward``)."""
+    def learn(self, state: tuple[Tensor, Tensor]) -> None:
+        """The projection's update from ``local_step``'s state, as the autograd step leaves it: accumulated into
+        ``.grad``, or stepped in place under plain SGD (``dispatch.sgd_in_backward``)."""
         with named_range("torchsal.route"):
             weight, bias = self.projection.weight, self.projection.bias
-            grads = _step_or_gradients(state, grad, self.config.routing_temperature, weight, bias)
-            for p, g in zip((weight, bias), grads):
+            for p, g in zip((weight, bias), _step_or_gradients(*state, weight, bias)):
                 accumulate_gradient(p, g)
 
     def extra_repr(self) -> str:

@@ -65,7 +65,7 @@ def step(rule: LocalSignalRule, model: BlockNet, x: Tensor, y: Tensor,
         for block, state, g in zip(model.blocks, states, grads):
             block.learn(state, g)
         if router_state is not None:
-            model.routers[0].learn(router_state, 1.0)
+            model.routers[0].learn(router_state)
     return out
 
 
