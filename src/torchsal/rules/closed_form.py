@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from torchsal import distributed
 from torchsal.blocks import BlockNet, Trace
 from torchsal.dispatch import compiled_call, few_rows, group_by_area
 from torchsal.rules.base import (
@@ -71,8 +72,10 @@ def step(rule: LocalSignalRule, model: BlockNet, x: Tensor, y: Tensor,
 
 def _compiling_pays(model: BlockNet, x: Tensor) -> bool:
     """Under ``--compile``, the step up to its updates runs as generated kernels where areas hold a few rows each
-    on CPU (paper: 16 rows over 16 areas); its updates stay eager (MKL's in-place products)."""
-    return x.device.type == "cpu" and model.areas > 1 and few_rows(x.shape[0], model.areas)
+    on CPU (paper: 16 rows over 16 areas), in one process (a data-parallel router gathers every rank's scores);
+    its updates stay eager (MKL's in-place products)."""
+    return x.device.type == "cpu" and model.areas > 1 and few_rows(x.shape[0], model.areas) and \
+        distributed.current().world == 1
 
 
 def forward_phase(rule: LocalSignalRule, model: BlockNet, x: Tensor, y: Tensor
