@@ -126,3 +126,26 @@ def test_compile_flag_compiles_the_step_up_to_its_updates(compile_, monkeypatch)
                                   compile=compile_))
     trainer.fit(progress=False)
     assert calls.count("forward_phase") == (3 if compile_ else 0)
+
+
+def test_a_compile_that_fails_trains_eagerly_with_one_warning(monkeypatch, caplog):
+    """Where torch.compile cannot build the step (no C++ compiler), training goes on eagerly to the same result, and
+    one warning names the cause and the fix."""
+    def broken(fn):
+        def call(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+        return call
+
+    states = []
+    for compile_ in (True, False):
+        count_compiled_kernel(monkeypatch, broken if compile_ else (lambda fn: fn))
+        trainer = Trainer(make_config("sal", areas=16, width=32, batch_size=8, epochs=1, max_steps=3,
+                                      compile=compile_))
+        with caplog.at_level("WARNING", logger="torchsal.dispatch"):
+            trainer.fit(progress=False)
+        states.append(trainer.model.state_dict())
+    (warning,) = caplog.records
+    assert "No working C++ compiler found" in warning.getMessage() and "drop --compile" in warning.getMessage()
+    for name, value in states[1].items():
+        assert torch.equal(states[0][name], value), name
+
