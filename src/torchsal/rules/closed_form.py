@@ -55,7 +55,10 @@ def step(rule: LocalSignalRule, model: BlockNet, x: Tensor, y: Tensor,
     It runs in ``torch.inference_mode`` (no version counters, no view tracking: the trainer's step 0.92-0.94 of
     the same under ``no_grad`` at batch 16, 0.97-1.00 at 64, A/B in four runs each), so what leaves it is made
     ordinary: the output's tensors here, gradients and recycled memory where they are made
-    (``dispatch.accumulate_gradient``, ``dispatch.take_memory``)."""
+    (``dispatch.accumulate_gradient``, ``dispatch.take_memory``). Its two phases, the forward pass with every
+    signal (``forward_phase``) and the updates, are apart so that ``--compile`` can build the first as one graph
+    (``dispatch.compiled_call``): the updates write the parameters in place, area by area, which eager MKL does
+    best."""
     with torch.inference_mode():
         phase = compiled_call(forward_phase, rule, model, x, y) if _compiling_pays(model, x) else None
         made, states, grads, router_state = phase or forward_phase(rule, model, x, y)
