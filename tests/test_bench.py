@@ -36,8 +36,10 @@ def test_selection_uses_validation_only_and_resumes(tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "results.json").read_text())["summary"]
     assert summary[0]["test_mean"] == pytest.approx(51.0)         # mean of 0.50, 0.51, 0.52
     calls.clear()
-    Bench("tuned", ["wine"], ["bp"], [0, 1, 2], tmp_path, threads=2).run()
-    assert calls == []                  # every finished run is reloaded, none redone (threads are not a setting)
+    Bench("tuned", ["wine"], ["bp"], [0, 1, 2], tmp_path, threads=2, compile_=True).run()
+    assert calls == []          # every finished run is reloaded, none redone (threads, --compile: not settings)
+    Bench("tuned", ["wine"], ["bp"], [0, 1, 2, 3], tmp_path, compile_=True).run()
+    assert [(c.train.seed, c.train.compile) for c in calls] == [(3, True)]     # a new run takes --compile
 
 
 def test_identical_presets_share_runs(tmp_path, monkeypatch):

@@ -32,6 +32,19 @@ def test_the_same_command_with_resume_appended_extends_the_budget_exactly(tmp_pa
     assert state["checkpoint_every"] == 10                  # saved with the run, used again without the flag
 
 
+def test_a_run_may_be_resumed_with_compile(tmp_path, monkeypatch):
+    """--compile says how fast a run goes, not what it is: a run started without it resumes with it (and it
+    reaches the step)."""
+    from conftest import count_compiled_kernel
+
+    calls = count_compiled_kernel(monkeypatch, lambda fn: fn)
+    run = tmp_path / "run"
+    command = [*BASE, "--areas", "16", "--batch-size", "16", "--out", str(run), "--checkpoint-every", "10"]
+    assert main([*command, "--max-steps", "10"]) == 0 and not calls
+    assert main([*command, "--max-steps", "20", "--compile", "--resume", str(run)]) == 0
+    assert calls.count("forward_phase") == 10
+
+
 def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
     run = tmp_path / "run"
     command = [*BASE, "--epochs", "1", "--out", str(run), "--checkpoint-every", "10"]

@@ -163,10 +163,11 @@ def matched_width(in_features: int, num_classes: int, settings: dict[str, Any]) 
 
 
 def _identity(config: dict[str, Any]) -> dict[str, Any]:
-    """What makes a run itself: every setting but where its data and outputs live and how many CPU threads ran it
-    (a report rebuilt with another thread count finds the same runs)."""
+    """What makes a run itself: every setting but where its data and outputs live, how many CPU threads ran it and
+    whether its step was compiled (a report rebuilt with another thread count, or with --compile, finds the same
+    runs: both change only the order of floating-point sums)."""
     current = {k: DEPRECATED_VALUES.get((k, v), v) if isinstance(v, str) else v for k, v in config.items()}
-    return {k: v for k, v in current.items() if k not in ("data_dir", "out", "threads")}
+    return {k: v for k, v in current.items() if k not in ("data_dir", "out", "threads", "compile")}
 
 
 def _key(config: RunConfig) -> str:
@@ -189,8 +190,9 @@ class Bench:
     """Runs (or reloads) every cell of one recipe and writes the tables and plots."""
 
     def __init__(self, recipe: str, datasets: list[str], presets: list[str], seeds: list[int], out: Path,
-                 data_dir: str | None = None, threads: int | None = None, epochs: int | None = None,
-                 report_only: bool = False, grayscale: bool | None = None, runs: Path | None = None) -> None:
+                 data_dir: str | None = None, threads: int | None = None, compile_: bool = False,
+                 epochs: int | None = None, report_only: bool = False, grayscale: bool | None = None,
+                 runs: Path | None = None) -> None:
         if recipe not in RECIPES:
             raise ConfigError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
         unknown = [p for p in presets if p not in PRESETS]
@@ -203,7 +205,7 @@ class Bench:
             raise ConfigError(f"recipe {recipe} has no model for {foreign[0]!r}; it runs on "
                               f"{', '.join(RECIPES[recipe].datasets)}")
         self.recipe, self.datasets, self.presets, self.seeds = RECIPES[recipe], datasets, presets, seeds
-        self.out, self.data_dir, self.threads, self.epochs = out, data_dir, threads, epochs
+        self.out, self.data_dir, self.threads, self.compile, self.epochs = out, data_dir, threads, compile_, epochs
         self.report_only = report_only          # tables from the finished runs only; train nothing
         self.base = {**self.recipe.base, **({} if grayscale is None else {"grayscale": grayscale})}
         self.runs = runs or out / "runs"        # finished runs; several benches may share one folder
@@ -244,7 +246,7 @@ class Bench:
             n_train = len(self.splits[self.seeds[0]].y_train)
             epochs = self.epochs or own.pop("epochs", None) or self.recipe.epochs(n_train)
             base = {**self.base, **own, "dataset": dataset, "data_dir": self.data_dir, "threads": self.threads,
-                    "epochs": epochs}
+                    "compile": self.compile, "epochs": epochs}
             for preset in self.presets:
                 self._cell(dataset, preset, base, self.recipe.trials(preset))
             for name in rows:
