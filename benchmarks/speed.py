@@ -4,7 +4,7 @@
     python benchmarks/speed.py --regimes paper,wide --rounds 9 --out docs/performance/speed.json
     python benchmarks/speed.py --regimes none --whole-run --data-dir ../shared/data      # K=16 against K=1, CLI
     python benchmarks/speed.py --precision-speedup                # bf16-mixed against fp32, BP and SAL
-    python benchmarks/speed.py --regimes paper,tuned --compile     # with --compile (a C++ compiler at run time)
+    python benchmarks/speed.py --compile        # with --compile (a C++ compiler at run time): the fastest SAL step
 
 For each regime the trainer's own step (``Trainer.train_step``: batch gather, rule, backward, optimizer, scheduler,
 metrics) runs for BP on the dense model and for SAL (16 areas, local signal) without and with the shared path,
