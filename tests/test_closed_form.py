@@ -44,6 +44,18 @@ def saved_tensors(fn):
     return count
 
 
+def assert_same_runs(run, reference):
+    """Two runs ``(state_dict, step outputs)`` agree: parameters, losses, logits, diagnostics; no output needs a
+    graph."""
+    (state, outs), (ref_state, ref_outs) = run, reference
+    for name in ref_state:
+        torch.testing.assert_close(state[name], ref_state[name], rtol=1e-5, atol=1e-6, msg=name)
+    for out, ref in zip(outs, ref_outs, strict=True):
+        assert not out.loss.requires_grad and not ref.loss.requires_grad
+        for field in ("loss", "logits", "task_loss", "activation_rms", "signal_rms"):
+            torch.testing.assert_close(getattr(out, field), getattr(ref, field), msg=field)
+
+
 @pytest.mark.parametrize("rule_name,signal", [("sal", "local"), ("sal", "direct"), ("sal", "both"), ("dfa", "direct")])
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("areas", [1, 4])
@@ -68,13 +80,7 @@ def test_the_closed_form_step_follows_the_autograd_step(rule_name, signal, share
                 outs.append(rule.step(model, x, y) if closed else LearningRule.step(rule, model, x, y))
             opt.step()
         runs.append((model.state_dict(), outs))
-    (state, outs), (ref_state, ref_outs) = runs
-    for name in ref_state:
-        torch.testing.assert_close(state[name], ref_state[name], rtol=1e-5, atol=1e-6, msg=name)
-    for out, ref in zip(outs, ref_outs):
-        assert not out.loss.requires_grad and not ref.loss.requires_grad
-        for field in ("loss", "logits", "task_loss", "activation_rms", "signal_rms"):
-            torch.testing.assert_close(getattr(out, field), getattr(ref, field), msg=field)
+    assert_same_runs(*runs)
 
 
 @pytest.mark.parametrize("feedback,readout", [("per-area", "per-layer"), ("per-layer", "single")])
@@ -234,12 +240,7 @@ def test_the_compiled_step_follows_the_autograd_step(optimizer, shared, monkeypa
             untouched += int((~used).sum())
         runs.append((model.state_dict(), outs))
     assert calls.count("forward_phase") == 3 and not dispatch._COMPILE_FAILURE and untouched > 0
-    (state, outs), (ref_state, ref_outs) = runs
-    for name in ref_state:
-        torch.testing.assert_close(state[name], ref_state[name], rtol=1e-5, atol=1e-6, msg=name)
-    for out, ref in zip(outs, ref_outs):
-        for field in ("loss", "logits", "task_loss", "activation_rms", "signal_rms"):
-            torch.testing.assert_close(getattr(out, field), getattr(ref, field), msg=field)
+    assert_same_runs(*runs)
 
 
 @pytest.mark.parametrize("areas", [1, 4])
