@@ -128,6 +128,16 @@ def test_compile_flag_compiles_the_step_up_to_its_updates(compile_, monkeypatch)
     assert calls.count("forward_phase") == (3 if compile_ else 0)
 
 
+def test_compile_leaves_a_last_smaller_batch_eager(monkeypatch):
+    """Only full batches go through what torch.compile builds: a last, smaller batch would compile again, for
+    seconds, for one step."""
+    calls = count_compiled_kernel(monkeypatch, lambda fn: fn)
+    trainer = Trainer(make_config("sal", areas=16, width=32, batch_size=100, epochs=1, compile=True))
+    trainer.fit(progress=False)
+    full, rest = divmod(len(trainer.y_train), 100)
+    assert rest and trainer.step == full + 1 and calls.count("forward_phase") == full
+
+
 def test_a_compile_that_fails_trains_eagerly_with_one_warning(monkeypatch, caplog):
     """Where torch.compile cannot build the step (no C++ compiler), training goes on eagerly to the same result, and
     one warning names the cause and the fix."""

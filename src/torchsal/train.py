@@ -361,8 +361,11 @@ class Trainer:
         # the module tree took 2-3% of a 128-layer step.
         release_gradients(p for group in self.optimizer.param_groups for p in group["params"])
         term = None if self.method is None else self.method.output_term(x)
+        # --compile on full batches only: a last, smaller batch (or one replay grew) runs eagerly, where torch would
+        # compile again, for seconds, per shape
+        compiling = self.config.train.compile and len(batch) == self.config.train.batch_size and len(x) == len(local)
         with self._updates_in_backward(), output_terms(*([term] if term else [])), self._autocast(), \
-                compiled_kernels(self.config.train.compile):
+                compiled_kernels(compiling):
             # the rule's forward pass and update at once (in closed form where it can); a non-finite loss stops
             # the run before the update
             out = self.rule.step(self.model, x, y, before_update=lambda out: self._check_loss(out.loss, x))
