@@ -80,3 +80,15 @@ def test_info_lists_versions_and_datasets(tmp_path, capsys):
     assert main(["info", "--data-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "torch " in out and "digits" in out and "built in" in out and "mnist          not found" in out
+
+
+def test_info_says_whether_compile_finds_a_compiler(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: "/opt/bin/clang++" if name == "clang++" else None)
+    assert main(["info", "--data-dir", str(tmp_path)]) == 0
+    assert "--compile: C++ compiler /opt/bin/clang++" in capsys.readouterr().out
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert main(["info", "--data-dir", str(tmp_path)]) == 0
+    assert "--compile: no C++ compiler found" in capsys.readouterr().out

@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import platform
+import shutil
 from pathlib import Path
 
 import torch
@@ -81,6 +83,13 @@ def _plot(history: list[dict[str, float]], path: Path, title: str) -> None:
     write_bytes_atomic(path, buffer.getvalue())
 
 
+def _compiler() -> str:
+    """Whether torch.compile finds a C++ compiler here (what ``--compile`` needs; $CXX first, as Inductor)."""
+    found = next(filter(None, (shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++", "c++") if c)), None)
+    return f"C++ compiler {found}" if found else "no C++ compiler found (g++ or clang++ on the PATH, or $CXX): " \
+        "--compile would run eagerly"
+
+
 def info(data_dir: str | None = None) -> str:
     """Versions, threads, devices, and where each registered dataset was found."""
     import numpy
@@ -95,6 +104,7 @@ def info(data_dir: str | None = None) -> str:
              f"scikit-learn {sklearn.__version__}, Python {platform.python_version()}",
              f"threads: {torch.get_num_threads()} (CPU cores: {torch.multiprocessing.cpu_count()})",
              f"devices: cpu; cuda: {cuda}",
+             f"--compile: {_compiler()}",
              f"data folders searched: {', '.join(str(d) for d in search_dirs(data_dir))}", "datasets:"]
     for name in sorted(DATASETS):
         try:
