@@ -483,9 +483,8 @@ def _weight_gradient(grad: Tensor, rows: Tensor, groups: Groups, out: Tensor, al
 
 
 def host_counts(groups: Groups) -> list[int]:
-    """Rows per area on the host (read from the device offsets where they are not there already)."""
-    return groups.counts if groups.counts is not None else torch.diff(groups.ends, prepend=groups.ends.new_zeros(1)
-                                                                      ).tolist()
+    """Rows per area on the host (read from the device where they are not there already)."""
+    return groups.counts if groups.counts is not None else groups.per_area.tolist()
 
 
 def _affine_forward(rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor | None,
@@ -495,11 +494,11 @@ def _affine_forward(rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor |
     gradient)."""
     # the weights in the rows' type (mixed precision), with the shared path folded in
     compute = _compute_weights(weight, shared, rows.dtype)
+    bias = None if bias is None else _cast(bias, rows.dtype)
     if torch.compiler.is_compiling():       # (a compiled step) each row's product read in place from its area
-        return _row_products(compute, None if bias is None else _cast(bias, rows.dtype), rows, groups.row_area), \
-            (rows, compute, None)
+        return _row_products(compute, bias, rows, groups.row_area), (rows, compute, None)
     padded_rows = _padded(rows, groups) if _pad_pays_here(groups, weight) else None
-    out = _affine(rows, groups, compute, None if bias is None else _cast(bias, rows.dtype), padded_rows)
+    out = _affine(rows, groups, compute, bias, padded_rows)
     return out, (rows, compute, padded_rows)
 
 
@@ -724,7 +723,7 @@ def grouped_conv2d(rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor, o
             return torch.cat(outs)
         areas, (n, c, h, w) = weight.shape[0], rows.shape
         ends = groups.ends.long()
-        counts = torch.diff(ends, prepend=ends.new_zeros(1))
+        counts = groups.per_area
         capacity = int(counts.max())
         position = torch.arange(n, device=rows.device) - (ends - counts)[groups.row_area]
         padded = rows.new_zeros(capacity, h, w, areas, c)
