@@ -17,8 +17,9 @@ autograd bookkeeping, Python), scaled to the measured step.
 
 The physical floor of each step is ``max(FLOPs / matmul rate, bytes / bandwidth)``: matmul FLOPs of the forward
 and update (and, for BP, input-gradient) products at the rate measured on the regime's own dense matmul, and the
-bytes the step must move (weights read, gradients written, optimizer traffic) at the measured streaming
-bandwidth (the fastest of a copy, a scale and an add over 256 MB: scale.stream_bandwidth).
+bytes the step must move (weights read, the update's traffic: no weight gradient, which can be formed in cache
+and consumed there) at the measured streaming bandwidth (the fastest of a copy, a scale and an add over 256 MB:
+scale.stream_bandwidth).
 For SAL the bytes count every *touched* area (the expected number of distinct areas a batch of B uniform samples
 hits, ``K (1 - (1 - 1/K)^B)``): each must be read, and its update written.
 
@@ -49,8 +50,11 @@ from torchsal.data import Splits
 from torchsal.train import Trainer
 
 FEATURES, CLASSES = 784, 10
-# Bytes an optimizer moves per updated element (fp32): read p, g (+ state), write p (+ state).
-OPTIMIZER_BYTES = {"sgd": 3 * 4, "adam": 7 * 4, "adamw": 7 * 4}
+# Bytes an optimizer step moves per updated element (fp32): read and write p (and Adam's two moments). The weight
+# gradient need not reach memory: formed in cache and consumed there (as SAL's is: optim.updates_in_backward).
+OPTIMIZER_BYTES = {"sgd": 2 * 4, "adam": 6 * 4, "adamw": 6 * 4}
+# Kernels of an optimizer's update wherever they run (fused Adam steps an area inside SAL's update).
+OPTIMIZER_KERNELS = ("aten::_fused_adam_", "aten::_fused_adamw_", "aten::_fused_sgd_")
 
 
 @dataclass(frozen=True)
@@ -143,7 +147,7 @@ COMPILED = ("## Call CompiledFxGraph", "Torch-Compiled Region", "TorchDynamo Cac
 
 def category(event) -> str:
     above = [event.name, *ancestors(event)]
-    if any(n.startswith("Optimizer.") for n in above):
+    if event.name in OPTIMIZER_KERNELS or any(n.startswith("Optimizer.") for n in above):
         return "optimizer"
     if any(n.startswith(COMPILED) for n in above):
         return "compiled"
@@ -197,16 +201,13 @@ def floor(regime: Regime, variant: str, rate: float, bandwidth: float) -> dict[s
     if variant == "bp":
         # forward + weight gradient everywhere, input gradient above the first layer
         flops = 2 * b * (2 * weights + sum(i * o for i, o in layers[1:]))
-        moved = 4 * weights * 3 + opt * weights            # read (fwd, bwd), write gradient; optimizer
+        moved = 4 * weights * 2 + opt * weights            # read (forward, input gradient); update
     else:
         shared = variant == "sal-shared"
         touched = touched_areas(16, b)
         flops = 2 * b * 2 * weights * (2 if shared else 1)
         paths = touched + (1 if shared else 0)
-        if regime.optimizer == "sgd":      # plain SGD updates in place: read (forward), read and write (update)
-            moved = 4 * weights * paths * 3
-        else:                              # read (forward), write gradient; optimizer
-            moved = 4 * weights * paths * 2 + opt * weights * paths
+        moved = 4 * weights * paths + opt * weights * paths     # read (forward); update
     return {"flops": flops, "bytes": moved, "flop_s": flops / rate, "byte_s": moved / bandwidth,
             "floor_s": max(flops / rate, moved / bandwidth)}
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from torchsal.config import ModelConfig, RoutingConfig, RuleConfig
-from torchsal.dispatch import sgd_in_backward
 from torchsal.models import build_model
+from torchsal.optim import updates_in_backward
 from torchsal.rules import build_rule, closed_form
 from torchsal.rules.base import LearningRule
 
@@ -76,7 +76,7 @@ def test_the_closed_form_step_follows_the_autograd_step(rule_name, signal, share
             x, y = data(seed=i)
             assert closed_form.applies(rule, model, x)
             opt.zero_grad()
-            with sgd_in_backward(opt):
+            with updates_in_backward(opt):
                 outs.append(rule.step(model, x, y) if closed else LearningRule.step(rule, model, x, y))
             opt.step()
         runs.append((model.state_dict(), outs))
@@ -196,7 +196,7 @@ def test_the_closed_form_with_device_side_groupings(optimizer, monkeypatch):
             x, y = data(batch=5, seed=i)                   # 5 rows over 4 areas
             empty |= bool((torch.bincount(model.routers[0](x)[0], minlength=4) == 0).any())
             opt.zero_grad()
-            with sgd_in_backward(opt):
+            with updates_in_backward(opt):
                 (rule.step if closed else functools.partial(LearningRule.step, rule))(model, x, y)
             opt.step()
         monkeypatch.undo()
@@ -232,7 +232,7 @@ def test_the_compiled_step_follows_the_autograd_step(optimizer, shared, monkeypa
             used = torch.bincount(model.routers[0](x)[0], minlength=4) > 0
             before = [block.linear.weight.detach().clone() for block in model.blocks]
             opt.zero_grad()
-            with sgd_in_backward(opt), compiled_kernels(compiled):
+            with updates_in_backward(opt), compiled_kernels(compiled):
                 outs.append(rule.step(model, x, y) if compiled else LearningRule.step(rule, model, x, y))
             opt.step()
             for block, old in zip(model.blocks, before):

@@ -67,44 +67,62 @@ def test_a_stock_optimizer_that_would_move_untouched_areas_is_refused():
     assert torch.equal(weight[2:], before[2:]) and not torch.equal(weight[:2], before[:2])
 
 
+IN_BACKWARD = {"sgd": (optim.SGD, {"lr": 0.5}),
+               "adam": (optim.Adam, {"lr": 0.05, "fused": True}),
+               "adamw": (optim.AdamW, {"lr": 0.05, "weight_decay": 0.1, "fused": True}),
+               "adamw-amsgrad": (optim.AdamW, {"lr": 0.05, "weight_decay": 0.1, "amsgrad": True, "fused": True})}
+
+
 @pytest.mark.parametrize("batch", [6, 300])
 @pytest.mark.parametrize("mixed", [False, True])
 @pytest.mark.parametrize("call", ["backward", "step"])
-def test_plain_sgd_applied_in_backward_equals_the_gradient_then_the_step(batch, mixed, call, layout):
-    """The trainer's plain-SGD fast path (each area updated inside its own backward, no .grad written) moves
-    every parameter as computing the gradient and stepping does, and leaves untouched areas bit-identical; 300
-    rows over 8 areas fold the shared path into the areas' product. ``step``: the same through the rule's one-call
-    step (the closed form in fp32, autograd under autocast)."""
+@pytest.mark.parametrize("kind", sorted(IN_BACKWARD))
+def test_updates_applied_in_backward_equal_the_gradient_then_the_step(batch, mixed, call, kind, layout):
+    """The trainer's fast path (updates_in_backward: plain SGD applied as one product per area, fused Adam area by
+    area from each area's gradient formed in cache; no .grad written) moves every parameter, and leaves the
+    optimizer's state, as computing the gradient and stepping does, and leaves untouched areas and their state
+    bit-identical; 300 rows over 8 areas fold the shared path into the areas' product. ``step``: the same through
+    the rule's one-call step (the closed form in fp32, autograd under autocast)."""
     from conftest import tiny
-
-    from torchsal.dispatch import sgd_in_backward
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(batch, 5, generator=g), torch.randint(3, (batch,), generator=g)
+    cls, hyper = IN_BACKWARD[kind]
     states, used = [], set()
     for fast in (False, True):
         model, rule = tiny("sal", areas=8, shared=True, width=8)
-        optimizer = optim.SGD(model.parameters(), lr=0.5)
+        optimizer = cls(model.parameters(), **hyper)
         for _ in range(3):
             used |= set(model.routers[0](x)[0].tolist())
             optimizer.zero_grad()
-            with sgd_in_backward(optimizer) if fast else torch.enable_grad(), \
+            with optim.updates_in_backward(optimizer) if fast else torch.enable_grad(), \
                     torch.autocast("cpu", torch.bfloat16, enabled=mixed):      # --precision bf16-mixed
                 if call == "step":
                     rule.step(model, x, y)
                 else:
                     rule(model, x, y).loss.backward()
             optimizer.step()
-        assert fast == (model.layers[0].weight.grad is None)       # no gradient materialised on the fast path
-        assert fast == (model.routers[0].projection.weight.grad is None)    # the router stepped in its backward
-        states.append(model.state_dict())
+        # no gradient materialised on the fast path: plain SGD's, and Adam's for banks not gathered per row
+        stepped_by_area = kind == "sgd" or layout == "grouped"
+        assert (fast and stepped_by_area) == (model.layers[0].weight.grad is None)
+        # the router stepped in its backward by plain SGD
+        assert (fast and kind == "sgd") == (model.routers[0].projection.weight.grad is None)
+        states.append((model.state_dict(), {name: optimizer.state[p] for name, p in model.named_parameters()}))
     untouched = sorted(set(range(8)) - used)
     assert untouched or batch > 8, "the small batch must leave an area unused"
-    for name, value in states[0].items():
-        torch.testing.assert_close(states[1][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    (slow, slow_state), (fast, fast_state) = states
+    for name, value in slow.items():
+        torch.testing.assert_close(fast[name], value, rtol=1e-5, atol=1e-6, msg=name)
         if name.endswith(("weight", "bias")) and value.dim() >= 2 and value.shape[0] == 8 and "layers" in name:
             initial = tiny("sal", areas=8, shared=True, width=8)[0].state_dict()[name]
-            assert torch.equal(states[1][name][untouched], initial[untouched]), name
+            assert torch.equal(fast[name][untouched], initial[untouched]), name
+            for key, moment in fast_state[name].items():
+                if moment.dim() > 0:
+                    assert not moment[untouched].any(), (name, key)
+    for name, state in slow_state.items():
+        assert state.keys() == fast_state[name].keys(), name
+        for key, value in state.items():
+            torch.testing.assert_close(fast_state[name][key], value, rtol=1e-5, atol=1e-7, msg=f"{name} {key}")
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))

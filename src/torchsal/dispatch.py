@@ -16,7 +16,8 @@ Where areas hold many rows the shared path is folded into the areas' product. Ar
 gradient. Which areas a step used is recorded on the parameter (``touched_areas``: a (K,) bool
 tensor, None when all were), so the optimizers of ``torchsal.optim`` update, and keep state for, exactly those
 areas: an untouched area stays bit-identical. Plain SGD may apply each area's update inside its backward
-(``sgd_in_backward``). docs/design.md gives the measurements behind each choice.
+(``stepping_in_backward``), and fused Adam may step each area from its gradient formed in cache. docs/design.md
+gives the measurements behind each choice.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import logging
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -48,28 +49,29 @@ _GROUPS: contextvars.ContextVar[Groups | None] = contextvars.ContextVar("groups"
 # compiling failed on this machine, once it has (everything then runs eagerly).
 _COMPILED: contextvars.ContextVar[bool] = contextvars.ContextVar("compiled", default=False)
 _COMPILE_FAILURE: list[str] = []
-# Parameters (by id) whose plain-SGD update is applied during their own backward, with their param group (lr).
-_UPDATE_IN_BACKWARD: contextvars.ContextVar[dict[int, dict] | None] = contextvars.ContextVar("update", default=None)
+# Parameters (by id) that take their update inside their own backward, each with its plain-SGD param group or an
+# area-by-area step (``stepping_in_backward``).
+_UPDATE_IN_BACKWARD: contextvars.ContextVar[dict[int, dict | AreaStep] | None] = \
+    contextvars.ContextVar("update", default=None)
+
+
+class AreaStep(Protocol):
+    """An optimizer's update of an area parameter applied area by area (``torchsal.optim.updates_in_backward``)."""
+
+    def ready(self, p: Tensor) -> bool:
+        """Whether ``p`` may be stepped here (its optimizer state exists)."""
+
+    def __call__(self, p: Tensor, gradients: Iterator[tuple[int, Tensor]]) -> None:
+        """Step each area ``k`` of ``p`` from its gradient, as ``gradients`` yields ``(k, gradient)`` pairs."""
 
 
 @contextlib.contextmanager
-def sgd_in_backward(optimizer: torch.optim.Optimizer) -> Iterator[None]:
-    """Inside this block, each area parameter of a plain-SGD ``optimizer`` (no momentum, no weight decay) is
-    updated during its own backward (or a closed-form step's update, ``learn_linear``), ``w[k] -= lr * grad_k``
-    as one in-place matmul per layer, and gets no ``.grad``: the per-area gradient is never written and read back
-    (wide regime of benchmarks/speed.py: SAL step 67 -> 57 ms against BP's 50). A learned router's projection is
-    stepped there too (``step_or_gradient``), and so is a shared weight computed apart: under plain SGD the
-    optimizer then has nothing left of a routed MLP. Exact for plain
-    SGD only, and only where nothing else needs the gradient: not under gradient clipping, hooks, or a
-    data-parallel all-reduce (which must see the gradient before anyone steps). Other optimizers make this a no-op.
-    """
-    groups = {}
-    for group in optimizer.param_groups:
-        plain = not (group.get("momentum") or group.get("weight_decay") or group.get("maximize")) \
-            and isinstance(optimizer, torch.optim.SGD)
-        if plain:
-            groups.update({id(p): group for p in group["params"]})
-    token = _UPDATE_IN_BACKWARD.set(groups or None)
+def stepping_in_backward(updates: dict[int, dict | AreaStep] | None) -> Iterator[None]:
+    """Inside this block the parameters in ``updates`` (by id) take their update inside their own backward (or a
+    closed-form step's update, ``learn_linear``) and get no ``.grad``: plain SGD, by its param group (a ``dict``),
+    ``w[k] -= lr * grad_k`` as one in-place product per area; an ``AreaStep``, area by area. Built by
+    ``torchsal.optim.updates_in_backward``, which says where that is exact."""
+    token = _UPDATE_IN_BACKWARD.set(updates or None)
     try:
         yield
     finally:
@@ -77,11 +79,18 @@ def sgd_in_backward(optimizer: torch.optim.Optimizer) -> Iterator[None]:
 
 
 def lr_in_backward(p: Tensor) -> float | None:
-    """The learning rate of the plain-SGD step ``p`` takes inside its own backward (``sgd_in_backward``), or None
-    where ``p`` gets a ``.grad`` as usual. For backward functions that write their parameters' gradients out."""
+    """The learning rate of the plain-SGD step ``p`` takes inside its own backward (``stepping_in_backward``), or
+    None where ``p`` gets a ``.grad`` as usual. For backward functions that write their parameters' gradients out."""
     update = _UPDATE_IN_BACKWARD.get()
     group = None if update is None else update.get(id(p))
-    return None if group is None else group["lr"]
+    return group["lr"] if isinstance(group, dict) else None
+
+
+def area_step_in_backward(p: Tensor) -> AreaStep | None:
+    """The area-by-area step ``p`` takes inside its own backward (``stepping_in_backward``), where it is ready."""
+    update = _UPDATE_IN_BACKWARD.get()
+    step = None if update is None else update.get(id(p))
+    return step if step is not None and not isinstance(step, dict) and step.ready(p) else None
 
 
 def step_product_or_gradient(p: Tensor, a: Tensor, b: Tensor) -> Tensor | None:
@@ -95,7 +104,7 @@ def step_product_or_gradient(p: Tensor, a: Tensor, b: Tensor) -> Tensor | None:
 
 def step_or_gradient(p: Tensor, grad: Tensor) -> Tensor | None:
     """``grad`` in ``p``'s type for a backward function to return, or None where plain SGD steps ``p`` right here
-    (``sgd_in_backward``): a parameter updated in its backward skips autograd's accumulation and the optimizer."""
+    (``stepping_in_backward``): a parameter updated in its backward skips autograd's accumulation and the optimizer."""
     grad = grad.to(p.dtype)
     lr = lr_in_backward(p)
     if lr is None:
@@ -482,6 +491,25 @@ def _weight_gradient(grad: Tensor, rows: Tensor, groups: Groups, out: Tensor, al
     return out
 
 
+def _each_area_gradient(grad: Tensor, rows: Tensor, groups: Groups, scratch: Tensor, total: Tensor | None
+                        ) -> Iterator[tuple[int, Tensor]]:
+    """``(k, grad_k.T @ rows_k)`` for each area with rows (CPU groupings), each formed in turn into ``scratch``
+    (one area's size, so that it is still in cache when its step reads it) and added into ``total`` when given
+    (a folded shared weight's gradient, their sum). One row's product is a broadcast one (MKL's rank-one path is
+    slow: ``_weight_gradient``)."""
+    counts = host_counts(groups)
+    for k, (g, r, n) in enumerate(zip(grad.T.split(counts, 1), rows.split(counts), counts)):
+        if not n:
+            continue
+        if n == 1:
+            torch.mul(g, r, out=scratch)
+        else:
+            torch.mm(g, r, out=scratch)
+        if total is not None:
+            total.add_(scratch)
+        yield k, scratch
+
+
 def host_counts(groups: Groups) -> list[int]:
     """Rows per area on the host (read from the device where they are not there already)."""
     return groups.counts if groups.counts is not None else groups.per_area.tolist()
@@ -513,13 +541,23 @@ def _area_gradients(grad: Tensor, groups: Groups, rows: Tensor, padded_grad: Ten
                     wants: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """The gradients of an area layer's weight, bias and folded shared weight (those ``wants`` asks for) from its
     output gradient, the areas each touched marked on it; None for those stepped in place by plain SGD
-    (``sgd_in_backward``). Weight gradients go into a buffer recycled across steps."""
+    (``stepping_in_backward``), or stepped area by area there (an ``AreaStep``: fused Adam). Weight gradients go
+    into a buffer recycled across steps."""
     grad_w = grad_b = grad_s = None
     wants_weight, wants_bias, wants_shared = wants[0], wants[1] and bias is not None, wants[2] and shared is not None
     if wants_weight or wants_shared:
         lr = lr_in_backward(weight) if wants_weight else None
+        # (not small gathered banks: a head's areas are too small for a step each)
+        by_area = area_step_in_backward(weight) if wants_weight and groups.counts is not None and \
+            not _gather_pays(groups, weight) else None
         if lr is not None and not wants_shared:        # plain SGD in place: w[k] += (-lr) grad_k.T rows_k
             _weight_gradient(grad, rows, groups, weight, -lr, padded_grad, padded_rows)
+        elif by_area is not None:                      # each area's gradient formed in cache and stepped at once
+            scratch = take_memory(weight, "area gradient", weight.dtype, weight.shape[1:])
+            grad_s = weight.new_zeros(weight.shape[1:]) if wants_shared else None
+            by_area(weight, _each_area_gradient(_cast(grad, weight.dtype), _cast(rows, weight.dtype), groups,
+                                                scratch, grad_s))
+            give_memory(weight, "area gradient", scratch)
         else:
             buffer = take_memory(weight, "gradient", weight.dtype)
             grad_w = _weight_gradient(grad, rows, groups, buffer, None, padded_grad, padded_rows)
@@ -647,7 +685,7 @@ def learn_linear(state: LinearState, grad: Tensor, weight: Tensor, bias: Tensor 
                  shared: Tensor | None = None) -> None:
     """The update of ``local_linear``'s parameters from its output's gradient ``grad``, as autograd would leave it:
     accumulated into ``.grad`` with the touched areas marked, or stepped in place under plain SGD
-    (``sgd_in_backward``). Parameters that do not require a gradient are left alone."""
+    (``stepping_in_backward``). Parameters that do not require a gradient are left alone."""
     with named_range("torchsal.dispatch"):
         rows, groups = state.rows, state.groups
         folded = None if state.shared_apart else shared

@@ -26,13 +26,16 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import operator
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from torchsal.dispatch import stepping_in_backward
 from torchsal.errors import ConfigError
 from torchsal.stacks import back_to_back
 
@@ -66,7 +69,7 @@ class _AreaAware:
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001, ANN201
         if closure is None and all(p.grad is None for group in self.param_groups for p in group["params"]):
-            # nothing to step: plain SGD took every step in place (dispatch.sgd_in_backward), and torch's step
+            # nothing to step: every step was taken in place (updates_in_backward), and torch's step
             # over gradient-less parameters changes nothing (its per-call cost was about 5% of a batch-16 step)
             return None
         swapped: list[tuple[dict, list[Tensor]]] = []
@@ -286,6 +289,68 @@ class Adam(_AreaAware, torch.optim.Adam):
 
 class AdamW(_AreaAware, torch.optim.AdamW):
     """``torch.optim.AdamW`` that leaves untouched areas, their moments and their weight decay untouched."""
+
+
+@contextlib.contextmanager
+def updates_in_backward(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Inside this block, an area parameter whose optimizer can step it from its own gradient alone takes its
+    update inside its own backward (or a closed-form step's update) and gets no ``.grad``, so ``optimizer.step()``
+    has nothing left to do for it:
+
+    - plain SGD (lr only): ``w[k] -= lr * grad_k`` as one in-place product per area, the gradient never written
+      (wide regime of benchmarks/speed.py: SAL step 67 -> 57 ms against BP's 50). A learned router's projection
+      and a shared weight computed apart step there too (``dispatch.step_or_gradient``).
+    - fused Adam and AdamW of this module, once their state exists (from a parameter's second step): each touched
+      area's gradient is formed into one area's scratch memory and stepped at once by torch's own fused kernel
+      (``_AdamByArea``), so the (K, out, in) gradient is never written out and read back (docs/performance.md).
+
+    Exact only where nothing else needs the gradient: not under gradient clipping, hooks, or a data-parallel
+    all-reduce (which must see the gradient before anyone steps). Adam's step is the same arithmetic on the same
+    values, up to float32 rounding where the areas' gradients are formed apart. Other optimizers (momentum, weight
+    decay on SGD; Adam not fused) make this a no-op."""
+    updates: dict[int, dict | _AdamByArea] = {}
+    for group in optimizer.param_groups:
+        plain_sgd = isinstance(optimizer, torch.optim.SGD) and \
+            not (group.get("momentum") or group.get("weight_decay") or group.get("maximize"))
+        if plain_sgd or _steps_by_area(optimizer, group):
+            update = group if plain_sgd else _AdamByArea(optimizer, group)
+            updates.update({id(p): update for p in group["params"]})
+    with stepping_in_backward(updates):
+        yield
+
+
+def _steps_by_area(optimizer: torch.optim.Optimizer, group: dict) -> bool:
+    """An area-aware Adam or AdamW whose group steps with the fused kernel (the one the trainer builds)."""
+    return isinstance(optimizer, Adam | AdamW) and group.get("fused") and not group.get("differentiable")
+
+
+class _AdamByArea:
+    """A fused Adam or AdamW group's step of an area parameter, area by area (``dispatch.AreaStep``): each touched
+    area stepped by torch's fused kernel from its own gradient as that is formed, the parameter's step count
+    advanced once, as ``step`` on the touched areas' views does. Untouched areas and their state are not read."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, group: dict) -> None:
+        self.state, self.group = optimizer.state, group
+        self.kernel = torch._fused_adamw_ if group.get("decoupled_weight_decay") else torch._fused_adam_
+
+    def ready(self, p: Tensor) -> bool:
+        """The parameter's state exists (torch's first step made it), on the CPU, where a host-side loop is free."""
+        state = self.state.get(p)
+        return p.is_cpu and bool(state) and "exp_avg" in state and \
+            (not self.group["amsgrad"] or "max_exp_avg_sq" in state)
+
+    @torch.no_grad()
+    def __call__(self, p: Tensor, gradients: Iterator[tuple[int, Tensor]]) -> None:
+        state, group = self.state[p], self.group
+        step = state["step"]
+        step.add_(1)
+        params, averages, squares = p.unbind(0), state["exp_avg"].unbind(0), state["exp_avg_sq"].unbind(0)
+        maxima = state["max_exp_avg_sq"].unbind(0) if group["amsgrad"] else None
+        beta1, beta2 = (float(beta) for beta in group["betas"])
+        for k, grad in gradients:
+            self.kernel([params[k]], [grad], [averages[k]], [squares[k]], [] if maxima is None else [maxima[k]],
+                        [step], lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                        eps=group["eps"], amsgrad=group["amsgrad"], maximize=group["maximize"])
 
 
 def _moves_zero_gradients(optimizer: torch.optim.Optimizer) -> bool:

@@ -177,7 +177,7 @@ class Router(nn.Module):
     @torch.no_grad()
     def learn(self, state: tuple[Tensor, Tensor]) -> None:
         """The projection's update from ``local_step``'s state, as the autograd step leaves it: accumulated into
-        ``.grad``, or stepped in place under plain SGD (``dispatch.sgd_in_backward``)."""
+        ``.grad``, or stepped in place under plain SGD (``optim.updates_in_backward``)."""
         with named_range("torchsal.route"):
             weight, bias = self.projection.weight, self.projection.bias
             for p, g in zip((weight, bias), _step_or_gradients(*state, weight, bias)):

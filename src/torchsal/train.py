@@ -29,7 +29,7 @@ from torchsal.config import RunConfig, TrainConfig, make_config, resolve_areas
 from torchsal.continual_methods import ContinualMethod
 from torchsal.data import Splits, crop_flip, load_dataset, make_splits
 from torchsal.diagnostics import alignment, area_statistics, interference
-from torchsal.dispatch import compiled_kernels, release_gradients, sgd_in_backward
+from torchsal.dispatch import compiled_kernels, release_gradients
 from torchsal.errors import ConfigError, DivergenceError, RunInterrupted
 from torchsal.models import BlockNet, build_model, count_parameters
 from torchsal.rules import LearningRule, build_rule
@@ -405,10 +405,11 @@ class Trainer:
         return torch.autocast(self.device.type, torch.bfloat16, enabled=self.config.train.precision == "bf16-mixed")
 
     def _updates_in_backward(self) -> contextlib.AbstractContextManager:
-        """Plain SGD on one process: area updates applied in their own backward, no gradient written and read
-        back (``dispatch.sgd_in_backward``); with several processes gradients must be all-reduced first."""
+        """On one process, area updates applied in their own backward where the optimizer allows (plain SGD, fused
+        Adam: ``optim.updates_in_backward``), no gradient written and read back; with several processes gradients
+        must be all-reduced first."""
         in_place = self.ctx.world == 1 and self.method is None     # a continual method needs the .grad protocol
-        return sgd_in_backward(self.optimizer) if in_place else contextlib.nullcontext()
+        return optim.updates_in_backward(self.optimizer) if in_place else contextlib.nullcontext()
 
     @torch.no_grad()
     def _first_non_finite(self, x: Tensor) -> str | None:

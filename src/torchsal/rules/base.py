@@ -205,7 +205,7 @@ class LearningRule(nn.Module):
     def step(self, model: BlockNet, x: Tensor, y: Tensor,
              before_update: Callable[[StepOutput], None] | None = None) -> StepOutput:
         """``rule(model, x, y).loss.backward()`` as one call: the update applied (every gradient accumulated into
-        ``.grad``, or the plain-SGD step taken under ``dispatch.sgd_in_backward``) and the step's output returned,
+        ``.grad``, or taken in place under ``optim.updates_in_backward``) and the step's output returned,
         its loss detached. ``before_update(out)`` runs between the forward pass and the update (the trainer stops
         there at a non-finite loss). A rule may form the update without autograd here (the local rules' closed
         form: torchsal.rules.closed_form); the result is the same."""

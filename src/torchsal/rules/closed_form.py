@@ -5,9 +5,9 @@ input, its output and its signal, and the router's a closed-form function of its
 provides that (``closed_form()``, ``local_forward``, ``learn``: torchsal.models.MLPBlock) and the batch is routed
 once (input routing, or one area), the step runs one pass forward without recording a graph, computes the signals,
 and applies every update at once (``LearningRule.step``): into ``.grad`` with the touched areas marked, for
-any optimizer, or in place under plain SGD (``dispatch.sgd_in_backward``), as ``rule(model, x, y).loss.backward()``
-leaves it. At small batches autograd's graph, built and run again every step, cost as much as the kernels it
-drives: docs/performance.md measures both.
+any optimizer, or in place (``optim.updates_in_backward``: plain SGD, fused Adam), as
+``rule(model, x, y).loss.backward()`` leaves it. At small batches autograd's graph, built and run again every
+step, cost as much as the kernels it drives: docs/performance.md measures both.
 
 Models it does not cover take the autograd step: norms and convolutions (their parameters need gradients through
 the block), a user's own modules, layer routing, runs of alike blocks (``torchsal.stacks`` batches those), lean
