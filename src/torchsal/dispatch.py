@@ -547,7 +547,8 @@ def _area_gradients(grad: Tensor, groups: Groups, rows: Tensor, padded_grad: Ten
     wants_weight, wants_bias, wants_shared = wants[0], wants[1] and bias is not None, wants[2] and shared is not None
     if wants_weight or wants_shared:
         lr = lr_in_backward(weight) if wants_weight else None
-        # (not small gathered banks: a head's areas are too small for a step each)
+        # (CPU groupings, whose counts a loop over areas reads; not small banks gathered per row: a head's areas are
+        # too small for a step each)
         by_area = area_step_in_backward(weight) if wants_weight and groups.counts is not None and \
             not _gather_pays(groups, weight) else None
         if lr is not None and not wants_shared:        # plain SGD in place: w[k] += (-lr) grad_k.T rows_k

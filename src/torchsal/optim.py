@@ -334,10 +334,9 @@ class _AdamByArea:
         self.kernel = torch._fused_adamw_ if group.get("decoupled_weight_decay") else torch._fused_adam_
 
     def ready(self, p: Tensor) -> bool:
-        """The parameter's state exists (torch's first step made it), on the CPU, where a host-side loop is free."""
+        """The parameter's state exists: torch's own first step made it."""
         state = self.state.get(p)
-        return p.is_cpu and bool(state) and "exp_avg" in state and \
-            (not self.group["amsgrad"] or "max_exp_avg_sq" in state)
+        return bool(state) and "exp_avg" in state and (not self.group["amsgrad"] or "max_exp_avg_sq" in state)
 
     @torch.no_grad()
     def __call__(self, p: Tensor, gradients: Iterator[tuple[int, Tensor]]) -> None:
