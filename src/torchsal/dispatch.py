@@ -554,6 +554,7 @@ def _area_gradients(grad: Tensor, groups: Groups, rows: Tensor, padded_grad: Ten
         if lr is not None and not wants_shared:        # plain SGD in place: w[k] += (-lr) grad_k.T rows_k
             _weight_gradient(grad, rows, groups, weight, -lr, padded_grad, padded_rows)
         elif by_area is not None:                      # each area's gradient formed in cache and stepped at once
+            _SCRATCH.pop((id(weight), "gradient"), None)        # (the first step's whole gradient: not needed again)
             scratch = take_memory(weight, "area gradient", weight.dtype, weight.shape[1:])
             grad_s = weight.new_zeros(weight.shape[1:]) if wants_shared else None
             by_area(weight, _each_area_gradient(_cast(grad, weight.dtype), _cast(rows, weight.dtype), groups,
