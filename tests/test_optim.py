@@ -79,7 +79,8 @@ IN_BACKWARD = {"sgd": (optim.SGD, {"lr": 0.5}),
 @pytest.mark.parametrize("kind", sorted(IN_BACKWARD))
 def test_updates_applied_in_backward_equal_the_gradient_then_the_step(batch, mixed, call, kind, layout):
     """The trainer's fast path (updates_in_backward: plain SGD applied as one product per area, fused Adam area by
-    area from each area's gradient formed in cache; no .grad written) moves every parameter, and leaves the
+    area from each area's gradient formed in cache, and whole for a router's projection; no .grad written) moves
+    every parameter, and leaves the
     optimizer's state, as computing the gradient and stepping does, and leaves untouched areas and their state
     bit-identical; 300 rows over 8 areas fold the shared path into the areas' product. ``step``: the same through
     the rule's one-call step (the closed form in fp32, autograd under autocast)."""
@@ -105,8 +106,10 @@ def test_updates_applied_in_backward_equal_the_gradient_then_the_step(batch, mix
         # no gradient materialised on the fast path: plain SGD's, and Adam's for banks not gathered per row
         stepped_by_area = kind == "sgd" or layout == "grouped"
         assert (fast and stepped_by_area) == (model.layers[0].weight.grad is None)
-        # the router stepped in its backward by plain SGD
-        assert (fast and kind == "sgd") == (model.routers[0].projection.weight.grad is None)
+        # the router's projection (no areas) stepped in its backward too, Adam's from its gradient formed in cache
+        # (except where autograd's backward under autocast forms it in bfloat16: then it goes into .grad)
+        in_place = kind == "sgd" or not (mixed and call == "backward")
+        assert (fast and in_place) == (model.routers[0].projection.weight.grad is None)
         states.append((model.state_dict(), {name: optimizer.state[p] for name, p in model.named_parameters()}))
     untouched = sorted(set(range(8)) - used)
     assert untouched or batch > 8, "the small batch must leave an area unused"

@@ -61,8 +61,9 @@ class AreaStep(Protocol):
     def ready(self, p: Tensor) -> bool:
         """Whether ``p`` may be stepped here (its optimizer state exists)."""
 
-    def __call__(self, p: Tensor, gradients: Iterator[tuple[int, Tensor]]) -> None:
-        """Step each area ``k`` of ``p`` from its gradient, as ``gradients`` yields ``(k, gradient)`` pairs."""
+    def __call__(self, p: Tensor, gradients: Iterator[tuple[int | None, Tensor]]) -> None:
+        """Step each area ``k`` of ``p`` from its gradient, as ``gradients`` yields ``(k, gradient)`` pairs (``k``
+        None: the whole parameter, one without areas)."""
 
 
 @contextlib.contextmanager
@@ -94,11 +95,18 @@ def area_step_in_backward(p: Tensor) -> AreaStep | None:
 
 
 def step_product_or_gradient(p: Tensor, a: Tensor, b: Tensor) -> Tensor | None:
-    """``step_or_gradient(p, a @ b)``, the step taken as one in-place product (``p -= lr a @ b``)."""
-    lr = lr_in_backward(p)
-    if lr is None or a.dtype != p.dtype:        # (a float32 gradient of a bfloat16 weight: formed, then cast)
+    """``step_or_gradient(p, a @ b)`` for a parameter without areas (a shared weight, a router's projection): plain
+    SGD's step taken as one in-place product (``p -= lr a @ b``), an ``AreaStep``'s from the product formed in
+    recycled memory, still in cache."""
+    lr, step = lr_in_backward(p), area_step_in_backward(p)
+    if a.dtype != p.dtype or lr is None and step is None:   # (mixed precision: formed in the rows' type, then cast)
         return step_or_gradient(p, a @ b.to(a.dtype))
-    p.addmm_(a, b.to(p.dtype), alpha=-lr)
+    if lr is not None:
+        p.addmm_(a, b.to(p.dtype), alpha=-lr)
+        return None
+    product = torch.mm(a, b.to(p.dtype), out=take_memory(p, "area gradient", p.dtype))
+    step(p, iter([(None, product)]))
+    give_memory(p, "area gradient", product)
     return None
 
 

@@ -325,9 +325,10 @@ def _steps_by_area(optimizer: torch.optim.Optimizer, group: dict) -> bool:
 
 
 class _AdamByArea:
-    """A fused Adam or AdamW group's step of an area parameter, area by area (``dispatch.AreaStep``): each touched
-    area stepped by torch's fused kernel from its own gradient as that is formed, the parameter's step count
-    advanced once, as ``step`` on the touched areas' views does. Untouched areas and their state are not read."""
+    """A fused Adam or AdamW group's step of a parameter from gradients formed in cache (``dispatch.AreaStep``):
+    of an area parameter, each touched area stepped by torch's fused kernel from its own gradient as that is formed,
+    the parameter's step count advanced once, as ``step`` on the touched areas' views does (untouched areas and their
+    state are not read); of any other, the whole parameter from its gradient."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, group: dict) -> None:
         self.state, self.group = optimizer.state, group
@@ -339,17 +340,23 @@ class _AdamByArea:
         return bool(state) and "exp_avg" in state and (not self.group["amsgrad"] or "max_exp_avg_sq" in state)
 
     @torch.no_grad()
-    def __call__(self, p: Tensor, gradients: Iterator[tuple[int, Tensor]]) -> None:
+    def __call__(self, p: Tensor, gradients: Iterator[tuple[int | None, Tensor]]) -> None:
         state, group = self.state[p], self.group
         step = state["step"]
         step.add_(1)
-        params, averages, squares = p.unbind(0), state["exp_avg"].unbind(0), state["exp_avg_sq"].unbind(0)
-        maxima = state["max_exp_avg_sq"].unbind(0) if group["amsgrad"] else None
+        # the parameter, its moments (and AMSGrad's maxima); split into areas once, if an area comes
+        whole = [p, state["exp_avg"], state["exp_avg_sq"], *([state["max_exp_avg_sq"]] if group["amsgrad"] else [])]
+        areas = None
         beta1, beta2 = (float(beta) for beta in group["betas"])
         for k, grad in gradients:
-            self.kernel([params[k]], [grad], [averages[k]], [squares[k]], [] if maxima is None else [maxima[k]],
-                        [step], lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
-                        eps=group["eps"], amsgrad=group["amsgrad"], maximize=group["maximize"])
+            if k is None:
+                views = whole
+            else:
+                areas = areas or [t.unbind(0) for t in whole]
+                views = [t[k] for t in areas]
+            self.kernel(views[:1], [grad], views[1:2], views[2:3], views[3:], [step], lr=group["lr"], beta1=beta1,
+                        beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=group["amsgrad"],
+                        maximize=group["maximize"])
 
 
 def _moves_zero_gradients(optimizer: torch.optim.Optimizer) -> bool:
