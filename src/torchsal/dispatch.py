@@ -110,14 +110,30 @@ def step_product_or_gradient(p: Tensor, a: Tensor, b: Tensor) -> Tensor | None:
     return None
 
 
-def step_or_gradient(p: Tensor, grad: Tensor) -> Tensor | None:
-    """``grad`` in ``p``'s type for a backward function to return, or None where plain SGD steps ``p`` right here
-    (``stepping_in_backward``): a parameter updated in its backward skips autograd's accumulation and the optimizer."""
+def step_or_gradient(p: Tensor, grad: Tensor, whole: bool = True) -> Tensor | None:
+    """``grad`` in ``p``'s type for a backward function to return, or None where ``p`` is stepped right here
+    (``stepping_in_backward``): by plain SGD (exact on any parameter: a zero gradient moves nothing), or by an
+    ``AreaStep`` on the whole parameter where ``whole`` says it may move all of it (a parameter without areas, or
+    one whose every area had rows). A parameter updated in its backward skips autograd's accumulation and the
+    optimizer."""
     grad = grad.to(p.dtype)
     lr = lr_in_backward(p)
-    if lr is None:
+    if lr is not None:
+        p.add_(grad, alpha=-lr)
+        return None
+    step = area_step_in_backward(p) if whole else None
+    if step is None:
         return grad
-    p.add_(grad, alpha=-lr)
+    step(p, iter([(None, grad)]))
+    return None
+
+
+def _step_from_memory(p: Tensor, grad: Tensor, whole: bool = True) -> Tensor | None:
+    """``step_or_gradient`` of a gradient in ``p``'s recycled memory (``take_memory(p, "gradient", ...)``), which
+    is handed back where the step took it."""
+    if step_or_gradient(p, grad, whole) is not None:
+        return grad
+    give_memory(p, "gradient", grad)
     return None
 
 
@@ -573,14 +589,10 @@ def _area_gradients(grad: Tensor, groups: Groups, rows: Tensor, padded_grad: Ten
             grad_w = _weight_gradient(grad, rows, groups, buffer, None, padded_grad, padded_rows)
             if wants_shared:
                 grad_s = grad_w.sum(0)                     # every row is in one area: S gets their sum
-            if lr is not None:                             # in place after all, from the product
-                weight.add_(grad_w, alpha=-lr)             # empty areas: + 0, bit-identical
-                give_memory(weight, "gradient", grad_w)
-                grad_w = None
-            elif wants_weight:
+            # in place after all, from the product (plain SGD: empty areas + 0, bit-identical), or into .grad
+            grad_w = _step_from_memory(weight, grad_w, groups.every_area_used) if wants_weight else None
+            if grad_w is not None:
                 mark_touched(weight, groups)
-            else:
-                grad_w = None
     if wants_bias:
         lr = lr_in_backward(bias)
         if padded_grad is None and lr is not None:         # stepped row by row: only the rows' areas change
@@ -588,7 +600,8 @@ def _area_gradients(grad: Tensor, groups: Groups, rows: Tensor, padded_grad: Ten
         else:
             per_area = padded_grad.sum(1, dtype=bias.dtype) if padded_grad is not None else \
                 bias.new_zeros(bias.shape).index_add_(0, groups.row_area, grad.to(bias.dtype))
-            grad_b = step_or_gradient(bias, per_area)      # stepped: empty areas + 0, bit-identical
+            # stepped: by plain SGD, empty areas + 0, bit-identical; whole by Adam only where every area had rows
+            grad_b = step_or_gradient(bias, per_area, groups.every_area_used)
             if grad_b is not None:
                 mark_touched(bias, groups)
     return grad_w, grad_b, grad_s
@@ -705,8 +718,8 @@ def learn_linear(state: LinearState, grad: Tensor, weight: Tensor, bias: Tensor 
                 weight[0].addmm_(grad.T, rows, alpha=-lr)
             elif weight.requires_grad:                  # (into recycled memory, as the areas' gradients)
                 buffer = take_memory(weight, "gradient", weight.dtype)
-                accumulate_gradient(weight, torch.bmm(grad.T.to(weight.dtype).unsqueeze(0),
-                                                      rows.to(weight.dtype).unsqueeze(0), out=buffer))
+                accumulate_gradient(weight, _step_from_memory(weight, torch.bmm(
+                    grad.T.to(weight.dtype).unsqueeze(0), rows.to(weight.dtype).unsqueeze(0), out=buffer)))
             if bias is not None and bias.requires_grad:
                 accumulate_gradient(bias, step_or_gradient(bias, grad.sum(0, keepdim=True)))
         else:
