@@ -7,6 +7,8 @@ Two measurements, each path timed in turns in one process (medians over rounds):
   ``optim.updates_in_backward`` (each touched area's gradient formed into one area's scratch memory and stepped
   at once), with the fused step alone as the floor of both.
 - ``step``: the trainer's whole step (``Trainer.train_step``) with and without the area-by-area path, and BP's.
+- ``product``: one area's weight gradient from its rows, as MKL's product into ``out`` (``torch.mm(g, r, out=)``)
+  and as the library forms it, zeroed then accumulated (``out.zero_().addmm_(g, r)``).
 
     python benchmarks/adam_by_area.py --threads 2 --out docs/performance/adam-by-area.json      # about a minute
 """
@@ -59,6 +61,12 @@ def update_paths(areas: int, out: int, in_: int, rows: int) -> dict[str, Callabl
     return {"whole": whole, "by_area": by_area, "step_alone": step_alone}
 
 
+def product_paths(out: int, in_: int, rows: int) -> dict[str, Callable[[], None]]:
+    g = torch.Generator().manual_seed(0)
+    grad, x, area = torch.randn(rows, out, generator=g).T, torch.randn(rows, in_, generator=g), torch.empty(out, in_)
+    return {"mm_out": lambda: torch.mm(grad, x, out=area), "zero_addmm": lambda: area.zero_().addmm_(grad, x)}
+
+
 def median_ms(paths: dict[str, Callable[[], None]], rounds: int, reps: int) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(rounds):
@@ -106,7 +114,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = {"machine": machine(), "compile": args.compile, "update": {}, "step": {}}
+    results = {"machine": machine(), "compile": args.compile, "update": {}, "step": {}, "product": {}}
+    for out, in_, rows in ((256, 784, 2), (256, 784, 4), (256, 784, 8), (256, 784, 32), (1024, 784, 64)):
+        key = f"{out}x{in_} from {rows} rows"
+        results["product"][key] = median_ms(product_paths(out, in_, rows), args.rounds, 100 if rows < 64 else 10)
+        print("area product ms", key, {k: round(v, 4) for k, v in results["product"][key].items()})
     for name in args.regimes.split(","):
         shape = SHAPES[name]
         results["update"][name] = median_ms(update_paths(*shape), args.rounds, 20 if shape[3] < 512 else 3)
