@@ -56,7 +56,8 @@ _UPDATE_IN_BACKWARD: contextvars.ContextVar[dict[int, dict | AreaStep] | None] =
 
 
 class AreaStep(Protocol):
-    """An optimizer's update of an area parameter applied area by area (``torchsal.optim.updates_in_backward``)."""
+    """An optimizer's update applied inside the backward from gradients formed there, area by area or of a whole
+    parameter (``torchsal.optim.updates_in_backward``)."""
 
     def ready(self, p: Tensor) -> bool:
         """Whether ``p`` may be stepped here (its optimizer state exists)."""
@@ -70,7 +71,7 @@ class AreaStep(Protocol):
 def stepping_in_backward(updates: dict[int, dict | AreaStep] | None) -> Iterator[None]:
     """Inside this block the parameters in ``updates`` (by id) take their update inside their own backward (or a
     closed-form step's update, ``learn_linear``) and get no ``.grad``: plain SGD, by its param group (a ``dict``),
-    ``w[k] -= lr * grad_k`` as one in-place product per area; an ``AreaStep``, area by area. Built by
+    ``w[k] -= lr * grad_k`` as one in-place product per area; an ``AreaStep``, area by area or whole. Built by
     ``torchsal.optim.updates_in_backward``, which says where that is exact."""
     token = _UPDATE_IN_BACKWARD.set(updates or None)
     try:
@@ -88,7 +89,7 @@ def lr_in_backward(p: Tensor) -> float | None:
 
 
 def area_step_in_backward(p: Tensor) -> AreaStep | None:
-    """The area-by-area step ``p`` takes inside its own backward (``stepping_in_backward``), where it is ready."""
+    """The ``AreaStep`` ``p`` takes inside its own backward (``stepping_in_backward``), where it is ready."""
     update = _UPDATE_IN_BACKWARD.get()
     step = None if update is None else update.get(id(p))
     return step if step is not None and not isinstance(step, dict) and step.ready(p) else None
@@ -505,8 +506,8 @@ def _weight_gradient(grad: Tensor, rows: Tensor, groups: Groups, out: Tensor, al
     counts = host_counts(groups)
     for bank, g, r, n in zip(out.unbind(0), grad.T.split(counts, 1), rows.split(counts), counts):
         if n and alpha is None:
-            # zeroed, then accumulated: MKL's product into ``out`` took 1.0-1.6x as long (256 x 784 from 2-32 rows,
-            # 1024 x 784 from 64; both threads)
+            # zeroed, then accumulated: MKL's product into ``out`` took 1.0-1.8x as long (256 x 784 from 2-32 rows,
+            # 1024 x 784 from 64; both threads: benchmarks/adam_by_area.py)
             bank.zero_().addmm_(g, r)
         elif n == 1:        # MKL's rank-one addmm_ runs a slow path: the broadcast product, on both threads
             bank.addcmul_(g, r, value=alpha)

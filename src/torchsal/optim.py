@@ -303,6 +303,8 @@ def updates_in_backward(optimizer: torch.optim.Optimizer) -> Iterator[None]:
     - fused Adam and AdamW of this module, once their state exists (from a parameter's second step): each touched
       area's gradient is formed into one area's scratch memory and stepped at once by torch's own fused kernel
       (``_AdamByArea``), so the (K, out, in) gradient is never written out and read back (docs/performance.md).
+      Parameters without areas are stepped whole from their gradient, and so are small area parameters (biases, a
+      head gathered per row) where every area had rows; elsewhere those keep ``.grad``.
 
     Exact only where nothing else needs the gradient: not under gradient clipping, hooks, or a data-parallel
     all-reduce (which must see the gradient before anyone steps). Adam's step is the same arithmetic on the same
