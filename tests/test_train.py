@@ -159,3 +159,34 @@ def test_a_compile_that_fails_trains_eagerly_with_one_warning(monkeypatch, caplo
     for name, value in states[1].items():
         assert torch.equal(states[0][name], value), name
 
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_the_trainer_takes_fused_adams_step_inside_the_update(digits, optimizer, monkeypatch):
+    """On one process the trainer takes fused Adam's step inside SAL's update from a parameter's second step on
+    (optim.updates_in_backward): the first layer's areas stepped one by one from gradients formed in cache, no
+    ``.grad`` left; the weights and the optimizer's state are those of the ``.grad`` route, to float32 rounding."""
+    from torchsal import optim
+
+    calls = []
+    step_by_area = optim._AdamByArea.__call__
+    monkeypatch.setattr(optim._AdamByArea, "__call__",
+                        lambda self, p, gradients: calls.append(tuple(p.shape)) or step_by_area(self, p, gradients))
+    runs = []
+    for in_update in (True, False):
+        if not in_update:
+            monkeypatch.setattr(optim, "_steps_by_area", lambda opt, group: False)
+        calls.clear()
+        trainer = Trainer(make_config("sal", optimizer=optimizer, areas=16, width=256, batch_size=64, epochs=1,
+                                      max_steps=4), digits)
+        trainer.fit(progress=False)
+        weight = trainer.model.blocks[0].linear.weight
+        assert (weight.grad is None) == in_update
+        assert calls.count(tuple(weight.shape)) == (3 if in_update else 0)      # steps 2-4; the first makes state
+        assert int(trainer.optimizer.state[weight]["step"]) == 4
+        runs.append((trainer.model.state_dict(), trainer.optimizer.state[weight]))
+    (fast, fast_state), (slow, slow_state) = runs
+    for name, value in slow.items():
+        torch.testing.assert_close(fast[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(fast_state[key], slow_state[key], rtol=1e-5, atol=1e-8, msg=key)
