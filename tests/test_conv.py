@@ -19,8 +19,8 @@ from torchsal.dispatch import group_by_area
 from torchsal.errors import ConfigError
 from torchsal.layers import AreaConv2d
 from torchsal.models import build_model
+from torchsal.objectives import pooled as read_out
 from torchsal.rules import build_rule
-from torchsal.rules.local import read_out
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

@@ -116,11 +116,13 @@ class BlockNet(nn.Module):
                               f"{self.areas}: build every area layer with the model's number of areas")
         self.shapes = shapes if shapes is not None else self._measure_shapes()
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
-        routed_inputs = [] if self.areas == 1 else self.shapes[:1] if self.routing.routing == "input" \
-            else self.shapes[:-1]
+        # the blocks a router sits before: the first (input routing), or each block holding areas (layer routing)
+        with_areas = [i for i, b in enumerate(self.blocks) if any(m.areas > 1 for m in b.modules()
+                                                                  if isinstance(m, AreaLayer))]
+        self.router_blocks = [] if self.areas == 1 else [0] if self.routing.routing == "input" else with_areas
         self.routers = nn.ModuleList(
             Router(math.prod(s) if i == 0 or len(s) == 1 else s[0], self.routing, generator, dtype)
-            for i, s in enumerate(routed_inputs))
+            for i, s in ((i, self.shapes[i]) for i in self.router_blocks))
         # Local rules run runs of alike hidden blocks as one where the blocks' class can (torchsal.stacks).
         self.stack_alike_blocks = True
         self._runs: dict[int, range] | None = None
@@ -128,12 +130,13 @@ class BlockNet(nn.Module):
     @classmethod
     def from_modules(cls, modules: nn.Module | Sequence[nn.Module], in_shape: Sequence[int], areas: int = 1,
                      shared: bool = False, routing: RoutingConfig | None = None,
-                     generator: torch.Generator | None = None) -> BlockNet:
+                     generator: torch.Generator | None = None, conv_areas: bool = True) -> BlockNet:
         """A user's model, an ``nn.Sequential`` (or a list) of modules, as a routed block model: each Linear and
         Conv2d becomes an area layer with ``areas`` areas (a copy of the original in every area; with ``shared``
         the original is the shared path and the areas start at zero, so the converted model computes what the
-        original did), and a new block starts at every top-level module that holds one. ``routing`` (default:
-        input routing with ``areas``) sets how samples are routed."""
+        original did), and a new block starts at every top-level module that holds one. With ``conv_areas``
+        off, convolutions stay dense (one area: their kernels see every image) and only Linear layers are
+        routed. ``routing`` (default: input routing with ``areas``) sets how samples are routed."""
         routing = routing if routing is not None else RoutingConfig(areas=areas)
         if routing.areas != areas:
             raise ConfigError(f"areas={areas} but routing has {routing.areas} areas")
@@ -142,7 +145,7 @@ class BlockNet(nn.Module):
         else:
             raise ConfigError(f"pass the model as an nn.Sequential or a list of modules, its blocks in order (got a "
                               f"{type(modules).__name__}: a forward method of its own cannot be split into blocks)")
-        children = [convert(m, areas, shared) for m in _checked(children)]
+        children = [convert(m, areas, shared, conv_areas) for m in _checked(children)]
         dtype = next((p.dtype for m in children for p in m.parameters()), torch.float32)   # inputs follow it
         return cls(split_blocks(children), in_shape, routing, generator, dtype)
 
@@ -198,13 +201,16 @@ class BlockNet(nn.Module):
                 block_groups.extend([groups] * len(run))
                 h, i = out[-1], run.stop
                 continue
-            if i < len(self.routers):   # input routing: router 0 only, its areas reused by every block
-                area, loss = self.routers[i](h_in.flatten(1) if i == 0 else routing_features(h_in))
+            if i in self.router_blocks:   # input routing: router 0 only, its areas reused by every block
+                router = self.routers[self.router_blocks.index(i)]
+                area, loss = router(h_in.flatten(1) if i == 0 else routing_features(h_in))
                 routing_loss = loss if routing_loss is None else routing_loss + loss
                 groups = group_by_area(area, self.areas)
-                if len(self.routers) == 1:      # group the rows once, for every block
+                if self.routing.routing == "input":      # group the rows once, for every block
                     rows, inverse, grouped = groups.order, groups.inverse, True
                     h_in = h_in[rows]
+            elif self.routing.routing == "layer":        # a block without areas: no grouping
+                area, groups = None, None
             areas.append(area)
             block_groups.append(groups)
             with routed(groups):            # layer routing: the block's own grouping, batch order outside it
@@ -302,15 +308,16 @@ def _checked(children: list[nn.Module]) -> list[nn.Module]:
     return children
 
 
-def convert(module: nn.Module, areas: int, shared: bool = False) -> nn.Module:
+def convert(module: nn.Module, areas: int, shared: bool = False, conv_areas: bool = True) -> nn.Module:
     """``module`` with every Linear and Conv2d (itself, or inside it) replaced by an area layer holding a copy of
-    its weights in every area (with ``shared``: the weights as the shared path, the areas at zero); the rest is
-    kept, in place."""
-    replaced = _area_layer(module, areas, shared)
+    its weights in every area (with ``shared``: the weights as the shared path, the areas at zero; without
+    ``conv_areas``: convolutions as one dense area); the rest is kept, in place."""
+    dense = isinstance(module, nn.Conv2d) and not conv_areas
+    replaced = _area_layer(module, 1, False) if dense else _area_layer(module, areas, shared)
     if replaced is not None:
         return replaced
     for name, child in module.named_children():
-        setattr(module, name, convert(child, areas, shared))
+        setattr(module, name, convert(child, areas, shared, conv_areas))
     return module
 
 

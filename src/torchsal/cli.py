@@ -79,6 +79,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=["float32", "bfloat16"], help="weight type")
     g.add_argument("--shared", action=argparse.BooleanOptionalAction, default=None,
                    help="always-on shared path beside the areas (dual path)")
+    g.add_argument("--conv-areas", action=argparse.BooleanOptionalAction, default=None,
+                   help="conv nets: convolutions hold areas too (--no-conv-areas: they stay dense, only the fully "
+                        "connected layers are routed)")
     g.add_argument("--routing-dim", type=int, help="dimension of the routing space")
     g.add_argument("--route-from", "--routing", dest="routing", choices=["input", "layer"],
                    help="route once from the input, or per layer from its own input (--routing: old spelling, "
@@ -91,6 +94,16 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="local readouts: one per layer, or a single one for all ('shared': old spelling of single)")
     g.add_argument("--readout-pool", type=int, metavar="SIDE",
                    help="conv nets: pool each block's output map to at most SIDE x SIDE before its local readout")
+    g.add_argument("--objective", choices=["readout", "pred", "sim", "predsim"],
+                   help="the local signal's objective: a fixed random readout, or learned (pred: a classifier per "
+                        "block; sim: similarity matching; predsim: both)")
+    g.add_argument("--head-feedback", choices=["weights", "fixed"],
+                   help="a learned head's error reaches its block through the head's weights, or fixed random "
+                        "ones (bpf: no weight transport)")
+    g.add_argument("--head-layers", type=int, metavar="N",
+                   help="hidden layers of each learned head (3x3 conv + ReLU on maps) before pooling and its "
+                        "linear map")
+    g.add_argument("--sim-weight", type=float, metavar="W", help="predsim: (1 - W) pred + W sim")
     g.add_argument("--feedback", choices=["per-layer", "per-area", "shared"],
                    help="fixed feedback matrices/readouts: one per layer, or one per area of each layer ('shared': old "
                         "spelling of per-layer)")

@@ -90,6 +90,9 @@ class ModelConfig:
     block: str = "plain"
     # Pre-norm inside residual blocks and a final norm before the head: "none", "layer" or "rms".
     norm: str = "none"
+    # Conv nets: convolutions hold areas too; off, they stay dense (their kernels see every image) and only the
+    # fully connected layers are routed.
+    conv_areas: bool = True
     # Weights (and activations) in "float32" or "bfloat16" (half the memory; built in that type, area by area).
     dtype: str = "float32"
     routing_config: RoutingConfig = field(default_factory=RoutingConfig)
@@ -113,6 +116,17 @@ class RuleConfig:
     readout: str = "per-layer"
     # The side a conv block's output map is average-pooled to (at most) before its local readout: 2 reads 2x2.
     readout_pool: int = 2
+    # The local signal's objective (torchsal.objectives): "readout" (a fixed random readout of the pooled output),
+    # or learned, after Nokland & Eidnes 2019: "pred" (a learned classifier per block), "sim" (similarity
+    # matching), "predsim" (their weighted sum).
+    objective: str = "readout"
+    # How a learned head's error reaches its block: through the head's own "weights", or "fixed" random tensors
+    # (bpf: no weight transported anywhere).
+    head_feedback: str = "weights"
+    # Hidden layers of each learned head before its pooling and linear map (3x3 conv + ReLU on maps).
+    head_layers: int = 0
+    # predsim's weight of the similarity term: (1 - w) pred + w sim (the paper's 0.99).
+    sim_weight: float = 0.99
     # Feedback matrices and readouts: one per layer (all its areas use it) or one per area of each layer.
     feedback: str = "per-layer"
     # "lean": each hidden layer updates as soon as its own forward step is done, so no earlier layer's
@@ -128,6 +142,11 @@ class RuleConfig:
             object.__setattr__(self, name, DEPRECATED_VALUES.get((name, getattr(self, name)), getattr(self, name)))
         _choice("readout", self.readout, ("per-layer", "single"))
         _positive("readout_pool", self.readout_pool)
+        _choice("objective", self.objective, ("readout", "pred", "sim", "predsim"))
+        _choice("head_feedback", self.head_feedback, ("weights", "fixed"))
+        _positive("head_layers", self.head_layers, allow_zero=True)
+        if not 0 <= self.sim_weight <= 1:
+            raise ConfigError(f"--sim-weight must lie in [0, 1], got {self.sim_weight}")
         _choice("feedback", self.feedback, ("per-layer", "per-area"))
         _choice("memory", self.memory, ("standard", "lean"))
         if self.memory == "lean" and (self.rule != "sal" or self.signal != "local"):
@@ -386,6 +405,11 @@ def check_applicable(config: RunConfig, explicit: set[str]) -> None:
         "signal": None if rule.rule == "sal" else f"--rule {rule.rule} has no choice of signal (only sal does"
                   + ("; dfa always sends the output error directly)" if rule.rule == "dfa" else ")"),
         "readout": no_readout,
+        "objective": no_readout,
+        **{name: no_readout or (None if rule.objective in ("pred", "predsim") else
+                                f"--objective {rule.objective} has no learned head")
+           for name in ("head_feedback", "head_layers")},
+        "sim_weight": None if rule.objective == "predsim" else "--sim-weight weighs predsim's two terms",
         "readout_pool": no_readout or ("--readout-pool pools conv maps, and --model mlp has none"
                                        if model.model == "mlp" else None),
         "feedback": None if rule.rule in ("dfa", "sal") else f"--rule {rule.rule} has no per-layer feedback "
@@ -398,6 +422,8 @@ def check_applicable(config: RunConfig, explicit: set[str]) -> None:
     if model.model != "mlp":        # the conv nets are fixed: the MLP's shape options would be ignored
         reasons.update({name: f"--model {model.model} is a fixed conv net; --{name} shapes the MLP"
                         for name in ("depth", "width", "block", "norm")})
+    else:
+        reasons["conv_areas"] = "--model mlp has no convolutions"
     refused = [f"--{name.replace('_', '-')} ({why})" for name, why in reasons.items() if name in explicit and why]
     if refused:
         raise ConfigError(f"{'this flag does' if len(refused) == 1 else 'these flags do'} not apply here: "

@@ -19,6 +19,7 @@ import atexit
 import datetime
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -104,13 +105,13 @@ def all_gather_rows(t: Tensor) -> tuple[Tensor, int]:
     return rows, sum(sizes[: ctx.rank])
 
 
-def sync_gradients(model: BlockNet, local_rows: int, global_rows: int) -> None:
-    """Make every rank's ``.grad`` of the model's replicated parameters (all but area-parallel areas) the
-    global-batch gradient (module docstring)."""
+def sync_gradients(model: BlockNet, local_rows: int, global_rows: int, extra: Sequence[Tensor] = ()) -> None:
+    """Make every rank's ``.grad`` of the model's replicated parameters (all but area-parallel areas) and of
+    ``extra`` ones (a rule's local heads) the global-batch gradient (module docstring)."""
     ctx = current()
     if ctx.world == 1:
         return
-    params = [p for p in model.replicated_parameters() if p.requires_grad]
+    params = [p for p in [*model.replicated_parameters(), *extra] if p.requires_grad]
     # Per parameter one mark (has a gradient); per area of an area parameter one mark (some row used it).
     areas = {id(p) for layer in model.area_layers() if layer.areas > 1 for p in (layer.weight, layer.bias)}
     marks = [_touched_marks(p, id(p) in areas) for p in params]

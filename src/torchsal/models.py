@@ -332,7 +332,8 @@ def build_model(in_features: int, num_classes: int, config: ModelConfig, seed: i
         torch.manual_seed(seed)
         modules = [m.to(getattr(torch, config.dtype)) for m in CONV_MODELS[config.model](tuple(in_shape),
                                                                                          num_classes)]
-    return BlockNet.from_modules(modules, in_shape, rc.areas, config.shared, rc, torch.Generator().manual_seed(seed))
+    return BlockNet.from_modules(modules, in_shape, rc.areas, config.shared, rc, torch.Generator().manual_seed(seed),
+                                 conv_areas=config.conv_areas)
 
 
 def count_parameters(in_features: int, num_classes: int, config: ModelConfig) -> int:

@@ -112,15 +112,16 @@ def evaluate(model: BlockNet, x: Tensor, y: Tensor) -> float:
 
 @torch.no_grad()
 def route_all(model: BlockNet, x: Tensor) -> list[Tensor]:
-    """The area of every sample of ``x`` (eval mode): one tensor per router (input routing: one)."""
+    """The area of every sample of ``x`` (eval mode): one tensor per router (input routing: one; layer routing:
+    one per block holding areas)."""
     if not model.routers:
         return [torch.zeros(len(x), dtype=torch.long, device=x.device)]
     was_training = model.training
     model.eval()
     per_batch = [model.trace(xb).areas for xb in x.split(EVAL_BATCH)]
     model.train(was_training)
-    per_layer = [torch.cat(parts) for parts in zip(*per_batch)]
-    return per_layer[:len(model.routers)] if len(model.routers) > 1 else per_layer[:1]
+    per_block = [torch.cat(parts) for parts in zip(*per_batch)]
+    return [per_block[i] for i in model.router_blocks]
 
 
 def area_shares(model: BlockNet, x: Tensor) -> list[float] | list[list[float]]:
@@ -183,7 +184,9 @@ class Trainer:
         self.x_train, self.y_train = splits.x_train.to(self.device), splits.y_train.to(self.device)
         steps_per_epoch = math.ceil(len(self.y_train) / cfg.batch_size)
         self.total_steps = int(min(cfg.max_steps or math.inf, cfg.epochs * steps_per_epoch))
-        self.optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg)
+        # the model's parameters, then the rule's own (learned local heads: trained, saved, not used at inference)
+        self.optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad]
+                                        + list(self.rule.parameters()), cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg, self.total_steps)
         self.shuffle = torch.Generator().manual_seed(cfg.seed)
         self.augment_rng = torch.Generator().manual_seed(cfg.seed + 7)    # crops and flips (--augment)
@@ -369,7 +372,7 @@ class Trainer:
             # the rule's forward pass and update at once (in closed form where it can); a non-finite loss stops
             # the run before the update
             out = self.rule.step(self.model, x, y, before_update=lambda out: self._check_loss(out.loss, x))
-        distributed.sync_gradients(self.model, len(local), len(batch))
+        distributed.sync_gradients(self.model, len(local), len(batch), list(self.rule.parameters()))
         if self.method is not None:                    # EWC, SI: a per-parameter term added to the update
             self.method.penalize(self.model)
         self.optimizer.step()
@@ -493,11 +496,22 @@ class Trainer:
             "test_accuracy": last["test_accuracy"],    # final epoch; never selected on test
             "val_accuracy": last["val_accuracy"],
             "epochs": last["epoch"], "steps": self.step, "train_seconds": self.elapsed,
-            **self.model.parameter_counts(),
+            **parameter_counts(self.model, self.rule),
             "area_shares": area_shares(self.model, self.x_train),
             "n_train": len(self.y_train), "n_val": len(self.splits.y_val), "n_test": len(self.splits.y_test),
             "history": self.history, "config": self.config.to_dict(), "environment": _environment(),
         }
+
+
+def parameter_counts(model: BlockNet, rule: torch.nn.Module) -> dict[str, int]:
+    """The model's parameter counts (``BlockNet.parameter_counts``), with a rule's learned local heads in the
+    total and on their own line (they train with the model but take no part in inference)."""
+    counts = model.parameter_counts()
+    heads = sum(p.numel() for p in rule.parameters())
+    if heads:
+        counts["params_total"] += heads
+        counts["params_local_heads"] = heads
+    return counts
 
 
 def read_checkpoint(run_dir: str | Path) -> dict[str, Any]:

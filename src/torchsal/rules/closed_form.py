@@ -9,9 +9,10 @@ any optimizer, or in place (``optim.updates_in_backward``: plain SGD, fused Adam
 ``rule(model, x, y).loss.backward()`` leaves it. At small batches autograd's graph, built and run again every
 step, cost as much as the kernels it drives: docs/performance.md measures both.
 
-Models it does not cover take the autograd step: norms and convolutions (their parameters need gradients through
-the block), a user's own modules, layer routing, runs of alike blocks (``torchsal.stacks`` batches those), lean
-memory, mixed precision and extra output terms (continual learning's distillation).
+Models and objectives it does not cover take the autograd step: learned local objectives (torchsal.objectives),
+norms and convolutions (their parameters need gradients through the block), a user's own modules, layer routing,
+runs of alike blocks (``torchsal.stacks`` batches those), lean memory, mixed precision and extra output terms
+(continual learning's distillation).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 
 def applies(rule: LearningRule, model: BlockNet, x: Tensor) -> bool:
     """True when ``rule`` may train ``model`` on ``x`` in closed form."""
-    return (rule.config.memory != "lean" and torch.is_grad_enabled()
+    return (rule.config.memory != "lean" and torch.is_grad_enabled() and getattr(rule, "objective", None) is None
             and (model.areas == 1 or model.routing.routing == "input")
             and all(callable(getattr(b, "closed_form", None)) and b.closed_form() for b in model.blocks)
             and not model.alike_runs() and not torch.is_autocast_enabled(x.device.type) and not output_terms_active())

@@ -12,7 +12,9 @@ that same update without autograd where every block has it in closed form (torch
 - ``local``: g_l = (softmax(h_l G_l^T) - onehot(y)) G_l, the gradient of a layer-local cross-entropy through a
   fixed random readout G_l (C, width). It needs no global error, so a layer may update as soon as its own
   forward step is done. A feature map is read out after average pooling to at most 2x2 (``--readout-pool``;
-  G_l: (C, channels * 4)); its signal is the pooling's adjoint of the readout's gradient.
+  G_l: (C, channels * 4)); its signal is the pooling's adjoint of the readout's gradient. With ``--objective
+  pred``, ``sim`` or ``predsim`` the local signal is instead the gradient of a learned local objective
+  (torchsal.objectives), taken by autograd inside the block and its head.
 - ``both``: their sum.
 """
 
@@ -22,7 +24,6 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from torchsal.blocks import BlockNet, Trace
@@ -30,6 +31,7 @@ from torchsal.config import RuleConfig
 from torchsal.dispatch import Groups, area_linear, grouped_linear
 from torchsal.errors import ConfigError
 from torchsal.feedback import random_matrix
+from torchsal.objectives import LocalObjective, pooled, pooled_shape
 from torchsal.profiling import named_range
 from torchsal.rules import closed_form
 from torchsal.rules.base import (
@@ -47,23 +49,11 @@ from torchsal.rules.base import (
 SIGNALS = {"direct": ("direct",), "local": ("local",), "both": ("direct", "local")}
 
 
-def readout_shape(shape: tuple[int, ...], pool: int = 2) -> tuple[int, ...]:
-    """What a local readout sees of a hidden output of ``shape``: features as they are, maps average-pooled to at
-    most ``pool`` x ``pool``."""
-    return shape if len(shape) == 1 else (shape[0], *(min(pool, side) for side in shape[1:]))
-
-
-def read_out(h: Tensor, pool: int = 2) -> Tensor:
-    """(B, features) a local readout takes from a hidden output: itself, or a map average-pooled to at most
-    ``pool`` x ``pool``."""
-    return h if h.dim() == 2 else F.adaptive_avg_pool2d(h, readout_shape(h.shape[1:], pool)[1:]).flatten(1)
-
-
 def read_out_adjoint(h: Tensor, grad: Tensor, pool: int = 2) -> Tensor:
     """The gradient with respect to ``h`` of a readout's input gradient ``grad`` (the pooling's adjoint)."""
     if h.dim() == 2:
         return grad
-    pooled = grad.view(h.shape[0], *readout_shape(h.shape[1:], pool))
+    pooled = grad.view(h.shape[0], *pooled_shape(h.shape[1:], pool))
     return torch.ops.aten._adaptive_avg_pool2d_backward(pooled.to(h.dtype), h)
 
 
@@ -73,6 +63,11 @@ class LocalSignalRule(LearningRule):
     def signals(self) -> tuple[str, ...]:
         raise NotImplementedError
 
+    def fixed_signals(self) -> tuple[str, ...]:
+        """The signals formed in closed form from fixed matrices: all of them, but ``local`` under a learned
+        objective (whose gradient autograd takes through the block and its head)."""
+        return tuple(s for s in self.signals() if s != "local" or self.objective is None)
+
     def __init__(self, model: BlockNet, config: RuleConfig, generator: torch.Generator) -> None:
         super().__init__(model, config, generator)
         shapes, classes = model.hidden_shapes, model.num_classes
@@ -80,18 +75,30 @@ class LocalSignalRule(LearningRule):
         # With per-area feedback each layer has one matrix per area (K), otherwise one.
         self.per_layer = model.areas if config.feedback == "per-area" else 1
         # Both kinds stand in for a (C, features) output weight and are initialised like one.
+        self.objective: LocalObjective | None = None
+        if "local" in self.signals() and config.objective != "readout":
+            if config.feedback == "per-area":
+                raise ConfigError(f"--feedback per-area splits fixed matrices by area; --objective "
+                                  f"{config.objective} learns one head per block: use --feedback per-layer")
+            self._check_single(config, [math.prod(s) for s in shapes], "a head")
+            self.objective = LocalObjective(shapes, classes, config.objective, generator, config.readout_pool,
+                                            config.head_layers, config.head_feedback, config.sim_weight,
+                                            single=config.readout == "single")
         if "direct" in self.signals():
             self._register_matrices("direct", [random_matrix(classes, w, w, generator)
                                                for w in widths for _ in range(self.per_layer)])
-        if "local" in self.signals():
-            features = [math.prod(readout_shape(s, config.readout_pool)) for s in shapes]
-            if config.readout == "single" and len(set(features)) > 1:
-                raise ConfigError(f"--readout single shares one readout across hidden blocks, but their outputs "
-                                  f"differ ({', '.join(map(str, features))} features read out): use --readout "
-                                  "per-layer")
+        if "local" in self.fixed_signals():
+            features = [math.prod(pooled_shape(s, config.readout_pool)) for s in shapes]
+            self._check_single(config, features, "one readout")
             readouts = features[:1] if config.readout == "single" else features
             self._register_matrices("local", [random_matrix(classes, w, w, generator)
                                               for w in readouts for _ in range(self.per_layer)])
+
+    @staticmethod
+    def _check_single(config: RuleConfig, features: list[int], what: str) -> None:
+        if config.readout == "single" and len(set(features)) > 1:
+            raise ConfigError(f"--readout single shares {what} across hidden blocks, but their outputs differ "
+                              f"({', '.join(map(str, features))} features): use --readout per-layer")
 
     def _layer(self, kind: str, layer: int) -> list[Tensor]:
         """The fixed matrices of ``kind`` that serve hidden layer ``layer``: one, or one per area."""
@@ -115,12 +122,12 @@ class LocalSignalRule(LearningRule):
             return self.signals_at_once([layer], h.unsqueeze(0), error, onehot)[0]
         with named_range("torchsal.signal"):     # a named range for profiles (benchmarks/speed.py)
             parts = []
-            if "direct" in self.signals():                   # e B_l[k]
+            if "direct" in self.fixed_signals():             # e B_l[k]
                 direct = self._per_area(error, self._layer("direct", layer), groups, grouped, transpose=True)
                 parts.append(direct.view_as(h))
-            if "local" in self.signals():                    # (softmax(h G^T) - y) G, through the pooling
+            if "local" in self.fixed_signals():              # (softmax(h G^T) - y) G, through the pooling
                 readouts, pool = self._layer("local", layer), self.config.readout_pool
-                logits = self._per_area(read_out(h, pool), readouts, groups, grouped)
+                logits = self._per_area(pooled(h, pool), readouts, groups, grouped)
                 grad = self._per_area(softmax_error(logits, onehot), readouts, groups, grouped,
                                       transpose=True)
                 parts.append(read_out_adjoint(h, grad, pool))
@@ -133,11 +140,11 @@ class LocalSignalRule(LearningRule):
         a few kernels per layer (at 128 layers of width 64 the per-layer loop took about a tenth of the step)."""
         with named_range("torchsal.signal"):
             parts = []
-            if "direct" in self.signals():                       # e B_l
+            if "direct" in self.fixed_signals():                 # e B_l
                 parts.append(torch.matmul(error, self._stacked("direct", layers)).view_as(h))
-            if "local" in self.signals():                        # (softmax(h G^T) - y) G, through the pooling
+            if "local" in self.fixed_signals():                  # (softmax(h G^T) - y) G, through the pooling
                 readouts, flat, pool = self._stacked("local", layers), h.flatten(0, 1), self.config.readout_pool
-                features = read_out(flat, pool).view(len(h), h.shape[1], -1)
+                features = pooled(flat, pool).view(len(h), h.shape[1], -1)
                 # (G f^T)^T: MKL forms a product with C = 10 rows 2-3x faster than one with 10 columns (128 layers
                 # of 128 x 64: 0.20 against 0.57 ms; 2 of 1024 x 1024: 0.48 against 1.03)
                 if readouts.dim() == 2:          # one readout for every layer: one product over all rows
@@ -173,6 +180,10 @@ class LocalSignalRule(LearningRule):
             mean_squares: list[Tensor] = []
 
             def update(i: int, h: Tensor, groups: Groups | None, rows: Tensor | None) -> None:
+                if self.objective is not None:      # the learned objective's gradient, by autograd
+                    self.objective.block_loss(i, h, y if rows is None else y[rows]).backward()
+                    mean_squares.append(torch.stack([h.detach().pow(2).mean(), h.new_full((), math.nan)]))
+                    return
                 onehot = labels if rows is None else labels[rows]
                 g = self.signal(i, h.detach(), None, onehot, groups, rows is not None)
                 surrogate([h], [g], batch).backward()
@@ -184,8 +195,14 @@ class LocalSignalRule(LearningRule):
         trace = model.trace(x, detach=True)
         onehot = trace.in_trace_order(labels)
         error = softmax_error(trace.logits.detach(), onehot) if "direct" in self.signals() else None
-        graph, signals, signal_rms = self.hidden_signals(trace, error, onehot)
-        return output_step(trace, y, surrogate(graph, signals, batch), signal_rms=signal_rms)
+        hidden_loss, signal_rms = None, None
+        if self.fixed_signals():
+            graph, signals, signal_rms = self.hidden_signals(trace, error, onehot)
+            hidden_loss = surrogate(graph, signals, batch)
+        if self.objective is not None:          # no gradient leaves a block: each loss sees one block's output
+            local = self.objective(trace.hidden, trace.in_trace_order(y))
+            hidden_loss = local if hidden_loss is None else hidden_loss + local
+        return output_step(trace, y, hidden_loss, signal_rms=signal_rms)
 
     def hidden_signals(self, trace: Trace, error: Tensor | None, onehot: Tensor
                        ) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
