@@ -64,9 +64,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     "sal-random-router": {"rule": "sal", "router": "random"},
     "sal-layer-routing": {"rule": "sal", "routing": "layer"},
     "sal-per-area-feedback": {"rule": "sal", "feedback": "per-area"},
+    # SAL's local objectives and areas on conv nets (docs/conv.md), each changing one thing of the conv default
+    "sal-readout": {"rule": "sal", "objective": "readout"},
+    "sal-pred": {"rule": "sal", "objective": "pred"},
+    "sal-sim": {"rule": "sal", "objective": "sim"},
+    "sal-bpf": {"rule": "sal", "head_feedback": "fixed"},
+    "sal-pred-bpf": {"rule": "sal", "objective": "pred", "head_feedback": "fixed"},
+    "sal-deep-head": {"rule": "sal", "head_layers": 1},
+    "sal-conv-areas": {"rule": "sal", "conv_areas": True},
 }
 ABLATIONS = ("sal", "sal-k1", "sal-no-shared", "sal-frozen-router", "sal-random-router", "sal-layer-routing",
-             "sal-per-area-feedback", "sal-direct", "sal-local", "sal-both")
+             "sal-per-area-feedback", "sal-direct", "sal-local", "sal-both", "sal-readout", "sal-pred", "sal-sim",
+             "sal-bpf", "sal-pred-bpf", "sal-deep-head", "sal-conv-areas")
 # What a bench runs unless told: the rules, the capacity controls and SAL's two single signals.
 MAIN_PRESETS = tuple(p for p in PRESETS if p not in ABLATIONS or p in ("sal", "sal-direct", "sal-local"))
 
@@ -136,7 +145,8 @@ RECIPES: dict[str, Recipe] = {
                    _conv_trials, lambda n: 10, {},  # (epochs per dataset below)
                    datasets={"mnist": {"model": "lenet", "epochs": 8}, "fashion-mnist": {"model": "lenet", "epochs": 8},
                              "cifar10": {"model": "cnn", "augment": "crop-flip", "epochs": 20}},
-                   presets=("bp", "fa", "dfa", "sal", "sal-k1")),
+                   presets=("bp", "fa", "dfa", "sal", "sal-k1", "sal-bpf", "sal-pred", "sal-sim", "sal-readout",
+                            "sal-conv-areas")),
 }
 
 

@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 import torch
 
 from torchsal.config import (
+    CONV_DEFAULTS,
     DEEP_DEFAULTS,
     DEEP_FROM,
     RECIPES,
@@ -154,6 +155,8 @@ def _show_defaults(p: argparse.ArgumentParser) -> None:
             text = str(base[name])
         if name in DEEP_DEFAULTS:
             text += f"; {DEEP_DEFAULTS[name]} from {DEEP_FROM} hidden layers"
+        if name in CONV_DEFAULTS:
+            text += f"; sal on conv nets: {CONV_DEFAULTS[name]}"
         action.help = f"{action.help or ''} (default: {text})".lstrip()
 
 

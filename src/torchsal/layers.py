@@ -56,7 +56,7 @@ class AreaLayer(nn.Module):
         """``rows`` grouped by ``groups`` (by default the grouping of the routed model running this layer; any
         order with one area). ``feedback`` (by default this layer's in a feedback-alignment pass), if any,
         replaces the transposed weights on the way back to ``rows``."""
-        groups = current_groups() if groups is None else groups
+        groups = None if self.areas == 1 else current_groups() if groups is None else groups   # dense: any order
         if groups is None and self.areas > 1:
             raise RuntimeError(f"{type(self).__name__} with {self.areas} areas needs each row's area: run it inside "
                                "a routed model (torchsal.BlockNet), or pass groups=group_by_area(area, K)")

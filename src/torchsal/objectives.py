@@ -1,21 +1,23 @@
 """Learned local objectives: what a hidden block's output should do, as a loss on that output alone.
 
 A local rule (dfa, sal) cuts the graph at every block input, so a block learns only from a loss on its own output.
-Today's ``local`` signal uses a *fixed random* readout (torchsal.rules.local); the objectives here follow
-Nøkland & Eidnes 2019 ("Training neural networks with local error signals", ``anokland/local-loss``):
+The ``readout`` objective (torchsal.rules.local) reads the output through a *fixed random* matrix; the objectives
+here follow Nøkland & Eidnes 2019 ("Training neural networks with local error signals", ``anokland/local-loss``):
 
 - ``pred``: a *learned* classifier per block (``LocalHead``) on the block's output average-pooled to at most
   ``pool`` x ``pool``, trained with the block by cross-entropy on the labels.
-- ``sim``: the cosine-similarity matrix of the pooled outputs within the batch is matched (mean squared error) to
-  that of the one-hot labels: samples of a class should look alike, samples of different classes should not.
+- ``sim``: similarity matching. A learned width-preserving layer (``SimilarityHead``: 3x3 conv on maps, linear on
+  features) reads the output; the cosine-similarity matrix of what it reads within the batch is matched (mean
+  squared error) to that of the one-hot labels: samples of a class should look alike, samples of different
+  classes should not.
 - ``predsim``: ``(1 - w) pred + w sim`` (``w = sim_weight``, 0.99 as in the paper).
 
 With ``feedback="fixed"`` (the *bpf* variants) each head layer still learns its own weights from its loss, but the
 error reaches the layer's input through a fixed random tensor instead of the layer's transposed weights, so no
-weight is transported anywhere: SAL's premise. With ``feedback="weights"`` the head's error goes back through the
+weight is transported anywhere: SAL's premise. With ``feedback="weights"`` a head's error goes back through the
 head's own weights: a one-layer weight transport that stays inside the block's objective, as in predsim.
 
-A head is used only for learning: it is not part of the model's forward pass, nor of inference.
+Heads are used only for learning: they are not part of the model's forward pass, nor of inference.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from torch import Tensor, nn
 from torchsal.feedback import feedback_point, random_tensor
 
 OBJECTIVES = ("readout", "pred", "sim", "predsim")
-HEAD_FEEDBACK = ("weights", "fixed")
 
 
 def pooled_shape(shape: tuple[int, ...], pool: int) -> tuple[int, ...]:
@@ -55,9 +56,36 @@ def similarity_loss(features: Tensor, onehot: Tensor) -> Tensor:
     return F.mse_loss(similarity(features.float()), similarity(onehot.float()))
 
 
-def _init(shape: tuple[int, ...], fan_in: int, generator: torch.Generator) -> nn.Parameter:
-    """torch's default initialisation of a Linear or Conv2d (uniform, bound 1/sqrt(fan_in)), from ``generator``."""
-    return nn.Parameter(random_tensor(shape, fan_in, generator))
+class FixedFeedbackLayer(nn.Module):
+    """A learned linear map (weight ``(out, in)``) or 3x3 convolution (``(out, in, 3, 3)``, padding 1) of a local
+    objective, initialised like torch's layers (uniform, bound 1/sqrt(fan_in)) from ``generator``. With
+    ``fixed_feedback`` its error reaches its input through a fixed random tensor of the weight's shape instead of
+    the weight itself (bpf); its own weights learn as usual."""
+
+    def __init__(self, shape: tuple[int, ...], fixed_feedback: bool, generator: torch.Generator) -> None:
+        super().__init__()
+        fan_in = math.prod(shape[1:])
+        self.weight = nn.Parameter(random_tensor(shape, fan_in, generator))
+        self.bias = nn.Parameter(random_tensor(shape[:1], fan_in, generator))
+        # bpf: the weights start equal to their fixed feedback, so the error path is aligned from the first step
+        self.register_buffer("feedback", self.weight.detach().clone() if fixed_feedback else None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        conv = self.weight.dim() == 4
+        source = x if self.feedback is None else x.detach()
+        a = F.conv2d(source, self.weight, self.bias, padding=1) if conv else F.linear(source, self.weight, self.bias)
+        if self.feedback is None:
+            return a
+        return feedback_point(x, a, self.feedback, _send_conv) if conv else feedback_point(x, a, self.feedback)
+
+
+def _send_conv(grad: Tensor, feedback: Tensor, shape: torch.Size) -> Tensor:
+    return torch.nn.grad.conv2d_input(shape, feedback.to(grad.dtype), grad, padding=1)
+
+
+def _width_preserving(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The weight shape of a layer that keeps a block output's width: a 3x3 convolution on maps, linear else."""
+    return (shape[0], shape[0], 3, 3) if len(shape) == 3 else (shape[0], shape[0])
 
 
 class LocalHead(nn.Module):
@@ -75,54 +103,36 @@ class LocalHead(nn.Module):
         classes: outputs of the classifier.
         pool: side a map is average-pooled to (at most) before the linear map.
         hidden: layers before the pooling, each keeping the block's width.
-        fixed_feedback: send each layer's error to its input through a fixed random tensor (bpf), not its weights.
+        fixed_feedback: send each layer's error to its input through a fixed random tensor, not its weights (bpf).
         generator: draws the weights and the fixed tensors.
     """
 
     def __init__(self, shape: tuple[int, ...], classes: int, pool: int, hidden: int, fixed_feedback: bool,
                  generator: torch.Generator) -> None:
         super().__init__()
-        self.pool, self.fixed_feedback = pool, fixed_feedback
-        width, is_map = shape[0], len(shape) == 3
-        kernel = (width, width, 3, 3) if is_map else (width, width)
-        fan = width * 9 if is_map else width
-        self.weights = nn.ParameterList(_init(kernel, fan, generator) for _ in range(hidden))
-        self.biases = nn.ParameterList(_init((width,), fan, generator) for _ in range(hidden))
-        features = math.prod(pooled_shape(shape, pool))
-        self.out_weight = _init((classes, features), features, generator)
-        self.out_bias = _init((classes,), features, generator)
-        # the fixed tensors that carry the error back in place of each layer's weights (bpf): buffers, never learned
-        for i in range(hidden):
-            self.register_buffer(f"feedback_{i}", random_tensor(kernel, fan, generator) if fixed_feedback else None)
-        self.register_buffer("out_feedback", random_tensor((classes, features), features, generator)
-                             if fixed_feedback else None)
-
-    def features(self, h: Tensor) -> Tensor:
-        """(B, features) the linear map reads: ``h`` through the hidden layers, pooled and flattened."""
-        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
-            feedback = getattr(self, f"feedback_{i}")
-            h = torch.relu(self._layer(h, w, b, feedback))
-        return pooled(h, self.pool)
+        self.pool = pool
+        self.hidden = nn.ModuleList(FixedFeedbackLayer(_width_preserving(shape), fixed_feedback, generator)
+                                    for _ in range(hidden))
+        self.out = FixedFeedbackLayer((classes, math.prod(pooled_shape(shape, pool))), fixed_feedback, generator)
 
     def forward(self, h: Tensor) -> Tensor:
-        return self._layer(self.features(h), self.out_weight, self.out_bias, self.out_feedback)
-
-    @staticmethod
-    def _layer(x: Tensor, weight: Tensor, bias: Tensor, feedback: Tensor | None) -> Tensor:
-        conv = weight.dim() == 4
-        affine = F.conv2d if conv else F.linear
-        if feedback is None:
-            return affine(x, weight, bias, padding=1) if conv else affine(x, weight, bias)
-        a = affine(x.detach(), weight, bias, padding=1) if conv else affine(x.detach(), weight, bias)
-        return feedback_point(x, a, feedback, _send_conv if conv else _send_linear)
+        for layer in self.hidden:
+            h = torch.relu(layer(h))
+        return self.out(pooled(h, self.pool))
 
 
-def _send_linear(grad: Tensor, feedback: Tensor, shape: torch.Size) -> Tensor:  # noqa: ARG001
-    return grad @ feedback
+class SimilarityHead(nn.Module):
+    """What the similarity term reads of a block output: a learned width-preserving layer (3x3 convolution on
+    maps, linear on features), then on a map each channel's standard deviation over space, as Nøkland & Eidnes
+    do: (B, features) rows whose similarities are matched to the labels'."""
 
+    def __init__(self, shape: tuple[int, ...], fixed_feedback: bool, generator: torch.Generator) -> None:
+        super().__init__()
+        self.project = FixedFeedbackLayer(_width_preserving(shape), fixed_feedback, generator)
 
-def _send_conv(grad: Tensor, feedback: Tensor, shape: torch.Size) -> Tensor:
-    return torch.nn.grad.conv2d_input(shape, feedback, grad, padding=1)
+    def forward(self, h: Tensor) -> Tensor:
+        z = self.project(h)
+        return z.flatten(1) if z.dim() == 2 or z.shape[2] * z.shape[3] == 1 else z.flatten(2).std(2)
 
 
 class LocalObjective(nn.Module):
@@ -137,36 +147,34 @@ class LocalObjective(nn.Module):
         shapes: each hidden block's output shape (one sample).
         classes: number of classes.
         kind: ``pred``, ``sim`` or ``predsim``.
-        pool: the side maps are pooled to before a head or the similarity.
-        head_layers: hidden layers of each head (0: linear).
-        feedback: ``weights`` (the head's own, inside the objective) or ``fixed`` (bpf: fixed random tensors).
-        sim_weight: predsim's weight ``w`` of the similarity term.
-        single: one head for every block (their outputs must share a shape), as ``--readout single``.
         generator: draws the heads.
+        pool: the side maps are pooled to before a classifier head.
+        head_layers: hidden layers of each classifier head (0: linear).
+        feedback: ``weights`` (a head's own, inside the objective) or ``fixed`` (bpf: fixed random tensors).
+        sim_weight: predsim's weight ``w`` of the similarity term.
+        single: one head of each kind for every block (their outputs must share a shape), as ``--readout single``.
     """
 
     def __init__(self, shapes: list[tuple[int, ...]], classes: int, kind: str, generator: torch.Generator,
                  pool: int = 2, head_layers: int = 0, feedback: str = "weights", sim_weight: float = 0.99,
                  single: bool = False) -> None:
         super().__init__()
-        self.kind, self.classes, self.pool, self.sim_weight = kind, classes, pool, sim_weight
-        self.single = single
-        needs_head = kind in ("pred", "predsim")
-        self.heads = nn.ModuleList(LocalHead(s, classes, pool, head_layers, feedback == "fixed", generator)
-                                   for s in (shapes[:1] if single else shapes) if needs_head)
+        self.kind, self.classes, self.sim_weight, self.single = kind, classes, sim_weight, single
+        fixed, served = feedback == "fixed", shapes[:1] if single else shapes
+        self.heads = nn.ModuleList(LocalHead(s, classes, pool, head_layers, fixed, generator)
+                                   for s in served if kind in ("pred", "predsim"))
+        self.sim_heads = nn.ModuleList(SimilarityHead(s, fixed, generator)
+                                       for s in served if kind in ("sim", "predsim"))
 
     def block_loss(self, index: int, h: Tensor, labels: Tensor) -> Tensor:
         """Block ``index``'s local loss on its output ``h`` (B, ...) for ``labels`` (B,), a batch mean."""
-        parts = []
-        head = self.heads[0 if self.single else index] if self.heads else None
-        if head is not None:
-            pred = F.cross_entropy(head(h).float(), labels)
-            parts.append(pred if self.kind == "pred" else (1 - self.sim_weight) * pred)
-        if self.kind in ("sim", "predsim"):
-            onehot = F.one_hot(labels, self.classes)
-            sim = similarity_loss(pooled(h, self.pool), onehot)
-            parts.append(sim if self.kind == "sim" else self.sim_weight * sim)
-        return parts[0] if len(parts) == 1 else parts[0] + parts[1]
+        which = 0 if self.single else index
+        pred = F.cross_entropy(self.heads[which](h).float(), labels) if self.heads else None
+        sim = similarity_loss(self.sim_heads[which](h), F.one_hot(labels, self.classes)) if self.sim_heads \
+            else None
+        if pred is None or sim is None:
+            return pred if sim is None else sim
+        return (1 - self.sim_weight) * pred + self.sim_weight * sim
 
     def forward(self, hidden: list[Tensor], labels: Tensor) -> Tensor:
         """The sum of every hidden block's local loss."""
