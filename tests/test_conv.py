@@ -13,12 +13,12 @@ from torch import nn
 
 import torchsal.optim
 from torchsal.blocks import BlockNet
-from torchsal.config import ModelConfig, RoutingConfig, RuleConfig
+from torchsal.config import ModelConfig, RoutingConfig, RuleConfig, check_applicable, make_config
 from torchsal.data import crop_flip
 from torchsal.dispatch import group_by_area
 from torchsal.errors import ConfigError
 from torchsal.layers import AreaConv2d
-from torchsal.models import build_model
+from torchsal.models import build_model, vgg_depth_plan
 from torchsal.objectives import pooled as read_out
 from torchsal.rules import build_rule
 
@@ -155,7 +155,6 @@ def test_sal_local_signal_on_a_map_is_the_gradient_of_its_pooled_readout(pool, s
 
 
 def test_readout_pool_is_refused_where_it_does_nothing():
-    from torchsal.config import check_applicable, make_config
 
     for rule, model, why in (("dfa", "cnn", "exist only with --rule sal"), ("sal", "mlp", "--model mlp has none")):
         with pytest.raises(ConfigError, match=f"--readout-pool .*{why}"):
@@ -184,8 +183,10 @@ def test_untouched_conv_areas_stay_bit_identical(rule):
 
 
 def test_every_rule_trains_every_conv_model_a_step():
-    for name, shape in (("lenet", (1, 28, 28)), ("cnn", (3, 32, 32)), ("resnet20", (3, 32, 32))):
-        model = build_model(0, 10, ModelConfig(model=name, routing_config=RoutingConfig(areas=2)), in_shape=shape)
+    for name, shape in (("lenet", (1, 28, 28)), ("cnn", (3, 32, 32)), ("resnet20", (3, 32, 32)),
+                        ("vgg8b", (3, 32, 32)), ("vgg11b", (3, 16, 16)), ("vgg", (3, 16, 16))):
+        config = ModelConfig(model=name, routing_config=RoutingConfig(areas=2), width_mult=1 / 32, depth=5)
+        model = build_model(0, 10, config, in_shape=shape)
         x, y = torch.randn(4, *shape), torch.arange(4)
         for rule in ("bp", "fa", "dfa", "sal"):
             model.zero_grad(set_to_none=True)
@@ -268,3 +269,20 @@ def test_a_conv_run_saves_a_model_that_eval_loads(tmp_path):
     bad = subprocess.run([*run, "train", "--dataset", "digits", "--model", "lenet", *common], capture_output=True,
                          text=True, timeout=600)
     assert bad.returncode != 0 and "--model lenet is a conv net: it needs an image dataset" in bad.stderr
+
+
+def test_vgg_models_follow_their_published_plans_and_the_depth_family_spreads_its_convs():
+    model = build_model(0, 10, ModelConfig(model="vgg8b"), in_shape=(3, 32, 32))
+    convs = [layer.weight.shape[1] for layer in model.area_layers() if isinstance(layer, AreaConv2d)]
+    linears = [tuple(layer.weight.shape[1:]) for layer in model.area_layers() if not isinstance(layer, AreaConv2d)]
+    assert convs == [128, 256, 256, 512, 512, 512] and linears == [(1024, 512 * 2 * 2), (10, 1024)]
+    assert len(model.blocks) == 8                         # VGG8b: eight layers, each its own block
+    quarter = build_model(0, 10, ModelConfig(model="vgg11b", width_mult=0.25), in_shape=(3, 32, 32))
+    assert [layer.weight.shape[1] for layer in quarter.area_layers()][:9] == [32, 32, 32, 64, 64, 128, 128, 128, 128]
+    assert [len(stage) for stage in vgg_depth_plan(11)] == [3, 3, 3, 2]
+    assert [len(stage) for stage in vgg_depth_plan(6)] == [2, 2, 1, 1]
+    with pytest.raises(ConfigError, match="needs at least 4 conv layers: give --depth 4 or more"):
+        vgg_depth_plan(3)
+    with pytest.raises(ConfigError, match="--width-mult scales the VGG models, not --model cnn"):
+        check_applicable(make_config("bp", model="cnn", width_mult=0.5), {"width_mult"})
+    check_applicable(make_config("sal", model="vgg", depth=8), {"depth"})    # depth shapes the VGG family

@@ -20,6 +20,7 @@ from torchsal.config import (
     CONV_DEFAULTS,
     DEEP_DEFAULTS,
     DEEP_FROM,
+    MODELS,
     RECIPES,
     RULE_DEFAULTS,
     check_applicable,
@@ -69,10 +70,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="colour images as one luma channel (the paper's CIFAR-10 setting)")
     p.add_argument("--out", metavar="DIR", help="run folder: config, per-epoch metrics, model, checkpoints")
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=["mlp", "lenet", "cnn", "resnet20"],
+    g.add_argument("--model", choices=list(MODELS),
                    help="the routed MLP, or a conv net for image data: BioTorch's LeNet (MNIST) or small CIFAR-10 "
-                   "CNN, or ResNet-20")
-    g.add_argument("--depth", type=int, help="hidden layers (mlp)")
+                   "CNN, ResNet-20, Nokland & Eidnes's VGG8b or VGG11b, or a VGG of --depth conv layers (vgg)")
+    g.add_argument("--width-mult", type=float, metavar="M",
+                   help="VGG models: every layer's width times M (0.25 or 0.5 on a CPU)")
+    g.add_argument("--depth", type=int, help="hidden layers (mlp), or conv layers (vgg)")
     g.add_argument("--width", type=int, help="units per hidden layer (mlp)")
     g.add_argument("--areas", type=_areas, metavar="K|auto",
                    help="K areas per layer (1 = dense); auto: a power of two from 2 to 16, about 100 training "

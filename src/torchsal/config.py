@@ -75,10 +75,14 @@ class RoutingConfig:
         _positive("routing_temperature", self.routing_temperature)
 
 
+MODELS = ("mlp", "lenet", "cnn", "resnet20", "vgg8b", "vgg11b", "vgg")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     # "mlp" (the routed MLP below) or a conv net for images: "lenet" (BioTorch's LeNet for MNIST), "cnn" (its small
-    # CIFAR-10 CNN), "resnet20" (CIFAR ResNet-20); depth, width, block and norm describe the MLP only.
+    # CIFAR-10 CNN), "resnet20" (CIFAR ResNet-20), "vgg8b" and "vgg11b" (Nokland & Eidnes's VGGs with batch
+    # norm), "vgg" (a VGG of --depth conv layers); depth, width, block and norm describe the MLP, depth also "vgg".
     model: str = "mlp"
     # Hidden layers of the MLP (the paper uses 1) and their width.
     depth: int = 1
@@ -90,6 +94,8 @@ class ModelConfig:
     block: str = "plain"
     # Pre-norm inside residual blocks and a final norm before the head: "none", "layer" or "rms".
     norm: str = "none"
+    # VGG models: every layer's width times this (0.25 and 0.5 fit CPU budgets; 1 is the published net).
+    width_mult: float = 1.0
     # Conv nets: convolutions hold areas too; off, they stay dense (their kernels see every image) and only the
     # fully connected layers are routed.
     conv_areas: bool = True
@@ -98,7 +104,8 @@ class ModelConfig:
     routing_config: RoutingConfig = field(default_factory=RoutingConfig)
 
     def __post_init__(self) -> None:
-        _choice("model", self.model, ("mlp", "lenet", "cnn", "resnet20"))
+        _choice("model", self.model, MODELS)
+        _positive("width_mult", self.width_mult)
         _positive("depth", self.depth)
         _positive("width", self.width)
         _choice("block", self.block, ("plain", "residual"))
@@ -390,9 +397,10 @@ def make_config(rule: str = "sal", recipe: str = "default", **overrides: Any) ->
     values: dict[str, Any] = {"rule": rule}
     values.update(RULE_DEFAULTS[rule])
     given = {**RECIPES[recipe], **{k: check_type(k, v) for k, v in overrides.items() if v is not None}}
-    if given.get("depth", ModelConfig.depth) >= DEEP_FROM:
+    model = given.get("model", ModelConfig.model)
+    if model == "mlp" and given.get("depth", ModelConfig.depth) >= DEEP_FROM:
         values.update(DEEP_DEFAULTS)
-    if rule == "sal" and given.get("model", ModelConfig.model) != "mlp":
+    if rule == "sal" and model != "mlp":
         values.update(CONV_DEFAULTS)
     values.update(given)
 
@@ -430,9 +438,11 @@ def check_applicable(config: RunConfig, explicit: set[str]) -> None:
     }
     if model.model != "mlp":        # the conv nets are fixed: the MLP's shape options would be ignored
         reasons.update({name: f"--model {model.model} is a fixed conv net; --{name} shapes the MLP"
-                        for name in ("depth", "width", "block", "norm")})
+                        for name in ("depth", "width", "block", "norm") if model.model != "vgg" or name != "depth"})
     else:
         reasons["conv_areas"] = "--model mlp has no convolutions"
+    if not model.model.startswith("vgg"):
+        reasons["width_mult"] = f"--width-mult scales the VGG models, not --model {model.model}"
     refused = [f"--{name.replace('_', '-')} ({why})" for name, why in reasons.items() if name in explicit and why]
     if refused:
         raise ConfigError(f"{'this flag does' if len(refused) == 1 else 'these flags do'} not apply here: "

@@ -2,8 +2,9 @@
 
 ``AreaMLP`` with ``areas=1, shared=False`` is the plain dense MLP (Linear-ReLU-...-Linear). For depth, hidden
 layers after the first can be pre-norm residual blocks, ``h = h + relu(W norm(h))`` (one block counts as one
-hidden layer), with a final norm before the head. The conv nets (``CONV_MODELS``) are BioTorch's LeNet for MNIST,
-its small CIFAR-10 CNN and a ResNet-20, written as ordinary torch modules and converted to area layers.
+hidden layer), with a final norm before the head. The conv nets (``conv_modules``) are BioTorch's LeNet for MNIST,
+its small CIFAR-10 CNN, a ResNet-20, Nøkland & Eidnes's VGG8b and VGG11b and a VGG depth family, written as
+ordinary torch modules and converted to area layers.
 """
 
 from __future__ import annotations
@@ -311,6 +312,55 @@ def resnet20(in_shape: tuple[int, ...], classes: int) -> list[nn.Module]:
     return [*modules, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, classes)]
 
 
+# Nøkland & Eidnes's (2019) VGG8b and VGG11b: the output channels of each conv, per pooling stage.
+VGG_PLANS: dict[str, tuple[tuple[int, ...], ...]] = {
+    "vgg8b": ((128, 256), (256, 512), (512,), (512,)),
+    "vgg11b": ((128, 128, 128, 256), (256, 512), (512, 512), (512,))}
+VGG_STAGE_WIDTHS = (128, 256, 512, 512)
+
+
+def vgg_depth_plan(convs: int) -> tuple[tuple[int, ...], ...]:
+    """The depth family (``--model vgg --depth N``): N convs over VGG8b's four pooling stages (128, 256, 512 and
+    512 channels), spread evenly, earlier stages taking the extra ones: 4 (1, 1, 1, 1), 6 (2, 2, 1, 1), 8 (2, 2,
+    2, 2), 11 (3, 3, 3, 2)."""
+    if convs < len(VGG_STAGE_WIDTHS):
+        raise ConfigError(f"--model vgg has one pooling stage per {len(VGG_STAGE_WIDTHS)} and needs at least "
+                          f"{len(VGG_STAGE_WIDTHS)} conv layers: give --depth 4 or more (got {convs})")
+    each, extra = divmod(convs, len(VGG_STAGE_WIDTHS))
+    return tuple((width,) * (each + (stage < extra)) for stage, width in enumerate(VGG_STAGE_WIDTHS))
+
+
+def vgg(in_shape: tuple[int, ...], classes: int, plan: tuple[tuple[int, ...], ...],
+        width_mult: float = 1.0) -> list[nn.Module]:
+    """A VGG-style net as Nøkland & Eidnes's VGG8b: 3x3 convolutions with batch norm and ReLU, a max-pool after
+    each stage of ``plan``, then fc 1024 with batch norm and ReLU, and a linear head; every width times
+    ``width_mult`` (0.25 and 0.5 fit CPU budgets; their dropout is left out)."""
+    side = in_shape[1] // 2 ** len(plan)
+    if len(in_shape) != 3 or in_shape[1] != in_shape[2] or side < 1:
+        raise ConfigError(f"this VGG takes square images of at least {2 ** len(plan)}x{2 ** len(plan)}, "
+                          f"got shape {in_shape}")
+    modules: list[nn.Module] = []
+    channels = in_shape[0]
+    for stage in plan:
+        for width in stage:
+            out = max(1, round(width * width_mult))
+            modules += [nn.Conv2d(channels, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU()]
+            channels = out
+        modules.append(nn.MaxPool2d(2))
+    hidden = max(1, round(1024 * width_mult))
+    return [*modules, nn.Flatten(), nn.Linear(channels * side * side, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+            nn.Linear(hidden, classes)]
+
+
+def conv_modules(config: ModelConfig, in_shape: tuple[int, ...], classes: int) -> list[nn.Module]:
+    """The modules of conv net ``config.model`` for images of ``in_shape``."""
+    if config.model in VGG_PLANS:
+        return vgg(in_shape, classes, VGG_PLANS[config.model], config.width_mult)
+    if config.model == "vgg":
+        return vgg(in_shape, classes, vgg_depth_plan(config.depth), config.width_mult)
+    return CONV_MODELS[config.model](in_shape, classes)
+
+
 CONV_MODELS: dict[str, Callable[[tuple[int, ...], int], list[nn.Module]]] = {
     "lenet": lenet, "cnn": small_cnn, "resnet20": resnet20}
 
@@ -330,8 +380,7 @@ def build_model(in_features: int, num_classes: int, config: ModelConfig, seed: i
     rc = config.routing_config
     with torch.random.fork_rng(devices=[]):      # torch's own initialisation, seeded, global RNG untouched
         torch.manual_seed(seed)
-        modules = [m.to(getattr(torch, config.dtype)) for m in CONV_MODELS[config.model](tuple(in_shape),
-                                                                                         num_classes)]
+        modules = [m.to(getattr(torch, config.dtype)) for m in conv_modules(config, tuple(in_shape), num_classes)]
     return BlockNet.from_modules(modules, in_shape, rc.areas, config.shared, rc, torch.Generator().manual_seed(seed),
                                  conv_areas=config.conv_areas)
 
