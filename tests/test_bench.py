@@ -7,6 +7,7 @@ import pytest
 import torchsal.bench as bench
 from torchsal.bench import Bench, matched_width
 from torchsal.config import make_config
+from torchsal.data import load_dataset
 from torchsal.errors import ConfigError
 from torchsal.models import build_model
 
@@ -165,7 +166,24 @@ def test_a_fixed_row_the_user_did_not_ask_for_is_announced(tmp_path, monkeypatch
 def test_the_conv_recipe_runs_only_on_its_image_datasets(tmp_path):
     from torchsal.bench import RECIPES, Bench
 
-    assert set(RECIPES["conv"].datasets) == {"mnist", "fashion-mnist", "cifar10"}
+    assert RECIPES["conv"].default_datasets == ("mnist", "fashion-mnist", "cifar10")
+    assert set(RECIPES["conv"].datasets) == {"mnist", "fashion-mnist", "cifar10", "cifar10-vgg8b", "cifar10-vgg4",
+                                             "cifar10-vgg6", "cifar10-vgg8", "cifar10-vgg11"}
     with pytest.raises(ConfigError, match="recipe conv has no model for 'wine'; it runs on mnist, fashion-mnist, "
-                                          "cifar10"):
+                                          "cifar10, cifar10-vgg8b"):
         Bench("conv", ["mnist", "wine"], ["bp"], [0], tmp_path)
+
+
+def test_a_conv_cell_trains_its_own_model_on_its_dataset_with_its_own_grid_and_presets(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, "train", fake_train_any(calls))
+    wine = load_dataset("wine")                            # (stands in for cifar10: only the cells' plans matter)
+    monkeypatch.setattr(bench, "load_dataset", lambda name, *args: wine)
+    monkeypatch.setattr(bench, "locate_dataset", lambda name, data_dir: name)
+    records = Bench("conv", ["cifar10-vgg8b", "cifar10-vgg4"], ["bp", "dfa", "sal"], [0, 1, 2], tmp_path).run()
+    vgg8b = [c for c in calls if c.model.model == "vgg8b"]
+    assert {c.train.dataset for c in calls} == {"cifar10"} and {c.model.width_mult for c in calls} == {0.25}
+    assert {c.rule.rule for c in calls} == {"bp", "sal"}                     # dfa is not one of the cells' presets
+    assert len(vgg8b) == 2 * (2 + 2)                       # two learning rates on seed 0, the chosen on seeds 1, 2
+    assert sorted({c.model.depth for c in calls if c.model.model == "vgg"}) == [4]
+    assert {r["dataset"] for r in records} == {"cifar10-vgg8b", "cifar10-vgg4"}     # table rows by cell

@@ -91,9 +91,12 @@ class Recipe:
     trials: Callable[[str], list[dict[str, Any]]]           # the grid searched for a preset
     epochs: Callable[[int], int]                            # epoch budget from the training-set size
     fixed: dict[str, dict[str, Any]]                        # extra rows run exactly as given (no search)
-    # Settings per dataset (the model a dataset is run with, its budget); when given, the datasets it may run on
+    # Settings per dataset (the model a dataset is run with, its budget); when given, the datasets it may run on.
+    # A cell may also name its real "dataset" (cells "cifar10-vgg8b", "cifar10-vgg4" train other models on
+    # cifar10), its own "trials" (the grid, in place of the recipe's) and the "presets" it runs.
     datasets: dict[str, dict[str, Any]] = field(default_factory=dict)
     presets: tuple[str, ...] = MAIN_PRESETS                 # the presets run by default
+    default_datasets: tuple[str, ...] = ()                  # the cells run without --datasets (empty: all)
 
 
 # Published numbers shown beside a recipe's table: the paper's MLP (BP, SAL-16), or BioTorch's conv nets (test
@@ -128,6 +131,16 @@ def _conv_trials(preset: str) -> list[dict[str, Any]]:
     return [{"lr": lr} for lr in (3e-4, 1e-3, 3e-3)]
 
 
+# VGGs on CIFAR-10 at a quarter of their width (a VGG8b step there costs about 8 small-CNN steps): VGG8b for bp, sal
+# and sal's bpf variant, two learning rates; the depth family of 4 to 11 conv layers for bp and sal, one learning
+# rate (give --seeds 0: one seed per depth).
+_VGG = {"dataset": "cifar10", "augment": "crop-flip", "width_mult": 0.25, "epochs": 10}
+VGG_CELLS: dict[str, dict[str, Any]] = {
+    "cifar10-vgg8b": {**_VGG, "model": "vgg8b", "presets": ("bp", "sal", "sal-bpf"),
+                      "trials": [{"lr": 1e-3}, {"lr": 3e-3}]},
+    **{f"cifar10-vgg{n}": {**_VGG, "model": "vgg", "depth": n, "presets": ("bp", "sal"), "trials": [{"lr": 1e-3}]}
+       for n in (4, 6, 8, 11)}}
+
 RECIPES: dict[str, Recipe] = {
     # The paper's model and budget; only the learning rate is searched (SAL's is not published).
     "paper": Recipe("paper", {"depth": 1, "width": 256, "optimizer": "sgd", "momentum": 0.0, "weight_decay": 0.0,
@@ -144,9 +157,11 @@ RECIPES: dict[str, Recipe] = {
     "conv": Recipe("conv", {"optimizer": "adam", "batch_size": 128, "schedule": "cosine", "grayscale": False},
                    _conv_trials, lambda n: 10, {},  # (epochs per dataset below)
                    datasets={"mnist": {"model": "lenet", "epochs": 8}, "fashion-mnist": {"model": "lenet", "epochs": 8},
-                             "cifar10": {"model": "cnn", "augment": "crop-flip", "epochs": 20}},
+                             "cifar10": {"model": "cnn", "augment": "crop-flip", "epochs": 20},
+                             **VGG_CELLS},
                    presets=("bp", "fa", "dfa", "sal", "sal-k1", "sal-bpf", "sal-pred", "sal-sim", "sal-readout",
-                            "sal-conv-areas")),
+                            "sal-conv-areas"),
+                   default_datasets=("mnist", "fashion-mnist", "cifar10")),
 }
 
 
@@ -232,7 +247,8 @@ class Bench:
                     if not Path(path).expanduser().is_file():
                         raise DataError(f"{name}: no such file")
                 else:
-                    for part in (path.split(",") if kind == "union" else [name]):
+                    real = self.recipe.datasets.get(name, {}).get("dataset", name)
+                    for part in (path.split(",") if kind == "union" else [real]):
                         locate_dataset(part, self.data_dir)
             except DataError as exc:
                 missing.append(str(exc).split(";")[0])
@@ -240,25 +256,34 @@ class Bench:
             raise DataError(f"bench: {len(missing)} of {len(self.datasets)} datasets not found, nothing was "
                             f"trained: {' | '.join(missing)}. Give --data-dir, or leave them out of --datasets")
 
+    def _presets(self, cell: str) -> list[str]:
+        own = self.recipe.datasets.get(cell, {}).get("presets")
+        return [p for p in self.presets if own is None or p in own]
+
+    def _trials(self, cell: str) -> list[dict[str, Any]]:
+        return self.recipe.datasets.get(cell, {}).get("trials") or self.recipe.trials("bp")
+
     def run(self) -> list[dict[str, Any]]:
         self.check_datasets()
         rows = list(self.recipe.fixed) if "bp" in self.presets else []
         if rows and not self.report_only:
             log.info("bench %s: besides the presets asked for, %s also runs with bp (%s); it is a fixed row of "
                      "the recipe", self.recipe.name, ", ".join(rows), "the published setup, no search")
-        total = len(self.datasets) * (len(self.presets) * (len(self.recipe.trials("bp")) + len(self.seeds) - 1)
-                                      + len(rows) * len(self.seeds))
+        total = sum(len(self._presets(d)) * (len(self._trials(d)) + len(self.seeds) - 1) + len(rows) * len(self.seeds)
+                    for d in self.datasets)
         self.bar = tqdm(total=total, desc=f"bench {self.recipe.name}", unit="run")
         for dataset in self.datasets:
-            data = load_dataset(dataset, self.data_dir, self.base.get("grayscale", False))
-            self.splits = {seed: make_splits(data, seed) for seed in self.seeds}
             own = dict(self.recipe.datasets.get(dataset, {}))
+            real, trials, presets = own.pop("dataset", dataset), own.pop("trials", None), own.pop("presets", None)
+            data = load_dataset(real, self.data_dir, self.base.get("grayscale", False))
+            self.splits = {seed: make_splits(data, seed) for seed in self.seeds}
             n_train = len(self.splits[self.seeds[0]].y_train)
             epochs = self.epochs or own.pop("epochs", None) or self.recipe.epochs(n_train)
-            base = {**self.base, **own, "dataset": dataset, "data_dir": self.data_dir, "threads": self.threads,
+            base = {**self.base, **own, "dataset": real, "data_dir": self.data_dir, "threads": self.threads,
                     "compile": self.compile, "epochs": epochs}
             for preset in self.presets:
-                self._cell(dataset, preset, base, self.recipe.trials(preset))
+                if presets is None or preset in presets:
+                    self._cell(dataset, preset, base, trials or self.recipe.trials(preset))
             for name in rows:
                 self._cell(dataset, name, {**base, **self.recipe.fixed[name]}, [{}], preset_settings={})
         self.bar.close()

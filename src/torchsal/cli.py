@@ -193,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_p = sub.add_parser("bench", help="benchmark presets on datasets over seeds (resumable)")
     bench_p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     bench_p.add_argument("--datasets", help="comma-separated (default: the ten; with --protocol conv: mnist, "
-                         "fashion-mnist, cifar10)")
+                         "fashion-mnist, cifar10; its VGG cells: cifar10-vgg8b, and the depth sweep cifar10-vgg4, "
+                         "-vgg6, -vgg8, -vgg11)")
     bench_p.add_argument("--presets", "--rules", dest="rules", metavar="PRESETS",
                          help=f"comma-separated presets (a rule on a model): {', '.join(PRESETS)}; 'ablations' "
                          f"expands to the SAL ablation set (--rules: old spelling; default: {','.join(MAIN_PRESETS)}; "
@@ -403,7 +404,7 @@ def _bench(args: argparse.Namespace) -> int:
     _warn_old_flags(args)
     recipe = RECIPES[args.recipe]
     if args.datasets is None:
-        args.datasets = ",".join(recipe.datasets or TEN_DATASETS)
+        args.datasets = ",".join(recipe.default_datasets or recipe.datasets or TEN_DATASETS)
     if args.rules is None:
         args.rules = ",".join(recipe.presets)
     presets = [q for p in args.rules.split(",") if p for q in (ABLATIONS if p == "ablations" else [p])]
