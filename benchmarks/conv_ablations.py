@@ -3,14 +3,17 @@
     python benchmarks/conv_ablations.py --data-dir ../shared/data --threads 1                   # LeNet, MNIST: ~40 min
     python benchmarks/conv_ablations.py --dataset cifar10 --seeds 0 --variants k1,k16,k16-direct,k16-both \\
         --lr 3e-3 --data-dir ../shared/data --threads 1
+    python benchmarks/conv_ablations.py --dataset cifar10 --seeds 0 --variants sal-conv-areas,sal-readout,sal-pred \\
+        --lr 1e-3 --data-dir ../shared/data --threads 1        # the objectives and areas of the conv default
 
 Each dataset's model and budget are those of ``torchsal bench --protocol conv`` (LeNet for 8 epochs on MNIST and
-Fashion-MNIST, the small CNN with crop-and-flip for 20 on CIFAR-10; Adam, batch 128, cosine schedule). By default
-SAL runs with 1 area (no shared path: SAL's rule on the dense net), 2, 4 and 16 areas with the shared path, and 16
-areas without it; the signal variants swap the local signal for the direct one or both, the pool4 ones read out
-4x4-pooled maps instead of 2x2 (``--readout-pool 4``). Every variant trains at one learning rate (``--lr``,
-default 1e-3: the rate the conv bench chose for SAL on MNIST), so the variant is the only thing that changes.
-Runs are logged as they finish (``OUT/DATASET/ablations.jsonl``) and a rerun resumes; ``ablations.md`` and
+Fashion-MNIST, the small CNN with crop-and-flip for 20 on CIFAR-10; Adam, batch 128, cosine schedule). The ``k``
+variants are the conv default before learned objectives (a fixed random readout, areas in every layer): 1 area (no
+shared path: SAL's rule on the dense net), 2, 4 and 16 areas with the shared path, 16 without it, the direct
+signal or both instead of the local one, and readouts of 4x4-pooled maps (``--readout-pool 4``). The ``sal``
+variants change one thing each of today's default (predsim, areas in the fully connected layers only). Every
+variant trains at one learning rate (``--lr``, default 1e-3), so the variant is the only thing that changes. Runs
+are logged as they finish (``OUT/DATASET/ablations.jsonl``) and a rerun resumes; ``ablations.md`` and
 ``areas.png`` (accuracy against areas) are written beside the log.
 """
 
@@ -21,18 +24,38 @@ from pathlib import Path
 
 from study import RunLog, mean_std, study_parser
 
+# The conv default before learned objectives: a fixed random readout of 2x2-pooled maps, areas in every conv.
+OLD = {"objective": "readout", "conv_areas": True, "readout_pool": 2}
 # name: (what it is, settings); fewest areas first
 VARIANTS = {
-    "k1": ("1 area (dense), no shared path", {"areas": 1, "shared": False}),
-    "k2": ("2 areas + shared path", {"areas": 2, "shared": True}),
-    "k4": ("4 areas + shared path", {"areas": 4, "shared": True}),
-    "k16": ("16 areas + shared path (bench's sal)", {"areas": 16, "shared": True}),
-    "k16-no-shared": ("16 areas, no shared path", {"areas": 16, "shared": False}),
-    "k16-direct": ("16 areas + shared path, direct signal", {"areas": 16, "shared": True, "signal": "direct"}),
-    "k16-both": ("16 areas + shared path, local + direct", {"areas": 16, "shared": True, "signal": "both"}),
-    "k16-pool4": ("16 areas + shared path, readout of 4x4-pooled maps", {"areas": 16, "shared": True,
+    "k1": ("1 area (dense), no shared path", {**OLD, "areas": 1, "shared": False}),
+    "k2": ("2 areas + shared path", {**OLD, "areas": 2, "shared": True}),
+    "k4": ("4 areas + shared path", {**OLD, "areas": 4, "shared": True}),
+    "k16": ("16 areas + shared path (bench's sal)", {**OLD, "areas": 16, "shared": True}),
+    "k16-no-shared": ("16 areas, no shared path", {**OLD, "areas": 16, "shared": False}),
+    "k16-direct": ("16 areas + shared path, direct signal", {**OLD, "areas": 16, "shared": True, "signal": "direct"}),
+    "k16-both": ("16 areas + shared path, local + direct", {**OLD, "areas": 16, "shared": True, "signal": "both"}),
+    "k16-pool4": ("16 areas + shared path, readout of 4x4-pooled maps", {**OLD, "areas": 16, "shared": True,
                                                                           "readout_pool": 4}),
-    "k1-pool4": ("1 area (dense), readout of 4x4-pooled maps", {"areas": 1, "shared": False, "readout_pool": 4}),
+    "k1-pool4": ("1 area (dense), readout of 4x4-pooled maps", {**OLD, "areas": 1, "shared": False,
+                                                                 "readout_pool": 4}),
+    # the conv default since learned objectives (predsim, 4x4 heads, areas in the fully connected layers only) and
+    # one change each: where the areas are, then which objective
+    "sal": ("predsim, areas in the fc layers (16 + shared path): the default", {"areas": 16, "shared": True}),
+    "sal-k1": ("predsim, 1 area (dense)", {"areas": 1, "shared": False}),
+    "sal-conv-areas": ("predsim, areas in the convs too", {"areas": 16, "shared": True, "conv_areas": True}),
+    "sal-conv-areas-k4": ("predsim, 4 areas in every layer", {"areas": 4, "shared": True, "conv_areas": True}),
+    "sal-layer-routing": ("predsim, each fc layer routed from its own input", {"areas": 16, "shared": True,
+                                                                               "routing": "layer"}),
+    "sal-no-shared": ("predsim, areas in the fc layers, no shared path", {"areas": 16, "shared": False}),
+    "sal-readout": ("fixed random readout, areas in the fc layers", {"areas": 16, "shared": True,
+                                                                     "objective": "readout"}),
+    "sal-pred": ("pred (learned head only)", {"areas": 16, "shared": True, "objective": "pred"}),
+    "sal-sim": ("sim (similarity matching only)", {"areas": 16, "shared": True, "objective": "sim"}),
+    "sal-bpf": ("predsim, bpf (fixed feedback in the heads)", {"areas": 16, "shared": True,
+                                                               "head_feedback": "fixed"}),
+    "sal-pred-bpf": ("pred, bpf", {"areas": 16, "shared": True, "objective": "pred", "head_feedback": "fixed"}),
+    "sal-deep-head": ("predsim, heads with one 3x3 conv layer", {"areas": 16, "shared": True, "head_layers": 1}),
 }
 AREA_VARIANTS = ("k1", "k2", "k4", "k16", "k16-no-shared")
 
@@ -59,8 +82,9 @@ def run(args) -> list[dict]:  # noqa: ANN001
             result = train(config, splits=splits, progress=False)
             m = result.metrics
             log.add({"dataset": args.dataset, "variant": variant, "areas": settings["areas"],
-                     "shared": settings["shared"], "signal": config.rule.signal, "seed": seed, "epochs": epochs,
-                     "lr": args.lr,
+                     "shared": settings["shared"], "signal": config.rule.signal,
+                     "objective": config.rule.objective, "conv_areas": config.model.conv_areas, "seed": seed,
+                     "epochs": epochs, "lr": args.lr,
                      "test_accuracy": m["test_accuracy"], "val_accuracy": m["val_accuracy"],
                      "params_total": m.get("params_total"), "seconds": m["train_seconds"],
                      "val_curve": [h["val_accuracy"] for h in m["history"]]})
