@@ -1,4 +1,5 @@
-"""Train your own CNN with SAL and with DFA: torchsal turns its Conv2d and Linear layers into area layers.
+"""Train your own CNN with SAL and with DFA: torchsal turns its Conv2d and Linear layers into area layers (here the
+Linear ones only hold areas: conv_areas=False), and SAL learns each block from predsim's local heads.
 
     python examples/own_cnn.py [DATA_DIR] [STEPS]
 """
@@ -14,9 +15,9 @@ steps = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
 for rule in ("sal", "dfa"):
     cnn = nn.Sequential(nn.Conv2d(1, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 5), nn.ReLU(),
                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(512, 10))
-    model = torchsal.BlockNet.from_modules(cnn, in_shape=(1, 28, 28), areas=16 if rule == "sal" else 1)
-    learn = torchsal.build_rule(model, rule)
-    optimizer = torchsal.optim.Adam(model.parameters(), lr=1e-3)
+    model = torchsal.BlockNet.from_modules(cnn, (1, 28, 28), areas=16 if rule == "sal" else 1, conv_areas=False)
+    learn = torchsal.build_rule(model, torchsal.RuleConfig(rule, objective="predsim" if rule == "sal" else "readout"))
+    optimizer = torchsal.optim.Adam([*model.parameters(), *learn.parameters()], lr=1e-3)   # + sal's local heads
     for _ in range(steps):
         i = torch.randint(len(data.y_train), (64,))
         optimizer.zero_grad()

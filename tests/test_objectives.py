@@ -217,3 +217,27 @@ def test_dense_convolutions_in_a_routed_net_compute_what_the_dense_layers_do():
     out = sal(layer, "predsim")(layer, x, y)
     out.loss.backward()
     assert all(p.grad is not None for p in layer.parameters())
+
+
+def test_lean_memory_takes_the_same_update_block_by_block():
+    x, y = data()
+    updates = []
+    for memory in ("standard", "lean"):
+        model = mlp(areas=2)
+        sal(model, "predsim", memory=memory)(model, x, y).loss.backward()
+        updates.append([p.grad for p in model.parameters()])
+    for standard, lean in zip(*updates, strict=True):
+        torch.testing.assert_close(lean, standard)
+
+
+def test_a_rule_whose_heads_no_optimizer_steps_says_so():
+    model, (x, y) = mlp(), data()
+    rule = sal(model, "pred")
+    optimizer = torchsal.optim.Adam(model.parameters(), lr=1e-3)       # the heads forgotten
+    for step in range(2):
+        optimizer.zero_grad()
+        if step == 1:
+            with pytest.raises(ConfigError, match=r"give the optimizer rule.parameters\(\) beside model.parameters"):
+                rule.step(model, x, y)
+        else:
+            rule.step(model, x, y)

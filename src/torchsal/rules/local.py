@@ -167,6 +167,10 @@ class LocalSignalRule(LearningRule):
     def step(self, model: BlockNet, x: Tensor, y: Tensor,
              before_update: Callable[[StepOutput], None] | None = None) -> StepOutput:
         """``LearningRule.step``, in closed form where the model allows (torchsal.rules.closed_form)."""
+        if self.objective is not None and any(p.grad is not None for p in self.objective.parameters()):
+            raise ConfigError("the rule's local heads still hold an earlier step's gradients, so no optimizer steps "
+                              "them: give the optimizer rule.parameters() beside model.parameters(), and zero both "
+                              "before each step (torchsal's Trainer does)")
         if closed_form.applies(self, model, x):
             return closed_form.step(self, model, x, y, before_update)
         return super().step(model, x, y, before_update)
