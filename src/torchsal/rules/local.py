@@ -74,16 +74,16 @@ class LocalSignalRule(LearningRule):
         widths = [math.prod(s) for s in shapes]
         # With per-area feedback each layer has one matrix per area (K), otherwise one.
         self.per_layer = model.areas if config.feedback == "per-area" else 1
-        # Both kinds stand in for a (C, features) output weight and are initialised like one.
-        self.objective: LocalObjective | None = None
+        self.objective: LocalObjective | None = None         # a learned local objective and its heads
         if "local" in self.signals() and config.objective != "readout":
             if config.feedback == "per-area":
                 raise ConfigError(f"--feedback per-area splits fixed matrices by area; --objective "
                                   f"{config.objective} learns one head per block: use --feedback per-layer")
-            self._check_single(config, [math.prod(s) for s in shapes], "a head")
+            self._check_single(config, ["x".join(map(str, s)) for s in shapes], "a head")
             self.objective = LocalObjective(shapes, classes, config.objective, generator, config.readout_pool,
                                             config.head_layers, config.head_feedback, config.sim_weight,
                                             single=config.readout == "single")
+        # Both kinds of fixed matrix stand in for a (C, features) output weight and are initialised like one.
         if "direct" in self.signals():
             self._register_matrices("direct", [random_matrix(classes, w, w, generator)
                                                for w in widths for _ in range(self.per_layer)])
@@ -95,7 +95,7 @@ class LocalSignalRule(LearningRule):
                                               for w in readouts for _ in range(self.per_layer)])
 
     @staticmethod
-    def _check_single(config: RuleConfig, features: list[int], what: str) -> None:
+    def _check_single(config: RuleConfig, features: list, what: str) -> None:
         if config.readout == "single" and len(set(features)) > 1:
             raise ConfigError(f"--readout single shares {what} across hidden blocks, but their outputs differ "
                               f"({', '.join(map(str, features))} features): use --readout per-layer")
@@ -186,7 +186,7 @@ class LocalSignalRule(LearningRule):
             def update(i: int, h: Tensor, groups: Groups | None, rows: Tensor | None) -> None:
                 if self.objective is not None:      # the learned objective's gradient, by autograd
                     self.objective.block_loss(i, h, y if rows is None else y[rows]).backward()
-                    mean_squares.append(torch.stack([h.detach().pow(2).mean(), h.new_full((), math.nan)]))
+                    mean_squares.append(h.detach().pow(2).mean().unsqueeze(0))
                     return
                 onehot = labels if rows is None else labels[rows]
                 g = self.signal(i, h.detach(), None, onehot, groups, rows is not None)
@@ -194,7 +194,10 @@ class LocalSignalRule(LearningRule):
                 mean_squares.append(torch.stack([h.detach().pow(2).mean(), g.pow(2).mean()]))
 
             trace = model.trace(x, detach=True, on_hidden=update)
-            activation_rms, signal_rms = torch.stack(mean_squares).sqrt().T if mean_squares else (None, None)
+            activation_rms = signal_rms = None
+            if mean_squares:                # (1 or 2, L): the activations' RMS, then the signals' if formed here
+                per_layer = torch.stack(mean_squares).sqrt().T
+                activation_rms, signal_rms = per_layer[0], per_layer[1] if len(per_layer) > 1 else None
             return output_step(trace, y, activation_rms=activation_rms, signal_rms=signal_rms)
         trace = model.trace(x, detach=True)
         onehot = trace.in_trace_order(labels)
