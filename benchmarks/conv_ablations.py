@@ -56,6 +56,8 @@ VARIANTS = {
                                                                "head_feedback": "fixed"}),
     "sal-pred-bpf": ("pred, bpf", {"areas": 16, "shared": True, "objective": "pred", "head_feedback": "fixed"}),
     "sal-deep-head": ("predsim, heads with one 3x3 conv layer", {"areas": 16, "shared": True, "head_layers": 1}),
+    "sal-pool2": ("predsim, heads on 2x2-pooled maps", {"areas": 16, "shared": True, "readout_pool": 2}),
+    "sal-pool8": ("predsim, heads on 8x8-pooled maps", {"areas": 16, "shared": True, "readout_pool": 8}),
 }
 AREA_VARIANTS = ("k1", "k2", "k4", "k16", "k16-no-shared")
 
