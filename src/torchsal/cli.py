@@ -237,7 +237,9 @@ def _summary(m: dict[str, Any]) -> str:
     return (f"{m['rule']} on {m['dataset']}: test accuracy {m['test_accuracy']:.4f} "
             f"(val {m['val_accuracy']:.4f}) after {m['epochs']} epochs, {m['steps']} steps, "
             f"{m['train_seconds']:.1f} s\n"
-            f"parameters: {m['params_total']:,} total, {m['params_active_per_sample']:,} active per sample; "
+            f"parameters: {m['params_total']:,} total"
+            + (f" ({m['params_local_heads']:,} in local heads)" if m.get("params_local_heads") else "")
+            + f", {m['params_active_per_sample']:,} active per sample; "
             f"areas: {used}{deep}")
 
 
