@@ -121,8 +121,10 @@ class BlockNet(nn.Module):
                                                                   if isinstance(m, AreaLayer))]
         self.router_blocks = [] if self.areas == 1 else [0] if self.routing.routing == "input" else with_areas
         self.routers = nn.ModuleList(
-            Router(math.prod(s) if i == 0 or len(s) == 1 else s[0], self.routing, generator, dtype)
-            for i, s in ((i, self.shapes[i]) for i in self.router_blocks))
+            Router(math.prod(self.shapes[i]) if i == 0 or len(self.shapes[i]) == 1 else self.shapes[i][0],
+                   self.routing, generator, dtype)
+            for i in self.router_blocks)
+        self._router_of = {block: r for r, block in enumerate(self.router_blocks)}     # block -> its router
         # Local rules run runs of alike hidden blocks as one where the blocks' class can (torchsal.stacks).
         self.stack_alike_blocks = True
         self._runs: dict[int, range] | None = None
@@ -201,9 +203,9 @@ class BlockNet(nn.Module):
                 block_groups.extend([groups] * len(run))
                 h, i = out[-1], run.stop
                 continue
-            if i in self.router_blocks:   # input routing: router 0 only, its areas reused by every block
-                router = self.routers[self.router_blocks.index(i)]
-                area, loss = router(h_in.flatten(1) if i == 0 else routing_features(h_in))
+            r = self._router_of.get(i)
+            if r is not None:   # input routing: router 0 only, its areas reused by every block
+                area, loss = self.routers[r](h_in.flatten(1) if i == 0 else routing_features(h_in))
                 routing_loss = loss if routing_loss is None else routing_loss + loss
                 groups = group_by_area(area, self.areas)
                 if self.routing.routing == "input":      # group the rows once, for every block
