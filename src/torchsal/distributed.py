@@ -19,7 +19,7 @@ import atexit
 import datetime
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -105,7 +105,7 @@ def all_gather_rows(t: Tensor) -> tuple[Tensor, int]:
     return rows, sum(sizes[: ctx.rank])
 
 
-def sync_gradients(model: BlockNet, local_rows: int, global_rows: int, extra: Sequence[Tensor] = ()) -> None:
+def sync_gradients(model: BlockNet, local_rows: int, global_rows: int, extra: Iterable[Tensor] = ()) -> None:
     """Make every rank's ``.grad`` of the model's replicated parameters (all but area-parallel areas) and of
     ``extra`` ones (a rule's local heads) the global-batch gradient (module docstring)."""
     ctx = current()

@@ -372,7 +372,7 @@ class Trainer:
             # the rule's forward pass and update at once (in closed form where it can); a non-finite loss stops
             # the run before the update
             out = self.rule.step(self.model, x, y, before_update=lambda out: self._check_loss(out.loss, x))
-        distributed.sync_gradients(self.model, len(local), len(batch), list(self.rule.parameters()))
+        distributed.sync_gradients(self.model, len(local), len(batch), self.rule.parameters())
         if self.method is not None:                    # EWC, SI: a per-parameter term added to the update
             self.method.penalize(self.model)
         self.optimizer.step()
