@@ -20,7 +20,9 @@ from torchsal.config import (
     CONV_DEFAULTS,
     DEEP_DEFAULTS,
     DEEP_FROM,
+    HEAD_FEEDBACK,
     MODELS,
+    OBJECTIVES,
     RECIPES,
     RULE_DEFAULTS,
     check_applicable,
@@ -98,10 +100,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="local readouts: one per layer, or a single one for all ('shared': old spelling of single)")
     g.add_argument("--readout-pool", type=int, metavar="SIDE",
                    help="conv nets: pool each block's output map to at most SIDE x SIDE before its local readout")
-    g.add_argument("--objective", choices=["readout", "pred", "sim", "predsim"],
+    g.add_argument("--objective", choices=list(OBJECTIVES),
                    help="the local signal's objective: a fixed random readout, or learned (pred: a classifier per "
                         "block; sim: similarity matching; predsim: both)")
-    g.add_argument("--head-feedback", choices=["weights", "fixed"],
+    g.add_argument("--head-feedback", choices=list(HEAD_FEEDBACK),
                    help="a learned head's error reaches its block through the head's weights, or fixed random "
                         "ones (bpf: no weight transport)")
     g.add_argument("--head-layers", type=int, metavar="N",

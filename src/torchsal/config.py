@@ -76,6 +76,8 @@ class RoutingConfig:
 
 
 MODELS = ("mlp", "lenet", "cnn", "resnet20", "vgg8b", "vgg11b", "vgg")
+OBJECTIVES = ("readout", "pred", "sim", "predsim")      # the local signal's objectives (torchsal.objectives)
+HEAD_FEEDBACK = ("weights", "fixed")
 
 
 @dataclass(frozen=True)
@@ -149,8 +151,8 @@ class RuleConfig:
             object.__setattr__(self, name, DEPRECATED_VALUES.get((name, getattr(self, name)), getattr(self, name)))
         _choice("readout", self.readout, ("per-layer", "single"))
         _positive("readout_pool", self.readout_pool)
-        _choice("objective", self.objective, ("readout", "pred", "sim", "predsim"))
-        _choice("head_feedback", self.head_feedback, ("weights", "fixed"))
+        _choice("objective", self.objective, OBJECTIVES)
+        _choice("head_feedback", self.head_feedback, HEAD_FEEDBACK)
         _positive("head_layers", self.head_layers, allow_zero=True)
         if not 0 <= self.sim_weight <= 1:
             raise ConfigError(f"--sim-weight must lie in [0, 1], got {self.sim_weight}")

@@ -30,8 +30,6 @@ from torch import Tensor, nn
 
 from torchsal.feedback import feedback_point, random_tensor
 
-OBJECTIVES = ("readout", "pred", "sim", "predsim")
-
 
 def pooled_shape(shape: tuple[int, ...], pool: int) -> tuple[int, ...]:
     """What a local readout or head sees of a hidden output of ``shape``: features as they are, maps
