@@ -260,8 +260,8 @@ class Bench:
         own = self.recipe.datasets.get(cell, {}).get("presets")
         return [p for p in self.presets if own is None or p in own]
 
-    def _trials(self, cell: str) -> list[dict[str, Any]]:
-        return self.recipe.datasets.get(cell, {}).get("trials") or self.recipe.trials("bp")
+    def _trials(self, cell: str, preset: str) -> list[dict[str, Any]]:
+        return self.recipe.datasets.get(cell, {}).get("trials") or self.recipe.trials(preset)
 
     def run(self) -> list[dict[str, Any]]:
         self.check_datasets()
@@ -269,21 +269,20 @@ class Bench:
         if rows and not self.report_only:
             log.info("bench %s: besides the presets asked for, %s also runs with bp (%s); it is a fixed row of "
                      "the recipe", self.recipe.name, ", ".join(rows), "the published setup, no search")
-        total = sum(len(self._presets(d)) * (len(self._trials(d)) + len(self.seeds) - 1) + len(rows) * len(self.seeds)
-                    for d in self.datasets)
+        total = sum(len(self._trials(d, p)) + len(self.seeds) - 1 for d in self.datasets for p in self._presets(d)) \
+            + len(self.datasets) * len(rows) * len(self.seeds)
         self.bar = tqdm(total=total, desc=f"bench {self.recipe.name}", unit="run")
         for dataset in self.datasets:
-            own = dict(self.recipe.datasets.get(dataset, {}))
-            real, trials, presets = own.pop("dataset", dataset), own.pop("trials", None), own.pop("presets", None)
+            own = {k: v for k, v in self.recipe.datasets.get(dataset, {}).items() if k not in ("trials", "presets")}
+            real = own.pop("dataset", dataset)
             data = load_dataset(real, self.data_dir, self.base.get("grayscale", False))
             self.splits = {seed: make_splits(data, seed) for seed in self.seeds}
             n_train = len(self.splits[self.seeds[0]].y_train)
             epochs = self.epochs or own.pop("epochs", None) or self.recipe.epochs(n_train)
             base = {**self.base, **own, "dataset": real, "data_dir": self.data_dir, "threads": self.threads,
                     "compile": self.compile, "epochs": epochs}
-            for preset in self.presets:
-                if presets is None or preset in presets:
-                    self._cell(dataset, preset, base, trials or self.recipe.trials(preset))
+            for preset in self._presets(dataset):
+                self._cell(dataset, preset, base, self._trials(dataset, preset))
             for name in rows:
                 self._cell(dataset, name, {**base, **self.recipe.fixed[name]}, [{}], preset_settings={})
         self.bar.close()
