@@ -324,8 +324,8 @@ def vgg_depth_plan(convs: int) -> tuple[tuple[int, ...], ...]:
     512 channels), spread evenly, earlier stages taking the extra ones: 4 (1, 1, 1, 1), 6 (2, 2, 1, 1), 8 (2, 2,
     2, 2), 11 (3, 3, 3, 2)."""
     if convs < len(VGG_STAGE_WIDTHS):
-        raise ConfigError(f"--model vgg has one pooling stage per {len(VGG_STAGE_WIDTHS)} and needs at least "
-                          f"{len(VGG_STAGE_WIDTHS)} conv layers: give --depth 4 or more (got {convs})")
+        raise ConfigError(f"--model vgg spreads its convs over {len(VGG_STAGE_WIDTHS)} pooling stages and needs at "
+                          f"least {len(VGG_STAGE_WIDTHS)} conv layers: give --depth 4 or more (got {convs})")
     each, extra = divmod(convs, len(VGG_STAGE_WIDTHS))
     return tuple((width,) * (each + (stage < extra)) for stage, width in enumerate(VGG_STAGE_WIDTHS))
 
