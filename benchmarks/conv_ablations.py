@@ -48,6 +48,8 @@ VARIANTS = {
     "sal-layer-routing": ("predsim, each fc layer routed from its own input", {"areas": 16, "shared": True,
                                                                                "routing": "layer"}),
     "sal-no-shared": ("predsim, areas in the fc layers, no shared path", {"areas": 16, "shared": False}),
+    "sal-k4": ("predsim, 4 areas + shared path in the fc layers", {"areas": 4, "shared": True}),
+    "sal-both": ("predsim plus the direct signal", {"areas": 16, "shared": True, "signal": "both"}),
     "sal-readout": ("fixed random readout, areas in the fc layers", {"areas": 16, "shared": True,
                                                                      "objective": "readout"}),
     "sal-pred": ("pred (learned head only)", {"areas": 16, "shared": True, "objective": "pred"}),
