@@ -108,7 +108,8 @@ MISTAKES = {
     # flags the chosen rule or model would ignore
     "signal with bp": (["--rule", "bp", "--signal", "local"], "--signal (--rule bp has no choice of signal"),
     "readout with fa": (["--rule", "fa", "--readout", "single"], "--readout (the local readouts exist only"),
-    "feedback with bp": (["--rule", "bp", "--feedback", "per-area"], "--feedback (--rule bp has no per-layer"),
+    "feedback with bp": (["--rule", "bp", "--feedback", "per-area"],
+                         "--feedback (--rule bp has no choice of feedback; dfa/sal have)"),
     "router with one area": (["--areas", "1", "--router", "frozen"], "--router (a model with --areas 1 has no"),
     "residual at depth 1": (["--depth", "1", "--block", "residual"], "--block (--block residual applies"),
     "two at once": (["--rule", "dfa", "--signal", "local", "--readout", "single"],
@@ -189,7 +190,7 @@ def test_help_shows_every_default(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for piece in ("--lr LR learning rate (default: bp/fa/dfa/sal: 0.003)", "--width WIDTH units per hidden "
+    for piece in ("--lr LR learning rate (default: 0.003)", "--width WIDTH units per hidden "
                   "layer (mlp) (default: 256)", "(default: plain; residual from 8 hidden layers)", "--epochs EPOCHS "
                   "(default: bp/sal: 60; fa/dfa: 30)", "(default: bp/fa/dfa: False; sal: True)",
                   "(default: bp/fa/dfa: 1; sal: auto)"):

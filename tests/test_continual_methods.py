@@ -1,7 +1,6 @@
 """Continual-learning methods: closed forms of EWC's penalty and SI's importance, the replay buffer's size and
 balance, and every method with every rule."""
 
-import math
 from types import SimpleNamespace
 
 import pytest
@@ -86,10 +85,10 @@ def test_replay_keeps_exactly_its_stated_size_and_class_balance(digits_tasks):
 def test_every_method_runs_with_every_rule(digits_tasks, rule, method):
     methods = {"ewc": EWC(strength=10.0, batches=5), "online-ewc": EWC(strength=10.0, decay=0.9, batches=5),
                "si": SI(strength=1.0), "replay": Replay(per_task=50), "lwf": LwF(strength=1.0)}
-    config = make_config(rule, epochs=1, width=32, areas=4, batch_size=64)
+    config = make_config(rule, epochs=2, width=32, areas=4, batch_size=16)
     result = run_sequence(config, digits_tasks, methods[method])
     average = result["task_incremental"]["average"]
-    assert math.isfinite(average) and average > 0.5
+    assert average > 0.8            # two-way tasks: chance is 0.5; every pair measured 0.85-0.97
 
 
 @pytest.mark.parametrize("rule", ["bp", "sal"])

@@ -272,12 +272,13 @@ def test_a_conv_run_saves_a_model_that_eval_loads(tmp_path):
 
 
 def test_vgg_models_follow_their_published_plans_and_the_depth_family_spreads_its_convs():
-    model = build_model(0, 10, ModelConfig(model="vgg8b"), in_shape=(3, 32, 32))
+    model = build_model(0, 10, ModelConfig(model="vgg8b", routing_config=RoutingConfig(areas=16)), in_shape=(3, 32, 32))
     convs = [layer.weight.shape[1] for layer in model.area_layers() if isinstance(layer, AreaConv2d)]
     linears = [tuple(layer.weight.shape[1:]) for layer in model.area_layers() if not isinstance(layer, AreaConv2d)]
     assert convs == [128, 256, 256, 512, 512, 512] and linears == [(1024, 512 * 2 * 2), (10, 1024)]
     assert len(model.blocks) == 8                         # VGG8b: eight layers, each its own block
-    quarter = build_model(0, 10, ModelConfig(model="vgg11b", width_mult=0.25), in_shape=(3, 32, 32))
+    quarter = build_model(0, 10, ModelConfig(model="vgg11b", width_mult=0.25, routing_config=RoutingConfig(areas=16)),
+                          in_shape=(3, 32, 32))
     assert [layer.weight.shape[1] for layer in quarter.area_layers()][:9] == [32, 32, 32, 64, 64, 128, 128, 128, 128]
     assert [len(stage) for stage in vgg_depth_plan(11)] == [3, 3, 3, 2]
     assert [len(stage) for stage in vgg_depth_plan(6)] == [2, 2, 1, 1]

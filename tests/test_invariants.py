@@ -1,4 +1,5 @@
-"""DESIGN.md invariants 2, 3 and 6: untouched areas stay untouched, fixed tensors stay fixed, seeds repeat."""
+"""The invariants of docs/design.md: untouched areas (and their optimizer state) stay untouched, fixed feedback
+tensors stay fixed, and a seed repeats a run exactly."""
 
 import copy
 

@@ -1,12 +1,16 @@
 """torchsal.optim: torch's own update on the touched areas only; stock optimizers that would move the others are
 refused."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from torchsal import optim
 from torchsal.dispatch import area_linear
 from torchsal.errors import ConfigError
+from torchsal.layers import AreaLinear
 
 KINDS = {"sgd-momentum": (optim.SGD, torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01}),
          "adam": (optim.Adam, torch.optim.Adam, {"lr": 0.01}),
@@ -56,7 +60,7 @@ def test_touched_areas_move_as_under_the_stock_optimizer_and_the_others_not_at_a
 
 
 def test_a_stock_optimizer_that_would_move_untouched_areas_is_refused():
-    weight = torch.nn.Parameter(torch.randn(4, 2, 3))
+    weight = AreaLinear(3, 2, 4, shared=False).weight          # an area layer built installs the guard
     stock = torch.optim.AdamW([weight], lr=0.1)
     backward(weight, [0, 1], 0)
     with pytest.raises(ConfigError, match="use torchsal.optim.AdamW"):
@@ -65,6 +69,20 @@ def test_a_stock_optimizer_that_would_move_untouched_areas_is_refused():
     before = weight.detach().clone()
     plain.step()
     assert torch.equal(weight[2:], before[2:]) and not torch.equal(weight[:2], before[:2])
+
+
+def test_importing_torchsal_leaves_every_optimizer_alone():
+    """The guard comes with the first area layer, not with the import; then it looks only at optimizers that
+    hold area parameters (a stock Adam on other parameters keeps stepping)."""
+    code = ("import torch, torchsal\n"
+            "from torch.optim.optimizer import _global_optimizer_pre_hooks as hooks\n"
+            "assert not hooks, hooks\n"
+            "layer = torchsal.layers.AreaLinear(3, 2, 4, shared=False)\n"
+            "assert len(hooks) == 1\n"
+            "p = torch.nn.Parameter(torch.ones(2)); opt = torch.optim.Adam([p], lr=0.1)\n"
+            "p.sum().backward(); opt.step(); assert not torchsal.optim._holds_area_parameters(opt)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
 
 
 IN_BACKWARD = {"sgd": (optim.SGD, {"lr": 0.5}),

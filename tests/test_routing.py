@@ -1,6 +1,8 @@
 import math
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 from torchsal.config import RoutingConfig
 from torchsal.routing import Router, make_prototypes, route, sinkhorn
@@ -10,10 +12,14 @@ def make_router(areas=8, router="learned", dim=4):
     return Router(dim, RoutingConfig(areas=areas, routing_dim=16, router=router), torch.Generator().manual_seed(0))
 
 
-def test_exactly_one_area_per_sample():
-    area, _ = make_router()(torch.randn(100, 4))
-    assert area.shape == (100,) and area.dtype == torch.long
-    assert area.min() >= 0 and area.max() < 8
+@pytest.mark.parametrize("router", ["learned", "frozen"])
+def test_each_sample_goes_to_the_area_of_its_nearest_prototype(router):
+    router = make_router(router=router)
+    x = torch.randn(100, 4, generator=torch.Generator().manual_seed(0))
+    area, _ = router(x)
+    nearest = (F.normalize(router.projection(x), dim=1) @ router.prototypes.T).argmax(1)
+    assert area.dtype == torch.long and torch.equal(area, nearest)
+    assert len(area.unique()) >= 4                               # the projection spreads the samples
 
 
 def test_routing_is_a_pure_function_of_the_input():

@@ -1,16 +1,18 @@
 """torchsal: Selective Adaptive Learning (SAL) and its baselines (BP, FA, DFA) in PyTorch."""
 
-__version__ = "0.1.0"
-
 import torch
 
-from torchsal import optim
+from torchsal import (
+           datasets,  # noqa: F401  (registers the named datasets)
+           optim,
+)
 from torchsal.blocks import BlockNet
 from torchsal.config import ModelConfig, RoutingConfig, RuleConfig, RunConfig, TrainConfig, make_config
 from torchsal.data import load_dataset, make_splits
 from torchsal.models import AreaMLP, build_model
 from torchsal.rules import RULES, LearningRule, build_rule
 from torchsal.train import evaluate, train
+from torchsal.version import __version__
 
 # Denormal floats (below 1.2e-38) make x86 CPU kernels 11-137x slower (measured), and training makes them: weight
 # decay and Adam shrink the weights of units that get no gradient into that range. A CIFAR-10 run on an Intel Xeon
@@ -19,6 +21,6 @@ from torchsal.train import evaluate, train
 # any of them exist.
 torch.set_flush_denormal(True)
 
-__all__ = ["RULES", "AreaMLP", "BlockNet", "LearningRule", "ModelConfig", "RoutingConfig", "RuleConfig",
+__all__ = ["RULES", "AreaMLP", "__version__", "BlockNet", "LearningRule", "ModelConfig", "RoutingConfig", "RuleConfig",
            "RunConfig", "TrainConfig", "build_model", "build_rule", "evaluate", "load_dataset", "make_config",
            "make_splits", "optim", "train"]

@@ -1,6 +1,6 @@
 """The benchmark suite: every (dataset, preset) cell of a recipe, tuned on validation, over several seeds.
 
-    torchsal bench --datasets digits,mnist --rules bp,sal --seeds 0,1,2 --recipe paper --out DIR
+    torchsal bench --datasets digits,mnist --presets bp,sal --seeds 0,1,2 --protocol paper --out DIR
 
 Protocol, identical for every preset: each trial of the recipe's grid runs on the first seed; the trial with the
 best final validation accuracy (ties: the earlier trial) is chosen and run on the remaining seeds. Test accuracy

@@ -1,4 +1,5 @@
-"""The ``torchsal`` command. Thin: parse flags into the config dataclasses, call the library, print a summary.
+"""The ``torchsal`` command: parse flags into the config dataclasses, call the library, print a summary. It also
+decides what ``--resume`` and ``eval`` load (a run's stored config, and the flags a resumed run may change).
 
 Every user mistake ends as one line on stderr and exit status 2 (``--debug`` shows the traceback).
 """
@@ -17,14 +18,10 @@ from typing import Any, NoReturn
 import torch
 
 from torchsal.config import (
-    CONV_DEFAULTS,
     DEEP_DEFAULTS,
     DEEP_FROM,
-    HEAD_FEEDBACK,
-    MODELS,
-    OBJECTIVES,
     RECIPES,
-    RULE_DEFAULTS,
+    accepted,
     check_applicable,
     field_defaults,
     make_config,
@@ -32,6 +29,7 @@ from torchsal.config import (
     renamed,
 )
 from torchsal.errors import ConfigError, RunInterrupted, TorchsalError
+from torchsal.registry import RULES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,15 +49,15 @@ def _areas(text: str) -> int | str:
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    # Unset flags are None: the rule's measured defaults and the recipe then apply (see config.RULE_DEFAULTS).
-    p.add_argument("--rule", choices=sorted(RULE_DEFAULTS), help="learning rule")
+    # Unset flags are None: the rule's measured defaults and the recipe then apply (config.make_config).
+    p.add_argument("--rule", choices=sorted(RULES), help="learning rule")
     p.add_argument("--dataset", help="registered name, csv:PATH or npz:PATH")
     p.add_argument("--recipe", choices=sorted(RECIPES),
                    help="default: each rule's measured best settings; paper: the paper's setup")
     p.add_argument("--config", help="TOML or YAML file of settings; flags given on the command line win")
     p.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoint is in DIR")
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="write DIR/checkpoint.pt every N steps")
-    p.add_argument("--parallel", choices=["data", "area"],
+    p.add_argument("--parallel", choices=accepted("parallel"),
                    help="under torchrun: replicate the model (data, default) or shard each layer's areas (area)")
     p.add_argument("--dist-timeout", type=float, default=120.0, metavar="S",
                    help="under torchrun: seconds a collective waits for a peer before the run stops (default 120)")
@@ -72,7 +70,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="colour images as one luma channel (the paper's CIFAR-10 setting)")
     p.add_argument("--out", metavar="DIR", help="run folder: config, per-epoch metrics, model, checkpoints")
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=list(MODELS),
+    g.add_argument("--model", choices=accepted("model"),
                    help="the routed MLP, or a conv net for image data: BioTorch's LeNet (MNIST) or small CIFAR-10 "
                    "CNN, ResNet-20, Nokland & Eidnes's VGG8b or VGG11b, or a VGG of --depth conv layers (vgg)")
     g.add_argument("--width-mult", type=float, metavar="M",
@@ -82,55 +80,55 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--areas", type=_areas, metavar="K|auto",
                    help="K areas per layer (1 = dense); auto: a power of two from 2 to 16, about 100 training "
                    "samples per area or more")
-    g.add_argument("--dtype", choices=["float32", "bfloat16"], help="weight type")
+    g.add_argument("--dtype", choices=accepted("dtype"), help="weight type")
     g.add_argument("--shared", action=argparse.BooleanOptionalAction, default=None,
                    help="always-on shared path beside the areas (dual path)")
     g.add_argument("--conv-areas", action=argparse.BooleanOptionalAction, default=None,
                    help="conv nets: convolutions hold areas too (--no-conv-areas: they stay dense, only the fully "
                         "connected layers are routed)")
     g.add_argument("--routing-dim", type=int, help="dimension of the routing space")
-    g.add_argument("--route-from", "--routing", dest="routing", choices=["input", "layer"],
+    g.add_argument("--route-from", "--routing", dest="routing", choices=accepted("routing"),
                    help="route once from the input, or per layer from its own input (--routing: old spelling, "
                    "too close to --router)")
-    g.add_argument("--router", choices=["learned", "frozen", "random"], help="routing projection (ablations)")
-    g.add_argument("--block", choices=["plain", "residual"], help="hidden layers after the first")
-    g.add_argument("--norm", choices=["none", "layer", "rms"], help="pre-norm in residual blocks and before the head")
-    g.add_argument("--signal", choices=["direct", "local", "both"], help="SAL's hidden-layer signal")
-    g.add_argument("--readout", choices=["per-layer", "single", "shared"],
+    g.add_argument("--router", choices=accepted("router"), help="routing projection (ablations)")
+    g.add_argument("--block", choices=accepted("block"), help="hidden layers after the first")
+    g.add_argument("--norm", choices=accepted("norm"), help="pre-norm in residual blocks and before the head")
+    g.add_argument("--signal", choices=accepted("signal"), help="SAL's hidden-layer signal")
+    g.add_argument("--readout", choices=accepted("readout"),
                    help="local readouts: one per layer, or a single one for all ('shared': old spelling of single)")
     g.add_argument("--readout-pool", type=int, metavar="SIDE",
                    help="conv nets: pool each block's output map to at most SIDE x SIDE before its local readout")
-    g.add_argument("--objective", choices=list(OBJECTIVES),
+    g.add_argument("--objective", choices=accepted("objective"),
                    help="the local signal's objective: a fixed random readout, or learned (pred: a classifier per "
                         "block; sim: similarity matching; predsim: both)")
-    g.add_argument("--head-feedback", choices=list(HEAD_FEEDBACK),
+    g.add_argument("--head-feedback", choices=accepted("head_feedback"),
                    help="a learned head's error reaches its block through the head's weights, or fixed random "
                         "ones (bpf: no weight transport)")
     g.add_argument("--head-layers", type=int, metavar="N",
                    help="hidden layers of each learned head (3x3 conv + ReLU on maps) before pooling and its "
                         "linear map")
     g.add_argument("--sim-weight", type=float, metavar="W", help="predsim: (1 - W) pred + W sim")
-    g.add_argument("--feedback", choices=["per-layer", "per-area", "shared"],
+    g.add_argument("--feedback", choices=accepted("feedback"),
                    help="fixed feedback matrices/readouts: one per layer, or one per area of each layer ('shared': old "
                         "spelling of per-layer)")
-    g.add_argument("--memory", choices=["standard", "lean"],
+    g.add_argument("--memory", choices=accepted("memory"),
                    help="lean: update each layer right after its forward step (sal, local signal)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int)
     g.add_argument("--lr", type=float, help="learning rate")
-    g.add_argument("--optimizer", choices=["sgd", "adam", "adamw"])
+    g.add_argument("--optimizer", choices=accepted("optimizer"))
     g.add_argument("--momentum", type=float, help="SGD momentum")
     g.add_argument("--weight-decay", type=float)
-    g.add_argument("--schedule", choices=["constant", "cosine"])
-    g.add_argument("--augment", choices=["none", "crop-flip"],
+    g.add_argument("--schedule", choices=accepted("schedule"))
+    g.add_argument("--augment", choices=accepted("augment"),
                    help="crop-flip: random crops of the image padded by 4 pixels and horizontal flips (CIFAR's)")
     g.add_argument("--max-steps", type=int, help="stop after N optimizer steps, then evaluate")
     g.add_argument("--seed", type=int)
     g = p.add_argument_group("hardware")
     g.add_argument("--device", help="cpu, cuda or cuda:N")
     g.add_argument("--threads", type=int, help="CPU threads for torch")
-    g.add_argument("--precision", choices=["fp32", "bf16-mixed"],
+    g.add_argument("--precision", choices=accepted("precision"),
                    help="bf16-mixed: forward and signals in bfloat16 autocast, float32 weights")
     g.add_argument("--compile", action="store_true", default=None,
                    help="CPU, under 32 rows per area (small batches): a local rule's step up to its updates as "
@@ -146,22 +144,23 @@ def _show_defaults(p: argparse.ArgumentParser) -> None:
         name = action.dest
         if name not in base and name not in ("rule", "recipe"):
             continue
-        per_rule = {r: d[name] for r, d in RULE_DEFAULTS.items() if name in d}
+        per_rule = {r: c.defaults[name] for r, c in RULES.items() if name in c.defaults}
         if name == "rule":
-            text = "sal"
+            text = base[name]
         elif name == "recipe":
             text = "default"
         elif per_rule:
             groups: dict[Any, list[str]] = {}
-            for r in RULE_DEFAULTS:
+            for r in RULES:                     # registration order: bp, fa, dfa, sal, then any user rules
                 groups.setdefault(per_rule.get(r, base[name]), []).append(r)
             text = "; ".join(f"{'/'.join(rules)}: {value}" for value, rules in groups.items())
         else:
             text = str(base[name])
         if name in DEEP_DEFAULTS:
             text += f"; {DEEP_DEFAULTS[name]} from {DEEP_FROM} hidden layers"
-        if name in CONV_DEFAULTS:
-            text += f"; sal on conv nets: {CONV_DEFAULTS[name]}"
+        for r in sorted(RULES):
+            if name in RULES[r].conv_defaults:
+                text += f"; {r} on conv nets: {RULES[r].conv_defaults[name]}"
         action.help = f"{action.help or ''} (default: {text})".lstrip()
 
 

@@ -1,9 +1,9 @@
 """Typed, frozen configuration: one dataclass per concern, each default written once.
 
-A run's configuration is resolved in layers, later ones winning:
-dataclass defaults < the rule's measured defaults (``RULE_DEFAULTS``) < a recipe (``RECIPES``) < the user's
-overrides. Field names are unique across the groups, so overrides are a flat ``{name: value}`` mapping (what
-the CLI and config files produce) and ``RunConfig.to_dict`` is flat too.
+A run's configuration is resolved in layers, later ones winning: dataclass defaults (SAL's measured ones) < the
+rule's own (``defaults`` and ``conv_defaults`` on its class, ``torchsal.registry``) < depth-aware defaults < a
+recipe (``RECIPES``) < the user's overrides. Field names are unique across the groups, so overrides are a flat
+``{name: value}`` mapping (what the CLI and config files produce) and ``RunConfig.to_dict`` is flat too.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from torchsal.errors import ConfigError
+from torchsal.registry import RULES, get_rule
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,26 @@ def renamed(settings: dict[str, Any], source: str) -> dict[str, Any]:
     return out
 
 
-def _choice(name: str, value: Any, options: tuple[str, ...]) -> None:
+MODELS = ("mlp", "lenet", "cnn", "resnet20", "vgg8b", "vgg11b", "vgg")
+OBJECTIVES = ("readout", "pred", "sim", "predsim")      # the local signal's objectives (torchsal.objectives)
+# Every setting with a fixed set of values, and its values: the dataclasses validate with it, the CLI lists it.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "routing": ("input", "layer"), "router": ("learned", "frozen", "random"),
+    "model": MODELS, "block": ("plain", "residual"), "norm": ("none", "layer", "rms"), "dtype": ("float32", "bfloat16"),
+    "signal": ("direct", "local", "both"), "readout": ("per-layer", "single"), "objective": OBJECTIVES,
+    "head_feedback": ("weights", "fixed"), "feedback": ("per-layer", "per-area"), "memory": ("standard", "lean"),
+    "optimizer": ("sgd", "adam", "adamw"), "schedule": ("constant", "cosine"), "augment": ("none", "crop-flip"),
+    "parallel": ("data", "area"), "precision": ("fp32", "bf16-mixed"),
+}
+
+
+def accepted(name: str) -> tuple[str, ...]:
+    """What a flag or config file may say for setting ``name``: its values, and their old spellings."""
+    return CHOICES[name] + tuple(old for (setting, old) in DEPRECATED_VALUES if setting == name)
+
+
+def _choice(name: str, value: Any, options: tuple[str, ...] | None = None) -> None:
+    options = CHOICES[name] if options is None else options
     if value not in options:
         raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(options)}")
 
@@ -50,9 +70,9 @@ def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
 
 @dataclass(frozen=True)
 class RoutingConfig:
-    # K mutually exclusive areas per layer (paper default 16); 1 means a dense layer and no router; "auto" follows
+    # K mutually exclusive areas per layer (the paper's 16); 1 means a dense layer and no router; "auto" follows
     # the training set's size (``auto_areas``), resolved by the trainer once the data is known.
-    areas: int | str = 16
+    areas: int | str = "auto"
     # Dimension r of the routing space; prototypes are orthonormal when areas <= r.
     routing_dim: int = 64
     # "input": one area per sample chosen from the input, shared by all layers; "layer": each layer routes
@@ -70,14 +90,9 @@ class RoutingConfig:
                 raise ConfigError(f"--areas takes a number or auto, got {self.areas!r}")
             _positive("areas", self.areas)
         _positive("routing_dim", self.routing_dim)
-        _choice("routing", self.routing, ("input", "layer"))
-        _choice("router", self.router, ("learned", "frozen", "random"))
+        _choice("routing", self.routing)
+        _choice("router", self.router)
         _positive("routing_temperature", self.routing_temperature)
-
-
-MODELS = ("mlp", "lenet", "cnn", "resnet20", "vgg8b", "vgg11b", "vgg")
-OBJECTIVES = ("readout", "pred", "sim", "predsim")      # the local signal's objectives (torchsal.objectives)
-HEAD_FEEDBACK = ("weights", "fixed")
 
 
 @dataclass(frozen=True)
@@ -90,7 +105,7 @@ class ModelConfig:
     depth: int = 1
     width: int = 256
     # Always-on shared path beside the selective areas (our reading of the paper's dual path).
-    shared: bool = False
+    shared: bool = True
     # Hidden layers after the first: "plain" (h = f(W h)) or "residual" (h = h + f(W norm(h)), branch weights
     # initialised at 1/sqrt(depth) scale); see docs/depth.md.
     block: str = "plain"
@@ -106,13 +121,13 @@ class ModelConfig:
     routing_config: RoutingConfig = field(default_factory=RoutingConfig)
 
     def __post_init__(self) -> None:
-        _choice("model", self.model, MODELS)
+        _choice("model", self.model)
         _positive("width_mult", self.width_mult)
         _positive("depth", self.depth)
         _positive("width", self.width)
-        _choice("block", self.block, ("plain", "residual"))
-        _choice("norm", self.norm, ("none", "layer", "rms"))
-        _choice("dtype", self.dtype, ("float32", "bfloat16"))
+        _choice("block", self.block)
+        _choice("norm", self.norm)
+        _choice("dtype", self.dtype)
 
 
 @dataclass(frozen=True)
@@ -143,22 +158,20 @@ class RuleConfig:
     memory: str = "standard"
 
     def __post_init__(self) -> None:
-        from torchsal.rules import RULES  # late: rules import the model, which imports this module
-
-        _choice("rule", self.rule, tuple(sorted(RULES)))
-        _choice("signal", self.signal, ("direct", "local", "both"))
+        get_rule(self.rule)
+        _choice("signal", self.signal)
         for name in ("readout", "feedback"):        # old spellings (stored runs, configs): silently the new ones
             object.__setattr__(self, name, DEPRECATED_VALUES.get((name, getattr(self, name)), getattr(self, name)))
-        _choice("readout", self.readout, ("per-layer", "single"))
+        _choice("readout", self.readout)
         _positive("readout_pool", self.readout_pool)
-        _choice("objective", self.objective, OBJECTIVES)
-        _choice("head_feedback", self.head_feedback, HEAD_FEEDBACK)
+        _choice("objective", self.objective)
+        _choice("head_feedback", self.head_feedback)
         _positive("head_layers", self.head_layers, allow_zero=True)
         if not 0 <= self.sim_weight <= 1:
             raise ConfigError(f"--sim-weight must lie in [0, 1], got {self.sim_weight}")
-        _choice("feedback", self.feedback, ("per-layer", "per-area"))
-        _choice("memory", self.memory, ("standard", "lean"))
-        if self.memory == "lean" and (self.rule != "sal" or self.signal != "local"):
+        _choice("feedback", self.feedback)
+        _choice("memory", self.memory)
+        if self.memory == "lean" and ("memory" not in get_rule(self.rule).options or self.signal != "local"):
             raise ConfigError("--memory lean needs layer-local signals (--rule sal --signal local): other rules "
                               "need the output error before any hidden layer can update")
 
@@ -168,10 +181,10 @@ class TrainConfig:
     dataset: str = "digits"
     # Colour images as one luma channel (the paper's setting for CIFAR-10).
     grayscale: bool = False
-    epochs: int = 30
+    epochs: int = 60
     batch_size: int = 64
     optimizer: str = "adam"
-    lr: float = 1e-3
+    lr: float = 3e-3
     momentum: float = 0.0
     weight_decay: float = 0.0
     schedule: str = "constant"
@@ -202,14 +215,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _positive("epochs", self.epochs)
         _positive("batch_size", self.batch_size)
-        _choice("optimizer", self.optimizer, ("sgd", "adam", "adamw"))
+        _choice("optimizer", self.optimizer)
         _positive("lr", self.lr)
         _positive("momentum", self.momentum, allow_zero=True)
         _positive("weight_decay", self.weight_decay, allow_zero=True)
-        _choice("schedule", self.schedule, ("constant", "cosine"))
-        _choice("augment", self.augment, ("none", "crop-flip"))
-        _choice("parallel", self.parallel, ("data", "area"))
-        _choice("precision", self.precision, ("fp32", "bf16-mixed"))
+        _choice("schedule", self.schedule)
+        _choice("augment", self.augment)
+        _choice("parallel", self.parallel)
+        _choice("precision", self.precision)
         if self.max_steps is not None:
             _positive("max_steps", self.max_steps)
         if self.threads is not None:
@@ -228,18 +241,10 @@ class TrainConfig:
                 object.__setattr__(self, name, str(Path(value).expanduser().resolve()))
 
 
-# Measured defaults per rule. bp and sal: the best mean validation accuracy over seven small datasets (wine,
+# The defaults above are SAL's, measured: the best mean validation accuracy over seven small datasets (wine,
 # breast-cancer, digits, dna, satellite, mnist1d, letter; 3 seeds each) of Adam lr {1e-3, 3e-3} x epochs {30, 60},
-# and for sal 16 areas against "auto" (docs/defaults.md, issue 17): both chose lr 3e-3 and 60 epochs, sal auto
-# areas. fa and dfa keep their choice on digits alone (lr {3e-4, 1e-3, 3e-3} x epochs {20, 30, 40}; issue 2).
-# Rules other than SAL train the dense MLP by default; `--areas 16 --shared` puts any of them on SAL's routed
-# model (the capacity control).
-RULE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "bp": {"areas": 1, "shared": False, "lr": 3e-3, "epochs": 60},
-    "fa": {"areas": 1, "shared": False, "lr": 3e-3},
-    "dfa": {"areas": 1, "shared": False, "lr": 3e-3},
-    "sal": {"areas": "auto", "shared": True, "signal": "local", "lr": 3e-3, "epochs": 60},
-}
+# and 16 areas against "auto" (docs/defaults.md): lr 3e-3, 60 epochs, auto areas. Other rules change some on their
+# classes (``defaults``), as SAL does on conv nets (``conv_defaults``).
 
 # The paper's setup: one hidden layer of 256 ReLU units, plain SGD at lr 1e-4, batch 16, 25 epochs.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -376,34 +381,25 @@ DEEP_FROM = 8
 DEEP_DEFAULTS: dict[str, Any] = {"block": "residual", "norm": "layer", "readout": "single"}
 
 
-# SAL's defaults on conv nets (docs/conv.md, the small CNN on CIFAR-10): a learned local objective, predsim, where
-# the fixed random readout stays 13 points below BP even on the dense net; areas in the fully connected layers
-# only, where areas in the convolutions (each area's kernels seeing 1/K of the images) cost points; heads read
-# maps pooled to 4x4 (a learned head reached 44.7% after 300 steps on 4x4, 41.6% on 2x2).
-CONV_DEFAULTS: dict[str, Any] = {"objective": "predsim", "conv_areas": False, "readout_pool": 4}
-
-
 def make_config(rule: str = "sal", recipe: str = "default", **overrides: Any) -> RunConfig:
-    """Resolve a run's configuration: dataclass defaults < rule defaults < depth-aware and conv-net defaults <
-    recipe < ``overrides``.
+    """Resolve a run's configuration: dataclass defaults < the rule's defaults (its conv-net ones on a conv net) <
+    depth-aware defaults < recipe < ``overrides``.
 
     ``overrides`` are flat field names (``lr=0.01, areas=4``); ``None`` values are ignored, so an unset CLI
     flag keeps the default.
     """
     _choice("recipe", recipe, tuple(RECIPES))
-    if rule not in RULE_DEFAULTS:
-        _choice("rule", rule, tuple(sorted(RULE_DEFAULTS)))
+    rule_class = get_rule(rule)
     unknown = sorted(set(overrides) - KNOWN_FIELDS)
     if unknown:
         raise ConfigError(f"unknown setting {unknown[0]!r}; known settings: {', '.join(sorted(KNOWN_FIELDS))}")
-    values: dict[str, Any] = {"rule": rule}
-    values.update(RULE_DEFAULTS[rule])
+    values: dict[str, Any] = {"rule": rule, **rule_class.defaults}
     given = {**RECIPES[recipe], **{k: check_type(k, v) for k, v in overrides.items() if v is not None}}
     model = given.get("model", ModelConfig.model)
-    if model == "mlp" and given.get("depth", ModelConfig.depth) >= DEEP_FROM:
+    if model != "mlp":
+        values.update(rule_class.conv_defaults)
+    elif given.get("depth", ModelConfig.depth) >= DEEP_FROM:
         values.update(DEEP_DEFAULTS)
-    if rule == "sal" and model != "mlp":
-        values.update(CONV_DEFAULTS)
     values.update(given)
 
     def build(cls: type, **extra: Any) -> Any:
@@ -418,11 +414,14 @@ def check_applicable(config: RunConfig, explicit: set[str]) -> None:
     """Refuse settings the user gave that the chosen rule or model would silently ignore, all named at once
     (``--rule bp --signal local``, ``--rule fa --readout single``, routing options on a one-area model)."""
     rule, model, routing = config.rule, config.model, config.model.routing_config
-    local = rule.rule == "sal" and rule.signal in ("local", "both")
-    no_readout = None if local else "the local readouts exist only with --rule sal --signal local or both"
+    options = get_rule(rule.rule).options
+    readers = "/".join(sorted(n for n, c in RULES.items() if "signal" in c.options))
+    local = "signal" in options and rule.signal in ("local", "both")
+    no_readout = None if local else f"the local readouts exist only with --rule {readers} --signal local or both"
+    unread = {f.name: f"--rule {rule.rule} has no choice of {f.name.replace('_', ' ')}; "
+                      + "/".join(sorted(n for n, c in RULES.items() if f.name in c.options)) + " have"
+              for f in dataclasses.fields(RuleConfig) if f.name != "rule" and f.name not in options}
     reasons = {
-        "signal": None if rule.rule == "sal" else f"--rule {rule.rule} has no choice of signal (only sal does"
-                  + ("; dfa always sends the output error directly)" if rule.rule == "dfa" else ")"),
         "readout": no_readout,
         "objective": no_readout,
         **{name: no_readout or (None if rule.objective in ("pred", "predsim") else
@@ -431,8 +430,6 @@ def check_applicable(config: RunConfig, explicit: set[str]) -> None:
         "sim_weight": None if rule.objective == "predsim" else "--sim-weight weighs predsim's two terms",
         "readout_pool": no_readout or ("--readout-pool pools conv maps, and --model mlp has none"
                                        if model.model == "mlp" else None),
-        "feedback": None if rule.rule in ("dfa", "sal") else f"--rule {rule.rule} has no per-layer feedback "
-                    "matrices to split by area (dfa and sal do)",
         **{name: None if routing.areas != 1 else "a model with --areas 1 has no router"
            for name in ("routing", "router", "routing_dim", "routing_temperature")},
         "block": None if model.depth > 1 or model.block == "plain" else "--block residual applies to hidden "
@@ -445,7 +442,8 @@ def check_applicable(config: RunConfig, explicit: set[str]) -> None:
         reasons["conv_areas"] = "--model mlp has no convolutions"
     if not model.model.startswith("vgg"):
         reasons["width_mult"] = f"--width-mult scales the VGG models, not --model {model.model}"
-    refused = [f"--{name.replace('_', '-')} ({why})" for name, why in reasons.items() if name in explicit and why]
+    reasons = {**unread, **{name: why for name, why in reasons.items() if why}}     # the specific reason wins
+    refused = [f"--{name.replace('_', '-')} ({why})" for name, why in reasons.items() if name in explicit]
     if refused:
         raise ConfigError(f"{'this flag does' if len(refused) == 1 else 'these flags do'} not apply here: "
                           f"{'; '.join(refused)}. Drop {'it' if len(refused) == 1 else 'them'}")

@@ -338,5 +338,3 @@ def crop_flip(x: Tensor, image_shape: tuple[int, int, int], generator: torch.Gen
     cols = torch.where(flip[:, None].bool(), cols.flip(1), cols)[:, None, :]
     return images[torch.arange(n, device=x.device)[:, None, None], rows, cols].reshape(n, -1)
 
-
-from torchsal import datasets as _datasets  # noqa: E402,F401  (registers the named datasets)

@@ -1,6 +1,7 @@
 """Dispatch by area: group a batch's rows by area once, then run every area's matmul in one grouped call.
 
-All index arithmetic of the library lives here, so layers and rules never touch routing indices themselves.
+The grouping of rows by area is made here; layers and rules use the ``Groups`` it returns rather than routing
+indices of their own.
 
     groups = group_by_area(area, K)            # one stable sort per step (input routing: for every layer)
     rows = x[groups.order]                     # grouped: area 0's rows, then area 1's, ...
@@ -34,6 +35,7 @@ from typing import Protocol, TypeVar
 import torch
 from torch import Tensor
 
+from torchsal import compat
 from torchsal.profiling import named_range
 
 log = logging.getLogger(__name__)
@@ -278,7 +280,7 @@ def release_gradients(params: Iterable[Tensor]) -> None:
     is a view (a layer stack hands its blocks slices of one buffer, which it recycles itself) is only let go."""
     for p in params:
         if p.grad is not None:
-            if p.grad._base is None:
+            if not compat.is_view(p.grad):
                 give_memory(p, "gradient", p.grad)
             p.grad = None
 
@@ -390,11 +392,10 @@ def _grouped_kernel(a: Tensor, b: Tensor, groups: Groups) -> Tensor | None:
     key = (a.shape[1:], b.shape[1:] if b.dim() == 2 else b.shape, a.stride(), b.stride(), a.dtype, a.device.type)
     if key in _NO_GROUPED_MM:
         return None
-    try:
-        return torch._grouped_mm(a, b, offs=groups.ends)
-    except RuntimeError:
+    out = compat.grouped_mm(a, b, groups.ends)
+    if out is None:
         _NO_GROUPED_MM.add(key)
-        return None
+    return out
 
 
 def _grouped_mm(rows: Tensor, groups: Groups, weight: Tensor, bias: Tensor | None = None) -> Tensor:

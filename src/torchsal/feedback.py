@@ -1,9 +1,9 @@
 """Fixed random feedback: tensors that stand in for the transposed forward weights, and local readouts.
 
 Every tensor is created once, from an explicit generator, and kept as a persistent buffer of the learning rule (it
-is in ``state_dict``, moves with ``.to()`` and never receives a gradient). Each is initialised like the forward
-weight it stands in for (uniform, bound ``1/sqrt(fan_in)`` of that forward weight), so at initialisation the
-feedback signal has the magnitude the true gradient would have.
+is in ``state_dict``, moves with ``.to()`` and never receives a gradient). Each is uniform in ``+-1/sqrt(fan_in)``
+with the fan-in of the forward weight it stands in for: torch's default for ``nn.Linear``, and ``sqrt(6)`` times
+smaller than an area layer's own Kaiming-uniform weights (``+-sqrt(6/fan_in)``).
 
 Feedback alignment reaches the area layers through a context (``feedback_alignment``) rather than through the
 model's forward signature, so it works on any model whose layers are area layers, a user's own included.

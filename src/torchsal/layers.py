@@ -34,6 +34,7 @@ from torchsal.dispatch import (
 )
 from torchsal.distributed import area_parallel_linear
 from torchsal.feedback import feedback_for, feedback_point
+from torchsal.optim import guard_stock_optimizers
 
 
 class AreaLayer(nn.Module):
@@ -46,6 +47,10 @@ class AreaLayer(nn.Module):
     bias: nn.Parameter
     shared: nn.Parameter | None
     owned: range
+
+    def __init__(self) -> None:
+        super().__init__()
+        guard_stock_optimizers()
 
     @property
     def sharded(self) -> bool:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torchsal import compat
 from torchsal.blocks import BlockNet, Trace
 from torchsal.config import ModelConfig
 from torchsal.dispatch import Groups, from_padded, give_memory, take_memory, to_padded
@@ -66,7 +67,7 @@ class MLPBlock(nn.Module):
         residual's identity carries no parameters)."""
         linear_state, branch = state
         if branch is not None:
-            grad = torch.ops.aten.threshold_backward(grad, branch, 0)
+            grad = compat.relu_backward(grad, branch)
         self.linear.learn(linear_state, grad)
 
     def stack_key(self) -> tuple | None:
@@ -164,7 +165,7 @@ class _Branches(torch.autograd.Function):
         # through the ReLU, into the branch's memory: a fresh (L, rows, width) block per step cost its page faults
         # (so do the norm's gradients below, in the memory of the norm's output once the products have read it;
         # a second backward through this graph then fails on the saved tensors' versions, as it should)
-        grad_a = torch.ops.aten.threshold_backward.grad_input(grad, branch, 0, grad_input=branch)
+        grad_a = compat.relu_backward(grad, branch, into_output=True)
         per_area = grad_a.view(count * areas, -1, grad_a.shape[-1])
         if ctx.needs_input_grad[0]:
             recycled = all(p.grad is None for p in weights)
@@ -194,7 +195,8 @@ class AreaMLP(BlockNet):
 
     Usage::
 
-        model = AreaMLP(64, 10, ModelConfig(depth=1, width=256), generator=torch.Generator().manual_seed(0))
+        config = ModelConfig(routing_config=RoutingConfig(areas=16))
+        model = AreaMLP(64, 10, config, generator=torch.Generator().manual_seed(0))
         logits = model(x)
         trace = model.trace(x, detach=True)   # per-layer inputs detached: for local learning rules
 
@@ -209,9 +211,7 @@ class AreaMLP(BlockNet):
     def __init__(self, in_features: int, num_classes: int, config: ModelConfig,
                  generator: torch.Generator | None = None, owned: range | None = None) -> None:
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
-        if not isinstance(config.routing_config.areas, int):
-            raise ConfigError("areas 'auto' follow the training set's size: resolve them first with "
-                              "torchsal.config.resolve_areas(config, n_train), as the trainer does, or give a number")
+        _check_resolved(config)
         dtype = getattr(torch, config.dtype)
         rc = config.routing_config
         sizes = [in_features] + [config.width] * config.depth + [num_classes]
@@ -365,6 +365,12 @@ CONV_MODELS: dict[str, Callable[[tuple[int, ...], int], list[nn.Module]]] = {
     "lenet": lenet, "cnn": small_cnn, "resnet20": resnet20}
 
 
+def _check_resolved(config: ModelConfig) -> None:
+    if not isinstance(config.routing_config.areas, int):
+        raise ConfigError("areas 'auto' follow the training set's size: resolve them first with "
+                          "torchsal.config.resolve_areas(config, n_train), as the trainer does, or give a number")
+
+
 def build_model(in_features: int, num_classes: int, config: ModelConfig, seed: int = 0,
                 owned: range | None = None, in_shape: tuple[int, ...] | None = None) -> BlockNet:
     """The model for a run, initialised from its own seeded generator; with ``owned``, only those areas of each
@@ -375,6 +381,7 @@ def build_model(in_features: int, num_classes: int, config: ModelConfig, seed: i
     if in_shape is None or len(in_shape) != 3:
         raise ConfigError(f"--model {config.model} is a conv net: it needs an image dataset (mnist, fashion-mnist, "
                           "kmnist, cifar10, cifar100, svhn), or use --model mlp")
+    _check_resolved(config)
     if owned is not None:
         raise ConfigError("--parallel area shards the routed MLP only; train conv nets with --parallel data")
     rc = config.routing_config

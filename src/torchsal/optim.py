@@ -18,6 +18,8 @@ in ``torch.optim.SparseAdam``: an area's bias correction counts the layer's step
 
 A stock optimizer that would move untouched areas (momentum, weight decay, Adam's moments) is refused at its
 step with one clear line, instead of silently breaking that invariant; plain SGD (lr only) is exact either way.
+The guard is installed by the first area layer built (importing torchsal changes no optimizer), and looks only at
+optimizers that hold area parameters: any other costs one lookup per step.
 
 Usage::
 
@@ -27,7 +29,9 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
+import weakref
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -35,6 +39,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from torchsal import compat
 from torchsal.dispatch import stepping_in_backward
 from torchsal.errors import ConfigError
 from torchsal.stacks import back_to_back
@@ -334,7 +339,7 @@ class _AdamByArea:
 
     def __init__(self, optimizer: torch.optim.Optimizer, group: dict) -> None:
         self.state, self.group = optimizer.state, group
-        self.kernel = torch._fused_adamw_ if group.get("decoupled_weight_decay") else torch._fused_adam_
+        self.decoupled = bool(group.get("decoupled_weight_decay"))
 
     def ready(self, p: Tensor) -> bool:
         """The parameter's state exists: torch's own first step made it."""
@@ -356,9 +361,9 @@ class _AdamByArea:
             else:
                 areas = areas or [t.unbind(0) for t in whole]
                 views = [t[k] for t in areas]
-            self.kernel(views[:1], [grad], views[1:2], views[2:3], views[3:], [step], lr=group["lr"], beta1=beta1,
-                        beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=group["amsgrad"],
-                        maximize=group["maximize"])
+            compat.adam_step(views[:1], [grad], views[1:2], views[2:3], views[3:], [step], decoupled=self.decoupled,
+                             lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                             eps=group["eps"], amsgrad=group["amsgrad"], maximize=group["maximize"])
 
 
 def _moves_zero_gradients(optimizer: torch.optim.Optimizer) -> bool:
@@ -368,8 +373,21 @@ def _moves_zero_gradients(optimizer: torch.optim.Optimizer) -> bool:
     return any(g.get("momentum", 0) or g.get("weight_decay", 0) for g in optimizer.param_groups)
 
 
+# optimizer -> (parameters it held when last asked, whether any is an area parameter)
+_HOLDS_AREAS: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[int, bool]] = weakref.WeakKeyDictionary()
+
+
+def _holds_area_parameters(optimizer: torch.optim.Optimizer) -> bool:
+    held = sum(len(g["params"]) for g in optimizer.param_groups)
+    known = _HOLDS_AREAS.get(optimizer)
+    if known is None or known[0] != held:       # new, or a parameter group added since
+        known = held, any(hasattr(p, "touched_areas") for g in optimizer.param_groups for p in g["params"])
+        _HOLDS_AREAS[optimizer] = known
+    return known[1]
+
+
 def _refuse_stock_optimizers(optimizer: torch.optim.Optimizer, args, kwargs) -> None:  # noqa: ANN001, ARG001
-    if isinstance(optimizer, _AreaAware):
+    if isinstance(optimizer, _AreaAware) or not _holds_area_parameters(optimizer):
         return
     partial = any(getattr(p, "touched_areas", None) is not None and p.grad is not None
                   for g in optimizer.param_groups for p in g["params"])
@@ -380,4 +398,7 @@ def _refuse_stock_optimizers(optimizer: torch.optim.Optimizer, args, kwargs) -> 
                           "arguments), which updates only the touched areas")
 
 
-register_optimizer_step_pre_hook(_refuse_stock_optimizers)
+@functools.cache
+def guard_stock_optimizers() -> None:
+    """Install the guard against stock optimizers that move untouched areas (once; area layers call it)."""
+    register_optimizer_step_pre_hook(_refuse_stock_optimizers)

@@ -95,12 +95,12 @@ def info(data_dir: str | None = None) -> str:
     import numpy
     import sklearn
 
-    import torchsal
     from torchsal.data import DATASETS, locate_dataset, search_dirs
+    from torchsal.version import __version__
 
     cuda = (", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
             if torch.cuda.is_available() else "none")
-    lines = [f"torchsal {torchsal.__version__}, torch {torch.__version__}, numpy {numpy.__version__}, "
+    lines = [f"torchsal {__version__}, torch {torch.__version__}, numpy {numpy.__version__}, "
              f"scikit-learn {sklearn.__version__}, Python {platform.python_version()}",
              f"threads: {torch.get_num_threads()} (CPU cores: {torch.multiprocessing.cpu_count()})",
              f"devices: cpu; cuda: {cuda}",

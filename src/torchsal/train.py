@@ -1,5 +1,7 @@
-"""The training loop. It knows nothing about the rule: ``rule(model, x, y).loss.backward()``, then the
-optimizer steps. Metrics are returned as a dict and, with ``out`` set, written to ``out/metrics.json``."""
+"""A run: ``Trainer`` builds the model, rule and optimizer from a ``RunConfig`` and loops over the data. Each step
+is the rule's ``step`` (its update accumulated into ``.grad``, or applied in the backward where the optimizer allows:
+``optim.updates_in_backward``), then ``optimizer.step()``. Checkpoints hold everything a bit-identical resume needs;
+metrics are returned and, with ``out`` set, written to ``out/metrics.json``."""
 
 from __future__ import annotations
 
@@ -23,7 +25,6 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-import torchsal
 from torchsal import distributed, optim
 from torchsal.config import RunConfig, TrainConfig, make_config, resolve_areas
 from torchsal.continual_methods import ContinualMethod
@@ -35,6 +36,7 @@ from torchsal.models import BlockNet, build_model, count_parameters
 from torchsal.rules import LearningRule, build_rule
 from torchsal.rules.base import output_terms
 from torchsal.storage import load_plain, write_bytes_atomic, write_json_atomic
+from torchsal.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +140,7 @@ def _environment() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         commit = None
     import sklearn
-    return {"torchsal": torchsal.__version__, "torch": torch.__version__, "numpy": np.__version__,
+    return {"torchsal": __version__, "torch": torch.__version__, "numpy": np.__version__,
             "sklearn": sklearn.__version__, "python": platform.python_version(), "git_commit": commit,
             "threads": torch.get_num_threads()}
 

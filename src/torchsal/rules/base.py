@@ -1,8 +1,7 @@
-"""The one interface every learning rule implements, and the registry that names them.
+"""The one interface every learning rule implements (rules are named in ``torchsal.registry``).
 
 A rule turns a batch into one scalar whose ``backward()`` fills every parameter's ``.grad`` with that rule's
-update (a *surrogate loss*, batch-mean like a standard loss), so any ``torch.optim`` optimizer, scheduler or
-gradient clipping works unchanged. Rules own their fixed feedback matrices as buffers.
+update (a *surrogate loss*, batch-mean like a standard loss). Rules own their fixed feedback matrices as buffers.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ import contextvars
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -20,25 +19,9 @@ from torch import Tensor, nn
 
 from torchsal.blocks import BlockNet, Trace
 from torchsal.config import RuleConfig
-from torchsal.errors import ConfigError
+from torchsal.registry import RULES, get_rule, register_rule
 
-RULES: dict[str, type[LearningRule]] = {}
-
-
-def register_rule(name: str) -> Callable[[type[LearningRule]], type[LearningRule]]:
-    def register(cls: type[LearningRule]) -> type[LearningRule]:
-        if name in RULES:
-            raise ValueError(f"learning rule {name!r} is registered twice")
-        cls.name = name
-        RULES[name] = cls
-        return cls
-    return register
-
-
-def get_rule(name: str) -> type[LearningRule]:
-    if name not in RULES:
-        raise ConfigError(f"unknown rule {name!r}; choose one of: {', '.join(sorted(RULES))}")
-    return RULES[name]
+__all__ = ["RULES", "LearningRule", "StepOutput", "build_rule", "get_rule", "register_rule"]
 
 
 @dataclass
@@ -181,6 +164,11 @@ class LearningRule(nn.Module):
     """
 
     name: ClassVar[str]
+    # The settings this rule changes from the dataclass defaults, on every model and on conv nets only.
+    defaults: ClassVar[dict[str, Any]] = {}
+    conv_defaults: ClassVar[dict[str, Any]] = {}
+    # The RuleConfig fields it reads (beyond ``rule``): given for a rule that ignores them, the CLI refuses them.
+    options: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, model: BlockNet, config: RuleConfig, generator: torch.Generator) -> None:
         super().__init__()

@@ -10,5 +10,7 @@ from torchsal.rules.base import LearningRule, StepOutput, output_step, register_
 
 @register_rule("bp")
 class Backprop(LearningRule):
+    defaults = {"areas": 1, "shared": False}     # the dense MLP; --areas 16 --shared: SAL's routed model
+
     def forward(self, model: BlockNet, x: Tensor, y: Tensor) -> StepOutput:
         return output_step(model.trace(x), y)

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from torchsal import compat
 from torchsal.blocks import BlockNet, Trace
 from torchsal.config import RuleConfig
 from torchsal.dispatch import Groups, area_linear, grouped_linear
@@ -54,7 +55,7 @@ def read_out_adjoint(h: Tensor, grad: Tensor, pool: int = 2) -> Tensor:
     if h.dim() == 2:
         return grad
     pooled = grad.view(h.shape[0], *pooled_shape(h.shape[1:], pool))
-    return torch.ops.aten._adaptive_avg_pool2d_backward(pooled.to(h.dtype), h)
+    return compat.adaptive_avg_pool2d_backward(pooled.to(h.dtype), h)
 
 
 class LocalSignalRule(LearningRule):
@@ -240,13 +241,25 @@ class LocalSignalRule(LearningRule):
 
 @register_rule("dfa")
 class DirectFeedbackAlignment(LocalSignalRule):
+    defaults = {"areas": 1, "shared": False, "epochs": 30}    # as fa's
+    options = frozenset({"feedback"})
+
     def signals(self) -> tuple[str, ...]:
         return SIGNALS["direct"]
 
 
 @register_rule("sal")
 class SelectiveAdaptiveLearning(LocalSignalRule):
-    """SAL's refined feedback (``--signal``); its areas and routing are the model's, shared with every rule."""
+    """SAL's refined feedback (``--signal``); its areas and routing are the model's, shared with every rule. The
+    dataclass defaults are its own."""
+
+    # On conv nets (docs/conv.md, the small CNN on CIFAR-10): a learned local objective, predsim, where the fixed
+    # random readout stays 13 points below BP even on the dense net; areas in the fully connected layers only,
+    # where areas in the convolutions (each area's kernels seeing 1/K of the images) cost 10 points; heads read
+    # maps pooled to 4x4 (a learned head reached 44.7% after 300 steps on 4x4, 41.6% on 2x2).
+    conv_defaults = {"objective": "predsim", "conv_areas": False, "readout_pool": 4}
+    options = frozenset({"signal", "readout", "readout_pool", "objective", "head_feedback", "head_layers",
+                         "sim_weight", "feedback", "memory"})
 
     def signals(self) -> tuple[str, ...]:
         return SIGNALS[self.config.signal]
