@@ -27,7 +27,8 @@ from torchsal import load_dataset, make_splits
 from torchsal.bench import preset_config
 from torchsal.continual import accuracy, split_tasks
 from torchsal.diagnostics import area_statistics
-from torchsal.train import Trainer, route_all
+from torchsal.evaluation import route_all
+from torchsal.train import Trainer
 
 DOMAINS = ("mnist", "fashion-mnist", "cifar10")
 RULES = ("bp", "dfa", "sal", "bp-areas")

@@ -99,7 +99,7 @@ def test_metrics_of_a_resumed_run_match(tmp_path, monkeypatch):
     step = Trainer.train_step
 
     def crash_at_step_60(self, batch):
-        if self.step == 60:
+        if self.steps_done == 60:
             raise Crash
         step(self, batch)
 

@@ -59,7 +59,7 @@ RANK_1_DIES_AT_STEP_9 = textwrap.dedent("""
     step = Trainer.train_step
 
     def dying(self, batch):
-        if self.step == 9 and self.ctx.rank == 1:
+        if self.steps_done == 9 and self.ctx.rank == 1:
             os._exit(1)
         step(self, batch)
 

@@ -10,7 +10,8 @@ import torch
 
 from torchsal import make_config
 from torchsal.errors import ConfigError
-from torchsal.train import Trainer, load_model
+from torchsal.runfiles import load_model
+from torchsal.train import Trainer
 
 
 class _Planted:

@@ -90,4 +90,4 @@ def test_a_signal_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(t
     lines = out.strip().splitlines()
     assert lines[-1].startswith("resume with: torchsal train") and lines[-1].endswith(f"--resume {run}")
     trainer = Trainer.resume(run)                           # loadable, mid-run
-    assert 0 < trainer.step < trainer.total_steps
+    assert 0 < trainer.steps_done < trainer.total_steps

@@ -135,7 +135,7 @@ def test_compile_leaves_a_last_smaller_batch_eager(monkeypatch):
     trainer = Trainer(make_config("sal", areas=16, width=32, batch_size=100, epochs=1, compile=True))
     trainer.fit(progress=False)
     full, rest = divmod(len(trainer.y_train), 100)
-    assert rest and trainer.step == full + 1 and calls.count("forward_phase") == full
+    assert rest and trainer.steps_done == full + 1 and calls.count("forward_phase") == full
 
 
 def test_a_compile_that_fails_trains_eagerly_with_one_warning(monkeypatch, caplog):
@@ -190,3 +190,20 @@ def test_the_trainer_takes_fused_adams_step_inside_the_update(digits, optimizer,
         torch.testing.assert_close(fast[name], value, rtol=1e-5, atol=1e-6, msg=name)
     for key in ("exp_avg", "exp_avg_sq"):
         torch.testing.assert_close(fast_state[key], slow_state[key], rtol=1e-5, atol=1e-8, msg=key)
+
+
+@pytest.mark.parametrize("rule", ["bp", "sal"])
+def test_the_public_step_is_the_loops_step(digits, rule):
+    """``Trainer.step(x, y)`` on the loop's batches gives the loop's weights, bit for bit (and moves them)."""
+    config = make_config(rule, epochs=1, max_steps=3, areas=4)
+    looped = Trainer(config, digits)
+    looped.fit(progress=False)
+    manual = Trainer(config, digits)
+    start = [p.detach().clone() for p in manual.model.parameters()]
+    order = torch.randperm(len(manual.y_train), generator=manual.shuffle)
+    for batch in order.split(config.train.batch_size)[:3]:
+        out = manual.step(manual.x_train[batch], manual.y_train[batch])
+    assert out.logits.shape == (config.train.batch_size, digits.num_classes)
+    for a, b, s in zip(looped.model.parameters(), manual.model.parameters(), start, strict=True):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, s) for a, s in zip(manual.model.parameters(), start))

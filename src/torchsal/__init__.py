@@ -9,9 +9,10 @@ from torchsal import (
 from torchsal.blocks import BlockNet
 from torchsal.config import ModelConfig, RoutingConfig, RuleConfig, RunConfig, TrainConfig, make_config
 from torchsal.data import load_dataset, make_splits
+from torchsal.evaluation import evaluate
 from torchsal.models import AreaMLP, build_model
 from torchsal.rules import RULES, LearningRule, build_rule
-from torchsal.train import evaluate, train
+from torchsal.train import train
 from torchsal.version import __version__
 
 # Denormal floats (below 1.2e-38) make x86 CPU kernels 11-137x slower (measured), and training makes them: weight

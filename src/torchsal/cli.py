@@ -309,7 +309,8 @@ def _resume(args: argparse.Namespace, settings: dict[str, Any]):  # noqa: ANN202
     of them named at once. A finished run is left as it is (returns None)."""
     from pathlib import Path
 
-    from torchsal.train import Trainer, read_checkpoint
+    from torchsal.runfiles import read_checkpoint
+    from torchsal.train import Trainer
 
     state = read_checkpoint(args.resume)          # read once: also what the trainer resumes from
     saved = dict(state["config"])
@@ -338,8 +339,8 @@ def _resume(args: argparse.Namespace, settings: dict[str, Any]):  # noqa: ANN202
         raise ConfigError(f"--resume {args.resume} continues the saved run; these flags would change it: "
                           f"{', '.join(parts)}. Drop them, or start a new run with another --out"
                           + (" (the budget, --epochs and --max-steps, may only grow)" if shrunk else ""))
-    if trainer.step >= trainer.total_steps:
-        print(f"run {args.resume} is finished ({trainer.step} of {trainer.total_steps} steps); nothing changed. "
+    if trainer.steps_done >= trainer.total_steps:
+        print(f"run {args.resume} is finished ({trainer.steps_done} of {trainer.total_steps} steps); nothing changed. "
               "To train on, resume with a larger --epochs or --max-steps")
         return None
     return trainer
@@ -347,8 +348,9 @@ def _resume(args: argparse.Namespace, settings: dict[str, Any]):  # noqa: ANN202
 
 def _eval(args: argparse.Namespace) -> int:
     from torchsal.data import all_rows, load_dataset, make_splits, to_model_classes
+    from torchsal.evaluation import evaluate
+    from torchsal.runfiles import load_model
     from torchsal.storage import write_json_atomic
-    from torchsal.train import evaluate, load_model
 
     model, info = load_model(args.model)
     cfg = info["config"]

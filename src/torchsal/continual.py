@@ -29,7 +29,8 @@ from torchsal.config import RunConfig
 from torchsal.continual_methods import ContinualMethod
 from torchsal.data import Splits
 from torchsal.errors import ConfigError
-from torchsal.train import EVAL_BATCH, Trainer
+from torchsal.evaluation import EVAL_BATCH
+from torchsal.train import Trainer
 
 
 def split_tasks(splits: Splits, classes_per_task: int = 2, domain: bool = False) -> list[tuple[Splits, list[int]]]:

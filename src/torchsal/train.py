@@ -6,13 +6,10 @@ metrics are returned and, with ``out`` set, written to ``out/metrics.json``."""
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import logging
 import math
-import platform
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -20,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -32,22 +28,17 @@ from torchsal.data import Splits, crop_flip, load_dataset, make_splits
 from torchsal.diagnostics import alignment, area_statistics, interference
 from torchsal.dispatch import compiled_kernels, release_gradients
 from torchsal.errors import ConfigError, DivergenceError, RunInterrupted
+from torchsal.evaluation import area_shares, evaluate, parameter_counts, route_all
 from torchsal.models import BlockNet, build_model, count_parameters
-from torchsal.rules import LearningRule, build_rule
+from torchsal.rules import LearningRule, StepOutput, build_rule
 from torchsal.rules.base import output_terms
-from torchsal.storage import load_plain, write_bytes_atomic, write_json_atomic
-from torchsal.version import __version__
+from torchsal.runfiles import CHECKPOINT, MODEL, environment, read_checkpoint, save_model, write_history_csv
+from torchsal.storage import write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-EVAL_BATCH = 4096
 LIVE_LOSS_EVERY = 20            # steps between live-loss updates of the progress bar (each reads the device once)
 PROBE = 512                    # samples of the fixed batch on which --diagnostics measures alignment
-CHECKPOINT = "checkpoint.pt"
-MODEL = "model.pt"
-MODEL_FIELDS = ("format", "config", "model", "in_features", "classes", "mean", "std")
-CHECKPOINT_FIELDS = ("config", "model", "rule", "optimizer", "scheduler", "shuffle", "torch_rng", "epoch", "batch",
-                     "step", "order", "sums", "history", "elapsed")
 
 
 class _StopRequests:
@@ -101,48 +92,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
 
 
-@torch.no_grad()
-def evaluate(model: BlockNet, x: Tensor, y: Tensor) -> float:
-    """Accuracy (fraction in [0, 1]) of ``model`` on (x, y), in eval mode."""
-    was_training = model.training
-    model.eval()
-    correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in zip(x.split(EVAL_BATCH),
-                                                                          y.split(EVAL_BATCH)))
-    model.train(was_training)
-    return correct / len(y)
 
 
-@torch.no_grad()
-def route_all(model: BlockNet, x: Tensor) -> list[Tensor]:
-    """The area of every sample of ``x`` (eval mode): one tensor per router (input routing: one; layer routing:
-    one per block holding areas)."""
-    if not model.routers:
-        return [torch.zeros(len(x), dtype=torch.long, device=x.device)]
-    was_training = model.training
-    model.eval()
-    per_batch = [model.trace(xb).areas for xb in x.split(EVAL_BATCH)]
-    model.train(was_training)
-    per_block = [torch.cat(parts) for parts in zip(*per_batch)]
-    return [per_block[i] for i in model.router_blocks]
-
-
-def area_shares(model: BlockNet, x: Tensor) -> list[float] | list[list[float]]:
-    """Fraction of ``x`` routed to each area: one list (input routing) or one list per layer."""
-    k = model.areas
-    shares = [(torch.bincount(a, minlength=k) / len(x)).tolist() for a in route_all(model, x)]
-    return shares if len(shares) > 1 else shares[0]
-
-
-def _environment() -> dict[str, Any]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    import sklearn
-    return {"torchsal": __version__, "torch": torch.__version__, "numpy": np.__version__,
-            "sklearn": sklearn.__version__, "python": platform.python_version(), "git_commit": commit,
-            "threads": torch.get_num_threads()}
 
 
 class Trainer:
@@ -193,7 +144,7 @@ class Trainer:
         self.shuffle = torch.Generator().manual_seed(cfg.seed)
         self.augment_rng = torch.Generator().manual_seed(cfg.seed + 7)    # crops and flips (--augment)
         # Loop position: the epoch being trained (1-based), its shuffle, the next batch in it, running sums.
-        self.epoch, self.batch, self.step = 1, 0, 0
+        self.epoch, self.batch, self.steps_done = 1, 0, 0
         self.order: Tensor | None = None
         self.sums: dict[str, Any] = {"loss": 0.0, "correct": 0, "seen": 0, "steps": 0}
         self.history: list[dict[str, Any]] = []
@@ -223,7 +174,7 @@ class Trainer:
         self.splits = splits
         self.x_train, self.y_train = splits.x_train.to(self.device), splits.y_train.to(self.device)
         cfg = self.config.train
-        self.total_steps = self.step + cfg.epochs * math.ceil(len(self.y_train) / cfg.batch_size)
+        self.total_steps = self.steps_done + cfg.epochs * math.ceil(len(self.y_train) / cfg.batch_size)
         self.epoch, self.batch, self.order = 1, 0, None
 
     @property
@@ -242,7 +193,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "shuffle": self.shuffle.get_state(), "augment_rng": self.augment_rng.get_state(),
                 "torch_rng": torch.get_rng_state(),
-                "epoch": self.epoch, "batch": self.batch, "step": self.step, "order": self.order,
+                "epoch": self.epoch, "batch": self.batch, "step": self.steps_done, "order": self.order,
                 "sums": dict(self.sums), "history": list(self.history), "elapsed": self.elapsed,
                 "checkpoint_every": self.checkpoint_every}
 
@@ -255,7 +206,7 @@ class Trainer:
         if "augment_rng" in state:                  # (checkpoints written before --augment lack it)
             self.augment_rng.set_state(state["augment_rng"])
         torch.set_rng_state(state["torch_rng"])
-        self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
+        self.epoch, self.batch, self.steps_done = state["epoch"], state["batch"], state["step"]
         self.order = None if state["order"] is None else state["order"].to(self.device)
         self.sums, self.history, self.elapsed = dict(state["sums"]), list(state["history"]), state["elapsed"]
         self.checkpoint_every = state.get("checkpoint_every")
@@ -305,7 +256,7 @@ class Trainer:
         # A bar on a terminal (epoch, step, live loss); elsewhere (a log file, a pipe) one line per epoch.
         interactive = progress and self.ctx.is_main and sys.stderr.isatty()
         self.epoch_lines = progress and self.ctx.is_main and not interactive
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{rule_name} {cfg.dataset}", unit="step",
+        bar = tqdm(total=self.total_steps, initial=self.steps_done, desc=f"{rule_name} {cfg.dataset}", unit="step",
                    disable=not interactive, leave=False, dynamic_ncols=True)
         self.model.train()
         with _StopRequests(enabled=bool(self.out) and self.ctx.world == 1) as stop:
@@ -325,25 +276,25 @@ class Trainer:
 
     def _loop(self, start: float, bar: tqdm, stop: _StopRequests, checkpoint_every: int | None) -> None:
         cfg = self.config.train
-        while self.step < self.total_steps:
+        while self.steps_done < self.total_steps:
             if self.order is None:
                 self.order = torch.randperm(len(self.y_train), generator=self.shuffle).to(self.device)
             batches = self.order.split(cfg.batch_size)
             bar.set_description(f"{self.config.rule.rule} {cfg.dataset} epoch {self.epoch}/{self.total_epochs}",
                                 refresh=False)
-            while self.batch < len(batches) and self.step < self.total_steps:
+            while self.batch < len(batches) and self.steps_done < self.total_steps:
                 self.train_step(batches[self.batch])
                 self.batch += 1
-                self.step += 1
+                self.steps_done += 1
                 bar.update()
-                if not bar.disable and self.step % LIVE_LOSS_EVERY == 0:   # one host read per so many steps
+                if not bar.disable and self.steps_done % LIVE_LOSS_EVERY == 0:   # one host read per so many steps
                     bar.set_postfix(loss=f"{float(self.sums['loss']) / max(self.sums['seen'], 1):.3f}",
                                     refresh=False)
                 if stop.requested:            # Ctrl-C or SIGTERM: the step is done; keep it and say how to go on
                     self.elapsed = time.perf_counter() - start
                     bar.close()
-                    raise RunInterrupted(str(self.save_checkpoint()), self.step)
-                if checkpoint_every and self.step % checkpoint_every == 0 and self.out:
+                    raise RunInterrupted(str(self.save_checkpoint()), self.steps_done)
+                if checkpoint_every and self.steps_done % checkpoint_every == 0 and self.out:
                     self.elapsed = time.perf_counter() - start
                     self.save_checkpoint()
             self._end_epoch(start)
@@ -356,10 +307,19 @@ class Trainer:
                          last["val_accuracy"], last["seconds"])
 
     def train_step(self, batch: Tensor) -> None:
+        """The step on the training rows ``batch`` (indices): this process's share, augmented, then ``step``."""
         local = distributed.shard(batch, self.ctx)     # this rank's share of the global batch
         x, y = self.x_train[local], self.y_train[local]
         if self.config.train.augment == "crop-flip":
             x = crop_flip(x, self.splits.image_shape, self.augment_rng)
+        self.step(x, y, global_batch=len(batch))
+
+    def step(self, x: Tensor, y: Tensor, global_batch: int | None = None) -> StepOutput:
+        """One update on the batch ``(x, y)`` (on the model's device): the rule's step, the optimizer's and the
+        schedule's, as the loop runs it; what every benchmark times. Under data parallelism ``(x, y)`` is this
+        process's share of a batch of ``global_batch`` rows. A continual method joins its replayed samples and
+        adds its terms here."""
+        rows = len(x)
         if self.method is not None:                    # continual learning: replay joins stored samples
             x, y = self.method.batch(x, y)
         # .grad None, not zero: untouched areas stay untouched. The optimizer's list, not model.parameters(): walking
@@ -368,13 +328,14 @@ class Trainer:
         term = None if self.method is None else self.method.output_term(x)
         # --compile on full batches only: a last, smaller batch (or one replay grew) runs eagerly, where torch would
         # compile again, for seconds, per shape
-        compiling = self.config.train.compile and len(batch) == self.config.train.batch_size and len(x) == len(local)
+        compiling = self.config.train.compile and (global_batch or rows) == self.config.train.batch_size \
+            and len(x) == rows
         with self._updates_in_backward(), output_terms(*([term] if term else [])), self._autocast(), \
                 compiled_kernels(compiling):
             # the rule's forward pass and update at once (in closed form where it can); a non-finite loss stops
             # the run before the update
             out = self.rule.step(self.model, x, y, before_update=lambda out: self._check_loss(out.loss, x))
-        distributed.sync_gradients(self.model, len(local), len(batch), self.rule.parameters())
+        distributed.sync_gradients(self.model, rows, global_batch or rows, self.rule.parameters())
         if self.method is not None:                    # EWC, SI: a per-parameter term added to the update
             self.method.penalize(self.model)
         self.optimizer.step()
@@ -390,6 +351,7 @@ class Trainer:
             value = getattr(out, key)
             if value is not None:
                 self.sums[key] = value if self.sums.get(key) is None else self.sums[key] + value
+        return out
 
     def _check_loss(self, loss: Tensor, x: Tensor) -> None:
         """Stop at a non-finite loss. On CPU at once; on a GPU the first bad step is recorded on the device and
@@ -399,7 +361,7 @@ class Trainer:
                 raise self._diverged(self._first_non_finite(x) or f"loss became {loss.item()}")
             return
         bad = ~torch.isfinite(loss)
-        self.first_bad_step = torch.where(bad & (self.first_bad_step < 0), self.step + 1, self.first_bad_step)
+        self.first_bad_step = torch.where(bad & (self.first_bad_step < 0), self.steps_done + 1, self.first_bad_step)
 
     def _raise_if_diverged(self) -> None:
         if self.device.type != "cpu" and int(self.first_bad_step) >= 0:
@@ -441,8 +403,8 @@ class Trainer:
         """The error for a run gone non-finite at ``step`` (default: the step being taken)."""
         kept = self.out and (self.out / CHECKPOINT).is_file()
         return DivergenceError(
-            f"rule {self.config.rule.rule}: {what} at step {step or self.step + 1} (epoch {self.epoch}); lower --lr "
-            f"(now {self.config.train.lr}) or use --schedule cosine"
+            f"rule {self.config.rule.rule}: {what} at step {step or self.steps_done + 1} (epoch {self.epoch}); "
+            f"lower --lr (now {self.config.train.lr}) or use --schedule cosine"
             + (f"; the last good checkpoint is kept in {self.out / CHECKPOINT}" if kept else ""))
 
     def _end_epoch(self, start: float) -> None:
@@ -450,7 +412,7 @@ class Trainer:
         s, d = self.sums, self.device
         loss, correct, seen = distributed.all_reduce_sums([float(s["loss"]), float(s["correct"]), s["seen"]])
         self.history.append({
-            "epoch": self.epoch, "step": self.step, "train_loss": loss / seen, "train_accuracy": correct / seen,
+            "epoch": self.epoch, "step": self.steps_done, "train_loss": loss / seen, "train_accuracy": correct / seen,
             "val_accuracy": evaluate(self.model, self.splits.x_val.to(d), self.splits.y_val.to(d)),
             "test_accuracy": evaluate(self.model, self.splits.x_test.to(d), self.splits.y_test.to(d)),
             "seconds": time.perf_counter() - start,
@@ -497,34 +459,16 @@ class Trainer:
             "rule": self.config.rule.rule, "dataset": self.config.train.dataset,
             "test_accuracy": last["test_accuracy"],    # final epoch; never selected on test
             "val_accuracy": last["val_accuracy"],
-            "epochs": last["epoch"], "steps": self.step, "train_seconds": self.elapsed,
+            "epochs": last["epoch"], "steps": self.steps_done, "train_seconds": self.elapsed,
             **parameter_counts(self.model, self.rule),
             "area_shares": area_shares(self.model, self.x_train),
             "n_train": len(self.y_train), "n_val": len(self.splits.y_val), "n_test": len(self.splits.y_test),
-            "history": self.history, "config": self.config.to_dict(), "environment": _environment(),
+            "history": self.history, "config": self.config.to_dict(), "environment": environment(),
         }
 
 
-def parameter_counts(model: BlockNet, rule: torch.nn.Module) -> dict[str, int]:
-    """The model's parameter counts (``BlockNet.parameter_counts``), with a rule's learned local heads in the
-    total and on their own line (they train with the model but take no part in inference)."""
-    counts = model.parameter_counts()
-    heads = sum(p.numel() for p in rule.parameters())
-    if heads:
-        counts["params_total"] += heads
-        counts["params_local_heads"] = heads
-    return counts
 
 
-def read_checkpoint(run_dir: str | Path) -> dict[str, Any]:
-    """The checkpoint in ``run_dir`` (loaded without running code); one clear line when there is none."""
-    path = Path(run_dir) / CHECKPOINT
-    for stale in Path(run_dir).glob(f".{CHECKPOINT}.*.tmp"):    # left by a crash in the middle of a write
-        stale.unlink()
-    if not path.is_file():
-        raise ConfigError(f"--resume {run_dir}: no {CHECKPOINT} there; train with --out DIR "
-                          "--checkpoint-every N to write one (or interrupt a run with --out: Ctrl-C writes one)")
-    return load_plain(path, "checkpoint", CHECKPOINT_FIELDS)
 
 
 def train(config: RunConfig, splits: Splits | None = None, progress: bool = True,
@@ -559,48 +503,5 @@ def _available_memory() -> int | None:
         return None
 
 
-def write_history_csv(path: Path, history: list[dict[str, Any]]) -> None:
-    """One row per epoch; the per-layer lists (activation and signal RMS) stay in metrics.json."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, [k for k, v in history[0].items() if not isinstance(v, list)],
-                            extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(history)
-    write_bytes_atomic(path, buffer.getvalue().encode())
 
 
-# ------------------------------------------------------------------------------------------------ export
-def save_model(path: Path, model: BlockNet, config: RunConfig, splits: Splits,
-               state: dict[str, Tensor] | None = None) -> None:
-    """A trained model for ``torchsal eval`` / ``load_model``: weights (``state``, if given, else the model's),
-    config, classes and the input scaling."""
-    buffer = io.BytesIO()
-    torch.save({"format": "torchsal-model-1", "config": config.to_dict(),
-                "model": model.state_dict() if state is None else state,
-                "in_features": splits.in_features, "classes": splits.classes, "image_shape": splits.image_shape,
-                "mean": torch.as_tensor(splits.mean), "std": torch.as_tensor(splits.std)}, buffer)
-    write_bytes_atomic(path, buffer.getvalue())
-
-
-def load_model(path: str | Path) -> tuple[BlockNet, dict[str, Any]]:
-    """Load a model saved by training (``DIR/model.pt`` or ``DIR``). Returns ``(model, info)``; ``info`` has the
-    config, classes and the input ``mean``/``std`` to apply to raw features."""
-    path = Path(path)
-    path = path / MODEL if path.is_dir() else path
-    if not path.is_file():
-        raise ConfigError(f"no trained model at {path}; train with --out DIR to write DIR/{MODEL}")
-    info = load_plain(path, "model file", MODEL_FIELDS)
-    if info["format"] != "torchsal-model-1":
-        raise ConfigError(f"{path} is not a torchsal model file (format {info['format']!r})")
-    saved = dict(info["config"])
-    config = make_config(saved.pop("rule"), **saved)
-    shape = info.get("image_shape")
-    model = build_model(info["in_features"], len(info["classes"]), config.model,
-                        in_shape=None if shape is None else tuple(shape))
-    try:
-        model.load_state_dict(info["model"])
-    except (RuntimeError, KeyError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0][:200]
-        raise ConfigError(f"{path}: the weights do not fit the model its config describes ({first})") from None
-    model.eval()
-    return model, info

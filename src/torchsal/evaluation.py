@@ -1,0 +1,54 @@
+"""What a trained model does on data: accuracy, the area each sample is routed to, the share each area takes, and
+the parameter counts a run reports."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from torchsal.blocks import BlockNet
+
+EVAL_BATCH = 4096
+
+
+@torch.no_grad()
+def evaluate(model: BlockNet, x: Tensor, y: Tensor) -> float:
+    """Accuracy (fraction in [0, 1]) of ``model`` on (x, y), in eval mode."""
+    was_training = model.training
+    model.eval()
+    correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in zip(x.split(EVAL_BATCH),
+                                                                          y.split(EVAL_BATCH)))
+    model.train(was_training)
+    return correct / len(y)
+
+
+@torch.no_grad()
+def route_all(model: BlockNet, x: Tensor) -> list[Tensor]:
+    """The area of every sample of ``x`` (eval mode): one tensor per router (input routing: one; layer routing:
+    one per block holding areas)."""
+    if not model.routers:
+        return [torch.zeros(len(x), dtype=torch.long, device=x.device)]
+    was_training = model.training
+    model.eval()
+    per_batch = [model.trace(xb).areas for xb in x.split(EVAL_BATCH)]
+    model.train(was_training)
+    per_block = [torch.cat(parts) for parts in zip(*per_batch)]
+    return [per_block[i] for i in model.router_blocks]
+
+
+def area_shares(model: BlockNet, x: Tensor) -> list[float] | list[list[float]]:
+    """Fraction of ``x`` routed to each area: one list (input routing) or one list per layer."""
+    k = model.areas
+    shares = [(torch.bincount(a, minlength=k) / len(x)).tolist() for a in route_all(model, x)]
+    return shares if len(shares) > 1 else shares[0]
+
+
+def parameter_counts(model: BlockNet, rule: torch.nn.Module) -> dict[str, int]:
+    """The model's parameter counts (``BlockNet.parameter_counts``), with a rule's learned local heads in the
+    total and on their own line (they train with the model but take no part in inference)."""
+    counts = model.parameter_counts()
+    heads = sum(p.numel() for p in rule.parameters())
+    if heads:
+        counts["params_total"] += heads
+        counts["params_local_heads"] = heads
+    return counts
