@@ -3,7 +3,7 @@
 Two measurements, each path timed in turns in one process (medians over rounds):
 
 - ``update``: an area layer's update alone at a regime's shape, through the library's own code: the weight gradient
-  (``dispatch._area_gradients``) then ``torchsal.optim.AdamW(fused=True).step()``, against the same inside
+  (``dispatch.area_gradients``) then ``torchsal.optim.AdamW(fused=True).step()``, against the same inside
   ``optim.updates_in_backward`` (each touched area's gradient formed into one area's scratch memory and stepped
   at once), with the fused step alone as the floor of both.
 - ``step``: the trainer's whole step (``Trainer.train_step``) with and without the area-by-area path, and BP's.
@@ -38,7 +38,7 @@ def update_paths(areas: int, out: int, in_: int, rows: int) -> dict[str, Callabl
 
     def gradient() -> None:
         dispatch.release_gradients([weight])
-        grad_w = dispatch._area_gradients(grad, groups, x, None, None, weight, None, None, (True, False, False))[0]
+        grad_w = dispatch.area_gradients(grad, groups, x, None, None, weight, None, None, (True, False, False))[0]
         dispatch.accumulate_gradient(weight, grad_w)
 
     def whole() -> None:

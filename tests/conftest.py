@@ -25,12 +25,12 @@ def batch():
 
 @pytest.fixture(params=["gathered", "grouped"])
 def layout(request, monkeypatch):
-    """Small banks compute gathered per row (torchsal.dispatch._gather_pays); "grouped" turns that off, so the
+    """Small banks compute gathered per row (torchsal.dispatch.kernels.gather_pays); "grouped" turns that off, so the
     padded and per-area kernels of larger layers run on the tests' small shapes too."""
     from torchsal import dispatch
 
     if request.param == "grouped":
-        monkeypatch.setattr(dispatch, "GATHERED_ELEMENTS", 0)
+        monkeypatch.setattr(dispatch.kernels, "GATHERED_ELEMENTS", 0)
     return request.param
 
 
@@ -50,7 +50,7 @@ def count_compiled_kernel(monkeypatch, build):
             return built(*args)
         return call
 
-    monkeypatch.setattr(dispatch, "GATHERED_ELEMENTS", 0)
-    monkeypatch.setattr(dispatch, "_compiled", functools.cache(counting))
-    monkeypatch.setattr(dispatch, "_COMPILE_FAILURE", [])
+    monkeypatch.setattr(dispatch.kernels, "GATHERED_ELEMENTS", 0)
+    monkeypatch.setattr(dispatch.compile, "_compiled", functools.cache(counting))
+    monkeypatch.setattr(dispatch.compile, "_COMPILE_FAILURE", [])
     return calls

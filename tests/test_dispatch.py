@@ -178,7 +178,7 @@ def test_compiled_products_equal_the_per_sample_reference(monkeypatch):
     """Under ``compiled_kernels`` the generated kernel computes the forward and the input gradient (it ran: both
     calls counted), and both equal the per-sample reference, as does the weight gradient."""
     x, area, weight, bias = _few_rows_over_many_areas()
-    calls = count_compiled_kernel(monkeypatch, dispatch._compiled.__wrapped__)
+    calls = count_compiled_kernel(monkeypatch, dispatch.compile._compiled.__wrapped__)
     grads = []
     for compiled in (True, False):
         xs, w, b = x.clone().requires_grad_(), torch.nn.Parameter(weight.clone()), torch.nn.Parameter(bias.clone())

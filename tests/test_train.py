@@ -204,6 +204,6 @@ def test_the_public_step_is_the_loops_step(digits, rule):
     for batch in order.split(config.train.batch_size)[:3]:
         out = manual.step(manual.x_train[batch], manual.y_train[batch])
     assert out.logits.shape == (config.train.batch_size, digits.num_classes)
-    for a, b, s in zip(looped.model.parameters(), manual.model.parameters(), start, strict=True):
+    for a, b in zip(looped.model.parameters(), manual.model.parameters(), strict=True):
         assert torch.equal(a, b)
     assert any(not torch.equal(a, s) for a, s in zip(manual.model.parameters(), start))
