@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from torchsal.bench import ABLATIONS, TEN_DATASETS, difference_cell, difference_to_sal
+from torchsal.bench import ABLATIONS, TEN_DATASETS, difference_cell, difference_to_sal, save_png
 from torchsal.storage import write_bytes_atomic
 
 WHAT = {
@@ -111,10 +111,8 @@ def plot(rows: dict[str, dict[str, dict[str, Any]]], path: Path) -> None:
     ax.set_title("Ablations: one change to SAL each (tuned budget, mean over seeds; bars: sum of stds)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
+    save_png(fig, path)
     plt.close(fig)
-    write_bytes_atomic(path, buffer.getvalue())
 
 
 def main() -> None:

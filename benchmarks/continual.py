@@ -12,9 +12,10 @@ buffer of --replay-per-task samples per finished task), lwf. Each strength is ch
 parts of the first tasks (seed 0; OUT/selection.json), never on test. Runs already in OUT/continual.jsonl are kept,
 so an interrupted study resumes.
 
-Writes continual.json and prints average accuracy and forgetting (mean ± std over seeds), class-incremental and
-task-incremental (for permuted tasks the two coincide: every task uses all ten classes). Routing never sees task
-identity. See torchsal/continual.py for the definitions.
+Writes continual.md, continual.png and matrices-<protocol>.png from the runs in continual.jsonl, and prints average
+accuracy and forgetting (mean ± std over seeds), class-incremental and task-incremental (for permuted tasks the
+two coincide: every task uses all ten classes). Routing never sees task identity. See torchsal/continual.py for
+the definitions.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 from study import RunLog, mean_std, study_parser
 
 from torchsal import load_dataset, make_splits
-from torchsal.bench import matched_width, preset_config
+from torchsal.bench import matched_width, preset_config, save_png
 from torchsal.continual import permuted_tasks, run_sequence, split_tasks
 from torchsal.continual_methods import EWC, SI, LwF, Replay
 
@@ -162,7 +163,7 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.set_xticks([j + bar * (len(rules) - 1) / 2 for j in range(len(protocols))], protocols, fontsize=8)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -219,7 +220,7 @@ def plot_matrices(rows: list[dict], protocol: str, path: Path) -> None:
     fig.suptitle(f"{protocol}, {scenario}: accuracy matrices (mean over [seeds]; title: final "
                  "average)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -268,7 +269,6 @@ def main() -> None:
         plot_matrices(rows, protocol, out / f"matrices-{protocol}.png")
     (out / "continual.md").write_text("\n".join(f"**{p}**\n\n{markdown(rows, p)}"
                                                 for p in dict.fromkeys(r["protocol"] for r in rows)))
-    (out / "continual.json").write_text(json.dumps(rows, indent=2) + "\n")
     print("\n| protocol | rule | evaluation | average accuracy | forgetting |\n|---|---|---|---|---|")
     for protocol in dict.fromkeys(r["protocol"] for r in rows):
         for rule in dict.fromkeys(label(r) for r in rows):

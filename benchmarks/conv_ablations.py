@@ -115,6 +115,8 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from torchsal.bench import save_png
+
     rows = [r for r in rows if r["variant"] in AREA_VARIANTS]
     rows = [r for r in rows if (r["lr"], r["epochs"]) == (rows[0]["lr"], rows[0]["epochs"])] if rows else []
     if len({r["areas"] for r in rows}) < 2:
@@ -135,7 +137,7 @@ def plot(rows: list[dict], path: Path) -> None:
                  f"lr {rows[0]['lr']:g})")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_png(fig, path, dpi=120)
     plt.close(fig)
 
 

@@ -1,7 +1,7 @@
 """SAL and BP across depth on CIFAR-10: the VGG depth family's table and plot, from the conv bench's runs.
 
     torchsal bench --protocol conv --datasets cifar10-vgg4,cifar10-vgg6,cifar10-vgg8,cifar10-vgg11 --presets bp,sal \\
-        --seeds 0 --threads 1 --data-dir ../shared/data --out docs/conv/depth --runs docs/conv/bench/runs
+        --seeds 0 --threads 1 --data-dir ../shared/data --out docs/conv/depth --runs docs/conv/bench/runs.jsonl
     python benchmarks/conv_depth.py --bench docs/conv/depth
 
 The family (``torchsal.models.vgg_depth_plan``) spreads 4, 6, 8 and 11 conv layers over VGG8b's four pooling
@@ -50,6 +50,8 @@ def plot(table: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from torchsal.bench import save_png
+
     fig, ax = plt.subplots(figsize=(5, 3.4))
     for preset in dict.fromkeys(r["preset"] for r in table):
         points = [r for r in table if r["preset"] == preset]
@@ -59,7 +61,7 @@ def plot(table: list[dict], path: Path) -> None:
     ax.set_xticks(sorted({r["depth"] for r in table}))
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_png(fig, path, dpi=120)
     plt.close(fig)
 
 

@@ -135,6 +135,8 @@ def plot(rows: list[dict], key: str, ylabel: str, path: Path, group: str = "pres
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from torchsal.bench import save_png
+
     fig, ax = plt.subplots(figsize=(5, 3.4))
     for name in dict.fromkeys(r[group] for r in rows):
         depths = sorted({r["depth"] for r in rows if r[group] == name})
@@ -144,7 +146,7 @@ def plot(rows: list[dict], key: str, ylabel: str, path: Path, group: str = "pres
     ax.set_xticks(sorted({r["depth"] for r in rows}), [str(d) for d in sorted({r["depth"] for r in rows})])
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -152,7 +154,6 @@ def report(out: Path) -> None:
     """Tables (mean ± std over seeds) and plots from every finished cell in ``OUT/accuracy.jsonl`` and, if
     measured, the clean step times in ``OUT/timing.json``."""
     rows = [json.loads(line) for line in (out / "accuracy.jsonl").read_text().splitlines()]
-    (out / "accuracy.json").write_text(json.dumps(rows, indent=2) + "\n")
     if (out / "timing.json").exists():
         timing = json.loads((out / "timing.json").read_text())
         plot(timing, "seconds_per_mnist_epoch", "seconds per MNIST epoch (1 thread)", out / "time.png")
@@ -196,7 +197,8 @@ def main() -> None:
         report(out)
         return
     rows = {"memory": memory, "accuracy": accuracy, "timing": timing}[args.part](args)
-    (out / f"{args.part}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    if args.part != "accuracy":                 # (the accuracy rows are in accuracy.jsonl already)
+        (out / f"{args.part}.json").write_text(json.dumps(rows, indent=2) + "\n")
     if args.part == "memory":
         plot(rows, "activation_mib", "peak activation memory (MiB)", out / "memory.png")
         print("\n| preset | " + " | ".join(f"depth {d}" for d in sorted({r['depth'] for r in rows})) + " |")

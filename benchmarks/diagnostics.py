@@ -25,7 +25,7 @@ from pathlib import Path
 from study import RunLog, mean_std, study_parser
 
 from torchsal import load_dataset, make_splits
-from torchsal.bench import preset_config
+from torchsal.bench import preset_config, save_png
 from torchsal.train import Trainer
 
 RULES = ("bp", "fa", "dfa", "sal-direct", "sal-local", "sal-k1", "bp-areas")
@@ -95,7 +95,7 @@ def report(rows: list[dict], out: Path) -> None:
                 axes[row][col].set_xlabel("epoch", fontsize=8)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "diagnostics.png", dpi=110)
+    save_png(fig, out / "diagnostics.png", dpi=110)
     plt.close(fig)
     plot_areas(plt, datasets, routed, out)
 
@@ -126,7 +126,7 @@ def plot_areas(plt, datasets: list[str], routed: dict, out: Path) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "areas.png", dpi=110)
+    save_png(fig, out / "areas.png", dpi=110)
     plt.close(fig)
 
 

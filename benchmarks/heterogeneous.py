@@ -24,7 +24,7 @@ import torch
 from study import RunLog, mean_std, study_parser
 
 from torchsal import load_dataset, make_splits
-from torchsal.bench import preset_config
+from torchsal.bench import preset_config, save_png
 from torchsal.continual import accuracy, split_tasks
 from torchsal.diagnostics import area_statistics
 from torchsal.evaluation import route_all
@@ -97,7 +97,7 @@ def report(rows: list[dict], out: Path) -> None:
     axes[0].set_ylabel("test accuracy (30-way)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "heterogeneous.png", dpi=110)
+    save_png(fig, out / "heterogeneous.png", dpi=110)
     plt.close(fig)
 
 

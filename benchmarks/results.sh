@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The full benchmark of docs/results.md: both recipes, ten datasets, all presets, three seeds. Resumable: finished
-# runs are stored under docs/results/<recipe>/runs/ and never redone. One thread per process; run the two recipes
+# runs are stored in docs/results/<recipe>/runs.jsonl and never redone. One thread per process; run the two recipes
 # in two shells to use both cores of the development machine.
 set -euo pipefail
 DATA=${DATA:-../shared/data}

@@ -309,12 +309,14 @@ def plot_losses(losses: list[float], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from torchsal.bench import save_png
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot(range(1, len(losses) + 1), losses, marker=".")
     ax.set(xlabel="step", ylabel="training loss (batch)", title="1.2B-parameter SAL on MNIST")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path, dpi=110)
     plt.close(fig)
 
 

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import pytest
 
 import torchsal.bench as bench
+import torchsal.runstore as runstore
 from torchsal.bench import Bench, matched_width
 from torchsal.config import make_config
 from torchsal.data import load_dataset
@@ -36,6 +37,10 @@ def test_selection_uses_validation_only_and_resumes(tmp_path, monkeypatch):
     assert all(r["trial"]["lr"] == 3e-4 for r in chosen)          # best validation, not best test
     summary = json.loads((tmp_path / "results.json").read_text())["summary"]
     assert summary[0]["test_mean"] == pytest.approx(51.0)         # mean of 0.50, 0.51, 0.52
+    lines = (tmp_path / "runs.jsonl").read_text().splitlines()
+    assert len(lines) == 8 and not (tmp_path / "runs").exists()          # one line per finished run, no folders
+    stored = json.loads(lines[0])
+    assert stored["config"]["lr"] == 3e-4 and stored["test_curve"] == [0.5] and stored["val_curve"] == [0.9]
     calls.clear()
     Bench("tuned", ["wine"], ["bp"], [0, 1, 2], tmp_path, threads=2, compile_=True).run()
     assert calls == []          # every finished run is reloaded, none redone (threads, --compile: not settings)
@@ -61,6 +66,109 @@ def test_benches_share_a_runs_folder_and_grayscale_is_part_of_a_run(tmp_path, mo
     Bench("paper", ["wine"], ["sal"], [0], tmp_path / "colour", runs=runs, grayscale=False).run()
     assert len(calls) == 4 + 4 + 4                                # another colour setting is another run
     assert all(c.train.grayscale is False for c in calls[-4:])
+    assert len((runs / "runs.jsonl").read_text().splitlines()) == 12           # a folder holds runs.jsonl
+    Bench("paper", ["wine"], ["sal"], [0], tmp_path / "again", runs=runs / "runs.jsonl").run()
+    assert len(calls) == 12                                       # --runs may name the file itself
+
+
+def test_two_benches_appending_to_one_runs_file_find_each_others_runs(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, "train", fake_train_any(calls))
+    shared = tmp_path / "shared.jsonl"
+    first = Bench("paper", ["wine"], ["sal"], [0], tmp_path / "a", runs=shared)
+    second = Bench("paper", ["wine"], ["sal", "bp"], [0], tmp_path / "b", runs=shared)
+    first.run()
+    second.run()                        # started before the first finished: its runs are found in the file anyway
+    assert len(calls) == 4 + 4 + 1                                # sal once, bp's grid and the published bp row
+    lines = [json.loads(line) for line in shared.read_text().splitlines()]
+    assert len(lines) == 9 and len({e["key"] for e in lines}) == 9
+
+
+def _append_many(path, tag, n):
+    for i in range(n):
+        runstore.append_line(path, {"key": f"{tag}-{i}", "pad": tag * 20_000})
+
+
+def test_concurrent_appends_never_interleave(tmp_path):
+    import multiprocessing
+
+    path = tmp_path / "runs.jsonl"
+    procs = [multiprocessing.get_context("spawn").Process(target=_append_many, args=(path, tag, 100))
+             for tag in "ab"]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]      # every line whole
+    assert sorted(e["key"] for e in lines) == sorted(f"{t}-{i}" for t in "ab" for i in range(100))
+
+
+def test_a_torn_last_line_is_ignored_and_the_next_run_stays_whole(tmp_path, monkeypatch, caplog):
+    import logging
+
+    calls = []
+    monkeypatch.setattr(bench, "train", fake_train(calls))
+    Bench("tuned", ["wine"], ["bp"], [0, 1, 2], tmp_path).run()
+    path = tmp_path / "runs.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    torn = json.loads(lines[-1])
+    path.write_text("".join(lines[:-1]) + lines[-1][:50])           # the last run's line cut by a kill mid-write
+    calls.clear()
+    Bench("tuned", ["wine"], ["bp"], [0, 1, 2], tmp_path).run()
+    assert [c.train.seed for c in calls] == [torn["config"]["seed"]]   # only the torn run is redone
+    with caplog.at_level(logging.WARNING, logger="torchsal.bench"):
+        calls.clear()
+        records = Bench("tuned", ["wine"], ["bp"], [0, 1, 2], tmp_path).run()
+    assert calls == [] and len(records) == 8
+    assert "skipped a line that is not a whole run" in caplog.text
+    assert path.read_text().splitlines()[-2] == lines[-1][:50]          # the torn line kept apart, on its own line
+
+
+def _to_old_folders(runs_jsonl, folder):
+    """Store the runs of a runs.jsonl as an older torchsal did: one <key>/metrics.json each."""
+    for line in runs_jsonl.read_text().splitlines():
+        entry = json.loads(line)
+        history = [{"test_accuracy": t, "val_accuracy": v} for t, v in zip(entry["test_curve"], entry["val_curve"])]
+        metrics = {k: v for k, v in entry.items() if k not in ("key", "test_curve", "val_curve")}
+        (folder / entry["key"]).mkdir(parents=True)
+        (folder / entry["key"] / "metrics.json").write_text(json.dumps({**metrics, "history": history}))
+    runs_jsonl.unlink()
+
+
+def test_runs_in_old_metrics_folders_are_still_reused(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, "train", fake_train(calls))
+    first = Bench("tuned", ["wine"], ["bp"], [0, 1, 2], tmp_path).run()
+    _to_old_folders(tmp_path / "runs.jsonl", tmp_path / "runs")
+    calls.clear()
+    again = Bench("tuned", ["wine"], ["bp"], [0, 1, 2, 3], tmp_path).run()
+    assert [c.train.seed for c in calls] == [3]                   # the old folders' runs reused, the new seed trained
+    assert [r["test_accuracy"] for r in again[:8]] == [r["test_accuracy"] for r in first]
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 1      # new runs go to the JSONL file only
+    shared = tmp_path / "shared"                                  # an old --runs folder of <key>/metrics.json
+    Bench("paper", ["wine"], ["sal"], [0], tmp_path / "x", runs=shared).run()
+    _to_old_folders(shared / "runs.jsonl", shared)
+    calls.clear()
+    Bench("paper", ["wine"], ["sal"], [0], tmp_path / "y", runs=shared).run()
+    assert calls == []
+
+
+def test_old_runs_folders_migrate_to_runs_jsonl(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, "train", fake_train(calls))
+    Bench("tuned", ["wine"], ["bp"], [0, 1, 2], tmp_path).run()
+    entries = (tmp_path / "runs.jsonl").read_text().splitlines()
+    _to_old_folders(tmp_path / "runs.jsonl", tmp_path / "runs")
+    assert runstore.migrate_runs(tmp_path / "runs", tmp_path / "runs.jsonl") == 8
+    assert runstore.migrate_runs(tmp_path / "runs", tmp_path / "runs.jsonl") == 0      # nothing twice
+    assert sorted(json.loads(e)["key"] for e in entries) == sorted(
+        json.loads(e)["key"] for e in (tmp_path / "runs.jsonl").read_text().splitlines())
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs")
+    calls.clear()
+    Bench("tuned", ["wine"], ["bp"], [0, 1, 2], tmp_path).run()
+    assert calls == []
 
 
 def test_markdown_marks_differences_to_sal_beyond_the_seed_spread():
@@ -79,9 +187,16 @@ def test_real_bench_writes_tables_and_plots(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
     assert len(rows) == 2 * (6 + 1) and {r["preset"] for r in rows} == {"bp", "sal"}
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results["runs"]) == 14 and "test_curve" not in results["runs"][0]      # the curves stay in runs.jsonl
+    stored = {json.loads(line)["key"]: json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()}
+    assert all(len(stored[r["run"]]["test_curve"]) == 2 for r in results["runs"])
     table = (tmp_path / "results.md").read_text()
     assert "| wine | bp |" in table and "| wine | sal |" in table
     assert (tmp_path / "convergence-tuned.png").read_bytes()[:4] == b"\x89PNG"
+    from PIL import Image
+
+    assert Image.open(tmp_path / "convergence-tuned.png").mode == "P"          # stored with a palette (compact)
 
 
 def test_paper_recipe_adds_the_published_bp_row(tmp_path, monkeypatch):
@@ -116,13 +231,13 @@ def test_unknown_preset_is_rejected(tmp_path):
 
 
 def test_report_only_trains_nothing_and_reports_what_is_finished(tmp_path, monkeypatch):
-    import shutil
-
     calls = []
     monkeypatch.setattr(bench, "train", fake_train(calls))
     records = Bench("tuned", ["wine"], ["bp"], [0, 1, 2], tmp_path).run()
     last = next(r for r in records if r["chosen"] and r["seed"] == 2)
-    shutil.rmtree(tmp_path / "runs" / last["run"])
+    path = tmp_path / "runs.jsonl"
+    path.write_text("".join(line for line in path.read_text().splitlines(keepends=True)
+                            if json.loads(line)["key"] != last["run"]))
     calls.clear()
     report = Bench("tuned", ["wine"], ["bp"], [0, 1, 2], tmp_path, report_only=True)
     report.run()
@@ -131,7 +246,7 @@ def test_report_only_trains_nothing_and_reports_what_is_finished(tmp_path, monke
 
 
 def test_runs_finished_before_new_settings_existed_are_reused():
-    from torchsal.bench import _same_run
+    from torchsal.runstore import _same_run
     from torchsal.config import field_defaults
 
     wanted = make_config("sal", dataset="wine").to_dict()

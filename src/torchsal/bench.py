@@ -4,14 +4,24 @@
 
 Protocol, identical for every preset: each trial of the recipe's grid runs on the first seed; the trial with the
 best final validation accuracy (ties: the earlier trial) is chosen and run on the remaining seeds. Test accuracy
-never takes part in a choice. Each finished run is stored as ``DIR/runs/<key>/metrics.json`` (written atomically),
-so an interrupted bench resumes where it stopped and never redoes a finished run.
+never takes part in a choice.
+
+Each finished run is stored as one JSON line appended to ``DIR/runs.jsonl`` (``--runs`` names another file, or a
+folder holding ``runs.jsonl``, that several benches share): its key, its full resolved config, test and validation
+accuracy, epochs, steps, training seconds, parameter counts and the per-epoch test and validation accuracy curves
+(``test_curve``, ``val_curve``; rounded to CURVE_DIGITS). A line is appended with one ``write`` call on a file
+opened with ``O_APPEND``, so two benches appending to one file do not interleave, and a reader skips a torn line
+(a bench killed mid-write). So an interrupted bench resumes where it stopped and never redoes a finished run: a run
+is found by its key or, for a run an older torchsal finished, by its config (``torchsal.runstore``). Runs stored the old
+way, one ``runs/<key>/metrics.json`` per run beside the JSONL file (or in the ``--runs`` folder), are still read.
+
+Outputs in DIR: ``results.md`` (the tables), ``results.json`` (the summary and one record per run, without the
+curves), ``results.csv`` (the records) and ``convergence-<recipe>.png`` (the curves of the chosen runs).
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -24,17 +34,16 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from torchsal.config import (
-    DEPRECATED_VALUES,
     ConfigError,
     RunConfig,
-    field_defaults,
     make_config,
     resolve_areas,
 )
 from torchsal.data import load_dataset, locate_dataset, make_splits
 from torchsal.errors import DataError
 from torchsal.models import count_parameters
-from torchsal.storage import write_bytes_atomic, write_json_atomic
+from torchsal.runstore import RunStore, run_entry, run_key, runs_file
+from torchsal.storage import write_bytes_atomic
 from torchsal.train import train
 
 log = logging.getLogger(__name__)
@@ -187,30 +196,6 @@ def matched_width(in_features: int, num_classes: int, settings: dict[str, Any]) 
     return round(-c / b) if a == 0 else round((-b + (b * b - 4 * a * c) ** 0.5) / (2 * a))
 
 
-def _identity(config: dict[str, Any]) -> dict[str, Any]:
-    """What makes a run itself: every setting but where its data and outputs live, how many CPU threads ran it and
-    whether its step was compiled (a report rebuilt with another thread count, or with --compile, finds the same
-    runs: both change only the order of floating-point sums)."""
-    current = {k: DEPRECATED_VALUES.get((k, v), v) if isinstance(v, str) else v for k, v in config.items()}
-    return {k: v for k, v in current.items() if k not in ("data_dir", "out", "threads", "compile")}
-
-
-def _key(config: RunConfig) -> str:
-    """Runs are identified by their resolved configuration, so presets that resolve to the same run (``sal`` and
-    ``sal-local`` when local is the default signal) share it."""
-    identity = _identity(config.to_dict())
-    digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
-    return f"{identity['dataset']}-{identity['rule']}-s{identity['seed']}-{digest}"
-
-
-def _same_run(stored: dict[str, Any], wanted: dict[str, Any], defaults: dict[str, Any]) -> bool:
-    """A run finished by an older torchsal, whose config lacks settings added since, is the wanted run when it
-    agrees on every setting it has and the wanted run leaves the newer settings at their defaults."""
-    stored, wanted = _identity(stored), _identity(wanted)
-    return (all(wanted.get(k) == v for k, v in stored.items())
-            and all(k in stored or defaults.get(k, object()) == v for k, v in wanted.items()))
-
-
 class Bench:
     """Runs (or reloads) every cell of one recipe and writes the tables and plots."""
 
@@ -233,8 +218,11 @@ class Bench:
         self.out, self.data_dir, self.threads, self.compile, self.epochs = out, data_dir, threads, compile_, epochs
         self.report_only = report_only          # tables from the finished runs only; train nothing
         self.base = {**self.recipe.base, **({} if grayscale is None else {"grayscale": grayscale})}
-        self.runs = runs or out / "runs"        # finished runs; several benches may share one folder
-        self._finished: list[tuple[dict[str, Any], Path]] | None = None
+        # finished runs, one JSON line each; several benches may share the file. Runs stored the old way are read
+        # from runs/ beside it and from a --runs folder.
+        self.runs = runs_file(runs or out)
+        self.store = RunStore(self.runs, [self.runs.parent / "runs", *([runs] if runs and runs.suffix != ".jsonl"
+                                                                        else [])])
         self.records: list[dict[str, Any]] = []
 
     def check_datasets(self) -> None:
@@ -307,31 +295,23 @@ class Bench:
     def _run(self, dataset: str, preset: str, settings: dict[str, Any], trial: dict[str, Any],
              chosen: bool = False) -> dict[str, Any] | None:
         config = _with_paper_areas(make_config(settings["rule"], **{k: v for k, v in settings.items() if k != "rule"}))
-        path = self.runs / _key(config) / "metrics.json"
-        path = path if path.is_file() else self._older_run(config) or path
-        if path.is_file():
-            metrics = json.loads(path.read_text())
-        elif self.report_only:
+        entry = self.store.find(config)
+        if entry is None and self.report_only:
             self.bar.update()
             return None
-        else:
+        if entry is None:
             metrics = train(config, splits=self.splits[settings["seed"]], progress=False).metrics
-            write_json_atomic(path, metrics)
+            entry = run_entry(run_key(config), metrics)
+            self.store.add(entry)
         self.bar.update()
         record = {"recipe": self.recipe.name, "dataset": dataset, "preset": preset, "seed": settings["seed"],
-                  "trial": trial, "chosen": chosen, "test_accuracy": metrics["test_accuracy"],
-                  "val_accuracy": metrics["val_accuracy"], "epochs": metrics["epochs"],
-                  "train_seconds": metrics["train_seconds"], "params_total": metrics["params_total"],
-                  "params_active_per_sample": metrics["params_active_per_sample"],
-                  "test_curve": [h["test_accuracy"] for h in metrics["history"]], "run": str(path.parent.name)}
+                  "trial": trial, "chosen": chosen, "test_accuracy": entry["test_accuracy"],
+                  "val_accuracy": entry["val_accuracy"], "epochs": entry["epochs"],
+                  "train_seconds": entry["train_seconds"], "params_total": entry["params_total"],
+                  "params_active_per_sample": entry["params_active_per_sample"],
+                  "test_curve": entry["test_curve"], "run": entry["key"]}
         self.records.append(record)
         return record
-
-    def _older_run(self, config: RunConfig) -> Path | None:
-        if self._finished is None:                  # index the finished runs once
-            self._finished = [(json.loads(p.read_text())["config"], p) for p in self.runs.glob("*/metrics.json")]
-        wanted, defaults = config.to_dict(), field_defaults()
-        return next((p for stored, p in self._finished if _same_run(stored, wanted, defaults)), None)
 
     # ------------------------------------------------------------------------------------------------ outputs
     def summary(self) -> list[dict[str, Any]]:
@@ -353,8 +333,12 @@ class Bench:
 
     def write(self) -> None:
         summary = self.summary()
-        write_json_atomic(self.out / "results.json", {"recipe": self.recipe.name, "seeds": self.seeds,
-                                                       "summary": summary, "runs": self.records})
+        # The records without their curves (those stay in the runs file; the plot is drawn from them), one per line.
+        records = [{k: v for k, v in r.items() if k != "test_curve"} for r in self.records]
+        head = json.dumps({"recipe": self.recipe.name, "seeds": self.seeds})[:-1]
+        text = (head + ',\n "summary": [' + ",".join("\n  " + json.dumps(r) for r in summary) + '],\n "runs": ['
+                + ",".join("\n  " + json.dumps(r) for r in records) + "]}\n")
+        write_bytes_atomic(self.out / "results.json", text.encode())
         buffer = io.StringIO()
         fields = ["recipe", "dataset", "preset", "seed", "chosen", "trial", "test_accuracy", "val_accuracy",
                   "epochs", "train_seconds", "params_total", "params_active_per_sample", "run"]
@@ -454,7 +438,24 @@ def plot_curves(records: list[dict[str, Any]], path: Path, recipe: str) -> None:
         ax.legend(fontsize=6)
     fig.suptitle(f"recipe {recipe}: test accuracy per epoch (mean over seeds)", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.95))          # room for the title, which tight_layout alone may cut
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
+    save_png(fig, path)
     plt.close(fig)
-    write_bytes_atomic(path, buffer.getvalue())
+
+
+def save_png(fig: Any, path: str | Path, dpi: int = 110) -> None:
+    """Write a matplotlib figure as a compact PNG, atomically: rendered at ``dpi``, then stored with a palette of at
+    most 256 colours (``compact_png``). The studies in benchmarks/ save their plots with it too."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    write_bytes_atomic(path, compact_png(buffer.getvalue()))
+
+
+def compact_png(data: bytes) -> bytes:
+    """A PNG stored with a palette of at most 256 colours: a plot has few, so it looks the same (only some
+    anti-aliased edge pixels move to a near colour) at about a third of the bytes of matplotlib's RGBA file."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data)).convert("RGB").quantize(colors=256)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()

@@ -217,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="write the tables from the runs already finished in --out; train nothing")
     bench_p.add_argument("--grayscale", action=argparse.BooleanOptionalAction, default=None,
                          help="override the recipe's colour setting (the ablations use grayscale CIFAR-10)")
-    bench_p.add_argument("--runs", help="folder of finished runs, shared between benches (default OUT/runs)")
+    bench_p.add_argument("--runs", help="finished runs, shared between benches: a JSONL file, or a folder holding "
+                         "runs.jsonl (default OUT/runs.jsonl; old OUT/runs/<key>/metrics.json folders are still read)")
     return parser
 
 
