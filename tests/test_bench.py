@@ -39,8 +39,8 @@ def test_selection_uses_validation_only_and_resumes(tmp_path, monkeypatch):
     assert summary[0]["test_mean"] == pytest.approx(51.0)         # mean of 0.50, 0.51, 0.52
     lines = (tmp_path / "runs.jsonl").read_text().splitlines()
     assert len(lines) == 8 and not (tmp_path / "runs").exists()          # one line per finished run, no folders
-    stored = json.loads(lines[0])
-    assert stored["config"]["lr"] == 3e-4 and stored["test_curve"] == [0.5] and stored["val_curve"] == [0.9]
+    stored = runstore.loaded(json.loads(lines[0]))
+    assert stored["config"]["lr"] == 3e-4 and stored["test_curve"] == [0.5] and "val_curve" not in stored
     calls.clear()
     Bench("tuned", ["wine"], ["bp"], [0, 1, 2], tmp_path, threads=2, compile_=True).run()
     assert calls == []          # every finished run is reloaded, none redone (threads, --compile: not settings)
@@ -111,12 +111,12 @@ def test_a_torn_last_line_is_ignored_and_the_next_run_stays_whole(tmp_path, monk
     Bench("tuned", ["wine"], ["bp"], [0, 1, 2], tmp_path).run()
     path = tmp_path / "runs.jsonl"
     lines = path.read_text().splitlines(keepends=True)
-    torn = json.loads(lines[-1])
+    torn = runstore.loaded(json.loads(lines[-1]))
     path.write_text("".join(lines[:-1]) + lines[-1][:50])           # the last run's line cut by a kill mid-write
     calls.clear()
     Bench("tuned", ["wine"], ["bp"], [0, 1, 2], tmp_path).run()
     assert [c.train.seed for c in calls] == [torn["config"]["seed"]]   # only the torn run is redone
-    with caplog.at_level(logging.WARNING, logger="torchsal.bench"):
+    with caplog.at_level(logging.WARNING, logger="torchsal.runstore"):
         calls.clear()
         records = Bench("tuned", ["wine"], ["bp"], [0, 1, 2], tmp_path).run()
     assert calls == [] and len(records) == 8
@@ -127,9 +127,9 @@ def test_a_torn_last_line_is_ignored_and_the_next_run_stays_whole(tmp_path, monk
 def _to_old_folders(runs_jsonl, folder):
     """Store the runs of a runs.jsonl as an older torchsal did: one <key>/metrics.json each."""
     for line in runs_jsonl.read_text().splitlines():
-        entry = json.loads(line)
-        history = [{"test_accuracy": t, "val_accuracy": v} for t, v in zip(entry["test_curve"], entry["val_curve"])]
-        metrics = {k: v for k, v in entry.items() if k not in ("key", "test_curve", "val_curve")}
+        entry = runstore.loaded(json.loads(line))
+        history = [{"test_accuracy": t, "val_accuracy": entry["val_accuracy"]} for t in entry["test_curve"]]
+        metrics = {k: v for k, v in entry.items() if k not in ("key", "test_curve")}
         (folder / entry["key"]).mkdir(parents=True)
         (folder / entry["key"] / "metrics.json").write_text(json.dumps({**metrics, "history": history}))
     runs_jsonl.unlink()
@@ -246,8 +246,8 @@ def test_report_only_trains_nothing_and_reports_what_is_finished(tmp_path, monke
 
 
 def test_runs_finished_before_new_settings_existed_are_reused():
-    from torchsal.runstore import _same_run
     from torchsal.config import field_defaults
+    from torchsal.runstore import _same_run
 
     wanted = make_config("sal", dataset="wine").to_dict()
     older = {k: v for k, v in wanted.items() if k not in ("memory", "diagnostics")}   # an older torchsal's config

@@ -9,7 +9,7 @@ never takes part in a choice.
 Each finished run is stored as one JSON line appended to ``DIR/runs.jsonl`` (``--runs`` names another file, or a
 folder holding ``runs.jsonl``, that several benches share): its key, its full resolved config, test and validation
 accuracy, epochs, steps, training seconds, parameter counts and the per-epoch test and validation accuracy curves
-(``test_curve``, ``val_curve``; rounded to CURVE_DIGITS). A line is appended with one ``write`` call on a file
+(``test_curve``; rounded to CURVE_DIGITS). A line is appended with one ``write`` call on a file
 opened with ``O_APPEND``, so two benches appending to one file do not interleave, and a reader skips a torn line
 (a bench killed mid-write). So an interrupted bench resumes where it stopped and never redoes a finished run: a run
 is found by its key or, for a run an older torchsal finished, by its config (``torchsal.runstore``). Runs stored the old

@@ -1,10 +1,11 @@
 """The finished runs of a benchmark, one JSON line each in a file several benches may share (``runs.jsonl``).
 
-A line holds the run's key, its full resolved config, test and validation accuracy, epochs, steps, training
-seconds, parameter counts and the per-epoch test and validation accuracy curves (rounded to ``CURVE_DIGITS``). It
-is appended with one ``write`` on an ``O_APPEND`` descriptor, so lines of two benches never interleave, and a
-reader skips a torn line (a bench killed mid-write). A run is found by its key, or, for one an older torchsal
-finished, by its config (``_same_run``). Old ``<key>/metrics.json`` folders are still read.
+A line holds the run's key, its resolved config (``settings``: where it differs from ``STORED_BASE``), test and
+validation accuracy, epochs, steps, training seconds, parameter counts and the per-epoch test accuracy curve
+(rounded to ``CURVE_DIGITS``; what the convergence plots draw). It is appended with one ``write`` on an
+``O_APPEND`` descriptor, under a lock, so lines of two benches never interleave, and a reader skips a torn line (a
+bench killed mid-write). A run is found by its key, or, for one an older torchsal finished, by its config
+(``_same_run``). Old ``<key>/metrics.json`` folders are still read.
 """
 
 from __future__ import annotations
@@ -26,6 +27,19 @@ log = logging.getLogger(__name__)
 # stored exactly).
 CURVE_DIGITS = 4
 RUNS_FILE = "runs.jsonl"
+# A stored run's config is written as its difference from this table (a third of the bytes). The table never
+# changes, whatever the defaults become, so every line keeps its meaning; a setting added later is appended here
+# with the value runs stored before it had (its default when it was added).
+STORED_BASE: dict[str, Any] = {
+    "areas": "auto", "routing_dim": 64, "routing": "input", "router": "learned", "routing_temperature": 0.1,
+    "model": "mlp", "depth": 1, "width": 256, "shared": True, "block": "plain", "norm": "none", "width_mult": 1.0,
+    "conv_areas": True, "dtype": "float32", "rule": "sal", "signal": "local", "readout": "per-layer",
+    "readout_pool": 2, "objective": "readout", "head_feedback": "weights", "head_layers": 0, "sim_weight": 0.99,
+    "feedback": "per-layer", "memory": "standard", "dataset": "digits", "grayscale": False, "epochs": 60,
+    "batch_size": 64, "optimizer": "adam", "lr": 0.003, "momentum": 0.0, "weight_decay": 0.0,
+    "schedule": "constant", "augment": "none", "max_steps": None, "seed": 0, "device": "cpu", "precision": "fp32",
+    "compile": False, "threads": None, "data_dir": None, "out": None, "diagnostics": False, "tensorboard": False,
+    "parallel": "data"}
 
 
 def _identity(config: dict[str, Any]) -> dict[str, Any]:
@@ -60,7 +74,23 @@ def run_entry(key: str, metrics: dict[str, Any]) -> dict[str, Any]:
     return {"key": key, "config": metrics["config"],
             **{k: metrics.get(k) for k in ("test_accuracy", "val_accuracy", "epochs", "steps", "train_seconds",
                                            "params_total", "params_active_per_sample")},
-            "test_curve": curve("test_accuracy"), "val_curve": curve("val_accuracy")}
+            "test_curve": curve("test_accuracy")}
+
+
+def stored(entry: dict[str, Any]) -> dict[str, Any]:
+    """A run's entry as its line holds it: its config as ``settings``, the difference from ``STORED_BASE``."""
+    out = {k: v for k, v in entry.items() if k != "config"}
+    out["settings"] = {k: v for k, v in entry["config"].items() if k not in STORED_BASE or STORED_BASE[k] != v}
+    return out
+
+
+def loaded(line: dict[str, Any]) -> dict[str, Any]:
+    """A run's entry from its line: ``settings`` over ``STORED_BASE`` (or a line's full ``config``) as ``config``."""
+    if "settings" not in line:
+        return line
+    out = {k: v for k, v in line.items() if k != "settings"}
+    out["config"] = {**STORED_BASE, **line["settings"]}
+    return out
 
 
 def runs_file(path: Path) -> Path:
@@ -129,7 +159,7 @@ class RunStore:
         if not line.strip():
             return
         try:
-            entry = json.loads(line)
+            entry = loaded(json.loads(line))
             self.entries.setdefault(entry["key"], entry)
         except (ValueError, TypeError, KeyError):
             if warn:
@@ -146,7 +176,7 @@ class RunStore:
         return next((e for e in self.entries.values() if _same_run(e["config"], wanted, defaults)), None)
 
     def add(self, entry: dict[str, Any]) -> None:
-        append_line(self.path, entry)
+        append_line(self.path, stored(entry))
         self.entries.setdefault(entry["key"], entry)
 
 
