@@ -9,12 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from torchsal import make_config, train
+from torchsal import BlockNet, build_rule, load_dataset, make_config, make_splits, optim, train
 from torchsal.cli import main
-from torchsal.config import check_applicable
+from torchsal.config import RuleConfig, check_applicable
 from torchsal.errors import ConfigError
+from torchsal.evaluation import evaluate
 from torchsal.registry import RULES, register_rule
+from torchsal.rules import closed_form
 from torchsal.rules.base import LearningRule, StepOutput, output_step
 
 SOURCE = Path(__file__).resolve().parents[1] / "src"
@@ -127,3 +131,35 @@ def test_a_registered_rule_trains_from_the_command_line(halving_rule, tmp_path, 
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["config"]["rule"] == "halved-bp" and metrics["config"]["epochs"] == 2
     assert "halved-bp" in capsys.readouterr().out
+
+
+class GeluResidual(nn.Module):
+    """A block type the library has never seen (docs/design.md, "Adding a block"): a linear map, GELU and a skip
+    connection, written as plain torch."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, h):  # noqa: ANN001, ANN201
+        return h + F.gelu(self.linear(h))
+
+
+@pytest.mark.parametrize("rule_name", ["bp", "fa", "dfa", "sal"])
+def test_a_new_block_type_needs_only_its_forward(rule_name):
+    """Every rule trains a block that defines nothing but ``forward``, through the reference path (the closed form
+    declines it), its areas routed and its untouched areas kept, and learns digits."""
+    splits = make_splits(load_dataset("digits"), seed=0)
+    torch.manual_seed(0)
+    model = BlockNet.from_modules([nn.Linear(64, 32), nn.ReLU(), GeluResidual(32), nn.Linear(32, 10)],
+                                  in_shape=(64,), areas=4, shared=True, generator=torch.Generator().manual_seed(0))
+    rule = build_rule(model, RuleConfig(rule_name))
+    assert len(model.blocks) == 3 and not closed_form.applies(rule, model, splits.x_train[:8])
+    optimizer = optim.Adam([*model.parameters(), *rule.parameters()], lr=3e-3)
+    order = torch.randperm(len(splits.y_train), generator=torch.Generator().manual_seed(0))
+    for _ in range(4):
+        for batch in order.split(64):
+            optimizer.zero_grad()
+            rule.step(model, splits.x_train[batch], splits.y_train[batch])
+            optimizer.step()
+    assert evaluate(model, splits.x_val, splits.y_val) > 0.85
