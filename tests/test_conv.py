@@ -17,6 +17,7 @@ from torchsal.config import ModelConfig, RoutingConfig, RuleConfig, check_applic
 from torchsal.data import crop_flip
 from torchsal.dispatch import group_by_area
 from torchsal.errors import ConfigError
+from torchsal.evaluation import area_shares
 from torchsal.layers import AreaConv2d
 from torchsal.models import build_model, vgg_depth_plan
 from torchsal.objectives import pooled as read_out
@@ -253,6 +254,16 @@ def test_layer_routing_on_a_conv_net_routes_each_block_from_its_pooled_input():
     assert trace.rows is None and all(a is not None for a in trace.areas)
     build_rule(model, "sal")(model, x, y).loss.backward()
     assert all(layer.weight.grad is not None for layer in model.area_layers())
+
+
+def test_area_shares_with_layer_routing_and_dense_convolutions():
+    """Routers sit only before the blocks with areas; the shares a run reports are one list per router."""
+    model = BlockNet.from_modules(small_cnn(), (2, 6, 6), areas=4, routing=RoutingConfig(areas=4, routing="layer"),
+                                  conv_areas=False)
+    x, _ = batch()
+    assert model.router_blocks == [len(model.blocks) - 1] and None in model.trace(x).areas     # the Linear only
+    shares = area_shares(model, x)                                  # one router: one list, one share per area
+    assert len(shares) == 4 and sum(shares) == pytest.approx(1.0)
 
 
 @pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason="needs ../shared/data/mnist")

@@ -32,8 +32,7 @@ def route_all(model: BlockNet, x: Tensor) -> list[Tensor]:
     model.eval()
     per_batch = [model.trace(xb).areas for xb in x.split(EVAL_BATCH)]
     model.train(was_training)
-    per_block = [torch.cat(parts) for parts in zip(*per_batch)]
-    return [per_block[i] for i in model.router_blocks]
+    return [torch.cat([areas[i] for areas in per_batch]) for i in model.router_blocks]   # (None for blocks without)
 
 
 def area_shares(model: BlockNet, x: Tensor) -> list[float] | list[list[float]]:
