@@ -1,5 +1,5 @@
-"""The ``torchsal`` command: parse flags into the config dataclasses, call the library, print a summary. It also
-decides what ``--resume`` and ``eval`` load (a run's stored config, and the flags a resumed run may change).
+"""The ``torchsal`` command. Thin: parse flags into settings, call the library (``make_config``, ``Trainer``,
+``torchsal.resume``, ``evaluation.evaluate_saved``, ``Bench``), print a summary.
 
 Every user mistake ends as one line on stderr and exit status 2 (``--debug`` shows the traceback).
 """
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import shlex
 import sys
@@ -298,23 +297,11 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-# Settings a resumed run may take from the command line: they say where and how fast it runs, not what it is.
-_RESUME_FREE = {"threads", "data_dir", "device", "out", "compile"}
-_BUDGET = ("epochs", "max_steps")
-
-
 def _resume(args: argparse.Namespace, settings: dict[str, Any]):  # noqa: ANN202
-    """The run in ``--resume DIR``, continued. The command that started it may be repeated with ``--resume DIR``
-    appended: flags equal to the saved configuration are accepted, ``--epochs``/``--max-steps`` may extend the
-    budget, paths and threads may change; every flag that would change the model, data or rule is refused, all
-    of them named at once. A finished run is left as it is (returns None)."""
-    from pathlib import Path
+    """The run in ``--resume DIR`` under the flags given (``torchsal.resume`` says what they may change); None
+    for a finished run, which is left as it is."""
+    from torchsal.resume import resume_run
 
-    from torchsal.runfiles import read_checkpoint
-    from torchsal.train import Trainer
-
-    state = read_checkpoint(args.resume)          # read once: also what the trainer resumes from
-    saved = dict(state["config"])
     given = dict(settings)
     if args.config:
         given = {**read_config_file(args.config), **given}
@@ -323,57 +310,24 @@ def _resume(args: argparse.Namespace, settings: dict[str, Any]):  # noqa: ANN202
     given.pop("recipe", None)
     if args.rule:
         given["rule"] = args.rule
-    if "out" in given and Path(given["out"]).resolve() != Path(args.resume).resolve():
-        raise ConfigError(f"--out {given['out']} with --resume {args.resume}: a resumed run writes into its own "
-                          "folder; drop --out")
-    changed = [k for k, v in given.items() if k not in _RESUME_FREE and k not in _BUDGET and saved.get(k) != v
-               and not (k == "areas" and v == "auto")]            # auto was resolved to the saved number
-    overrides = {k: v for k, v in given.items() if k in _RESUME_FREE - {"out"} or k in _BUDGET}
-    trainer = Trainer.resume(args.resume, overrides=overrides, state=state) if not changed else None
-    shrunk = []
-    if trainer is not None:
-        per_epoch = math.ceil(len(trainer.y_train) / trainer.config.train.batch_size)
-        saved_budget = min(saved["max_steps"] or math.inf, saved["epochs"] * per_epoch)
-        shrunk = [k for k in _BUDGET if k in given and trainer.total_steps < saved_budget]
-    if changed or shrunk:
-        parts = [f"--{k.replace('_', '-')} {given[k]} (saved: {saved.get(k)})" for k in changed + shrunk]
-        raise ConfigError(f"--resume {args.resume} continues the saved run; these flags would change it: "
-                          f"{', '.join(parts)}. Drop them, or start a new run with another --out"
-                          + (" (the budget, --epochs and --max-steps, may only grow)" if shrunk else ""))
+    trainer = resume_run(args.resume, given)
     if trainer.steps_done >= trainer.total_steps:
-        print(f"run {args.resume} is finished ({trainer.steps_done} of {trainer.total_steps} steps); nothing changed. "
-              "To train on, resume with a larger --epochs or --max-steps")
+        print(f"run {args.resume} is finished ({trainer.steps_done} of {trainer.total_steps} steps); nothing "
+              "changed. To train on, resume with a larger --epochs or --max-steps")
         return None
     return trainer
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from torchsal.data import all_rows, load_dataset, make_splits, to_model_classes
-    from torchsal.evaluation import evaluate
-    from torchsal.runfiles import load_model
+    from torchsal.evaluation import evaluate_saved
     from torchsal.storage import write_json_atomic
 
-    model, info = load_model(args.model)
-    cfg = info["config"]
-    dataset = args.dataset or cfg["dataset"]
-    data = load_dataset(dataset, args.data_dir or cfg["data_dir"], cfg["grayscale"])
-    if data.x.shape[1] != info["in_features"]:
-        raise ConfigError(f"dataset {dataset!r} has {data.x.shape[1]} features; the model was trained on "
-                          f"{info['in_features']}")
-    scaling = (info["mean"].numpy(), info["std"].numpy())
-    if args.split == "all":                   # every row of the file (a new file: no split of it is special)
-        x, y = all_rows(data, scaling)
-    else:
-        splits = make_splits(data, cfg["seed"], scaling=scaling)
-        x, y = getattr(splits, f"x_{args.split}"), getattr(splits, f"y_{args.split}")
-    y = to_model_classes(y, data.classes, list(info["classes"]), dataset)
-    accuracy = evaluate(model, x, y)
-    present = len(set(y.tolist()))
-    print(f"{cfg['rule']} model on {dataset} ({args.split}, {len(y)} samples, {present} of the model's "
-          f"{len(info['classes'])} classes): accuracy {accuracy:.4f}")
+    result = evaluate_saved(args.model, args.dataset, args.split, args.data_dir)
+    print(f"{result['rule']} model on {result['dataset']} ({args.split}, {result['samples']} samples, "
+          f"{result['classes_present']} of the model's {result['classes']} classes): accuracy "
+          f"{result['accuracy']:.4f}")
     if args.out:
-        write_json_atomic(args.out, {"model": str(args.model), "dataset": dataset, "split": args.split,
-                                     "samples": len(y), "classes_present": present, "accuracy": accuracy})
+        write_json_atomic(args.out, {k: v for k, v in result.items() if k not in ("rule", "classes")})
     return 0
 
 

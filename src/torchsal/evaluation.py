@@ -1,12 +1,18 @@
-"""What a trained model does on data: accuracy, the area each sample is routed to, the share each area takes, and
-the parameter counts a run reports."""
+"""What a trained model does on data: accuracy (of a model in memory, or of a saved run on any split or file), the
+area each sample is routed to, the share each area takes, and the parameter counts a run reports."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from torchsal.blocks import BlockNet
+from torchsal.data import all_rows, load_dataset, make_splits, to_model_classes
+from torchsal.errors import ConfigError
+from torchsal.runfiles import load_model
 
 EVAL_BATCH = 4096
 
@@ -51,3 +57,27 @@ def parameter_counts(model: BlockNet, rule: torch.nn.Module) -> dict[str, int]:
         counts["params_total"] += heads
         counts["params_local_heads"] = heads
     return counts
+
+
+def evaluate_saved(model_path: str | Path, dataset: str | None = None, split: str = "test",
+                   data_dir: str | None = None) -> dict[str, Any]:
+    """The accuracy of the model a run saved (``DIR`` or ``DIR/model.pt``) on ``split`` (test, val, train: the
+    run's own split of its dataset, or of ``dataset``; all: every row of it), with the run's input scaling and its
+    classes. Returns what ``torchsal eval`` prints and writes."""
+    model, info = load_model(model_path)
+    cfg = info["config"]
+    dataset = dataset or cfg["dataset"]
+    data = load_dataset(dataset, data_dir or cfg["data_dir"], cfg["grayscale"])
+    if data.x.shape[1] != info["in_features"]:
+        raise ConfigError(f"dataset {dataset!r} has {data.x.shape[1]} features; the model was trained on "
+                          f"{info['in_features']}")
+    scaling = (info["mean"].numpy(), info["std"].numpy())
+    if split == "all":                   # every row of the file (a new file: no split of it is special)
+        x, y = all_rows(data, scaling)
+    else:
+        splits = make_splits(data, cfg["seed"], scaling=scaling)
+        x, y = getattr(splits, f"x_{split}"), getattr(splits, f"y_{split}")
+    y = to_model_classes(y, data.classes, list(info["classes"]), dataset)
+    return {"model": str(model_path), "dataset": dataset, "split": split, "samples": len(y),
+            "classes_present": len(set(y.tolist())), "accuracy": evaluate(model, x, y), "rule": cfg["rule"],
+            "classes": len(info["classes"])}

@@ -9,6 +9,7 @@ ordinary torch modules and converted to area layers.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 
@@ -18,11 +19,14 @@ from torch import Tensor, nn
 
 from torchsal import compat
 from torchsal.blocks import BlockNet, Trace
-from torchsal.config import ModelConfig
+from torchsal.config import ModelConfig, RunConfig
+from torchsal.data import Splits
 from torchsal.dispatch import Groups, from_padded, give_memory, take_memory, to_padded
 from torchsal.errors import ConfigError
 from torchsal.layers import AreaLinear
 from torchsal.stacks import GRADIENT_MEMORY, hand_out, stacked
+
+log = logging.getLogger(__name__)
 
 __all__ = ["AreaMLP", "BlockNet", "Trace", "build_model", "count_parameters"]
 
@@ -407,3 +411,29 @@ def count_parameters(in_features: int, num_classes: int, config: ModelConfig) ->
         return layers
     router_inputs = sizes[:1] if rc.routing == "input" else sizes[:-1]
     return layers + sum((a + 1) * rc.routing_dim for a in router_inputs)
+
+
+def check_sizes(config: RunConfig, splits: Splits) -> None:
+    """Refuse a model that cannot fit in memory; warn where areas outnumber the training samples."""
+    areas, n = config.model.routing_config.areas, len(splits.y_train)
+    if areas > n:
+        log.warning("%d areas for %d training samples: some areas will never see a sample", areas, n)
+    if config.model.model != "mlp":
+        return                      # the conv nets are small (at most a few million parameters with 16 areas)
+    counts = count_parameters(splits.in_features, splits.num_classes, config.model)
+    # Weights + gradients + up to two optimizer moments (Adam), in the model's type, plus the data itself.
+    need = 4 * counts * torch.finfo(getattr(torch, config.model.dtype)).bits // 8 + splits.x_train.numel() * 4
+    available = _available_memory()
+    if available and need > available:
+        raise ConfigError(f"the model needs about {need / 2**30:.1f} GiB ({counts:,} parameters with gradients and "
+                          f"optimizer state) but only {available / 2**30:.1f} GiB is available; reduce --width, "
+                          "--depth or --areas")
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None

@@ -9,9 +9,7 @@ import contextlib
 import io
 import logging
 import math
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,41 +27,17 @@ from torchsal.diagnostics import alignment, area_statistics, interference
 from torchsal.dispatch import compiled_kernels, release_gradients
 from torchsal.errors import ConfigError, DivergenceError, RunInterrupted
 from torchsal.evaluation import area_shares, evaluate, parameter_counts, route_all
-from torchsal.models import BlockNet, build_model, count_parameters
+from torchsal.models import BlockNet, build_model, check_sizes
 from torchsal.rules import LearningRule, StepOutput, build_rule
 from torchsal.rules.base import output_terms
 from torchsal.runfiles import CHECKPOINT, MODEL, environment, read_checkpoint, save_model, write_history_csv
+from torchsal.signals import StopRequests
 from torchsal.storage import write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 LIVE_LOSS_EVERY = 20            # steps between live-loss updates of the progress bar (each reads the device once)
 PROBE = 512                    # samples of the fixed batch on which --diagnostics measures alignment
-
-
-class _StopRequests:
-    """While active, SIGINT and SIGTERM ask the loop to stop after the current step instead of killing the run
-    mid-step (the loop then writes a checkpoint). A second signal interrupts at once, as usual."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:  # noqa: ARG002
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self) -> _StopRequests:
-        if self.enabled:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 @dataclass
@@ -259,7 +233,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.steps_done, desc=f"{rule_name} {cfg.dataset}", unit="step",
                    disable=not interactive, leave=False, dynamic_ncols=True)
         self.model.train()
-        with _StopRequests(enabled=bool(self.out) and self.ctx.world == 1) as stop:
+        with StopRequests(enabled=bool(self.out) and self.ctx.world == 1) as stop:
             self._loop(start, bar, stop, checkpoint_every)
         bar.close()
         self.elapsed = time.perf_counter() - start
@@ -274,7 +248,7 @@ class Trainer:
             save_model(self.out / MODEL, self.model, self.config, self.splits, state)
         return TrainResult(self.model, self.rule, metrics)
 
-    def _loop(self, start: float, bar: tqdm, stop: _StopRequests, checkpoint_every: int | None) -> None:
+    def _loop(self, start: float, bar: tqdm, stop: StopRequests, checkpoint_every: int | None) -> None:
         cfg = self.config.train
         while self.steps_done < self.total_steps:
             if self.order is None:
@@ -475,32 +449,6 @@ def train(config: RunConfig, splits: Splits | None = None, progress: bool = True
           checkpoint_every: int | None = None) -> TrainResult:
     """Train one model with one rule; returns the model, the rule and the run's metrics."""
     return Trainer(config, splits).fit(progress, checkpoint_every)
-
-
-def check_sizes(config: RunConfig, splits: Splits) -> None:
-    """Refuse what cannot work; warn about what probably will not work well."""
-    areas, n = config.model.routing_config.areas, len(splits.y_train)
-    if areas > n:
-        log.warning("%d areas for %d training samples: some areas will never see a sample", areas, n)
-    if config.model.model != "mlp":
-        return                      # the conv nets are small (at most a few million parameters with 16 areas)
-    counts = count_parameters(splits.in_features, splits.num_classes, config.model)
-    # Weights + gradients + up to two optimizer moments (Adam), in the model's type, plus the data itself.
-    need = 4 * counts * torch.finfo(getattr(torch, config.model.dtype)).bits // 8 + splits.x_train.numel() * 4
-    available = _available_memory()
-    if available and need > available:
-        raise ConfigError(f"the model needs about {need / 2**30:.1f} GiB ({counts:,} parameters with gradients and "
-                          f"optimizer state) but only {available / 2**30:.1f} GiB is available; reduce --width, "
-                          "--depth or --areas")
-
-
-def _available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
 
 
 
