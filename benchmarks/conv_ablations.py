@@ -11,7 +11,8 @@ Fashion-MNIST, the small CNN with crop-and-flip for 20 on CIFAR-10; Adam, batch 
 variants are the conv default before learned objectives (a fixed random readout, areas in every layer): 1 area (no
 shared path: SAL's rule on the dense net), 2, 4 and 16 areas with the shared path, 16 without it, the direct
 signal or both instead of the local one, and readouts of 4x4-pooled maps (``--readout-pool 4``). The ``sal``
-variants change one thing each of today's default (predsim, areas in the fully connected layers only). Every
+variants change one thing each of the learned-objective layout (predsim, 16 areas in the fully connected layers
+only; ``sal-k4``, 4 of them, is today's default). Every
 variant trains at one learning rate (``--lr``, default 1e-3), so the variant is the only thing that changes. Runs
 are logged as they finish (``OUT/DATASET/ablations.jsonl``) and a rerun resumes; ``ablations.md`` and
 ``areas.png`` (accuracy against areas) are written beside the log.
@@ -39,16 +40,16 @@ VARIANTS = {
                                                                           "readout_pool": 4}),
     "k1-pool4": ("1 area (dense), readout of 4x4-pooled maps", {**OLD, "areas": 1, "shared": False,
                                                                  "readout_pool": 4}),
-    # the conv default since learned objectives (predsim, 4x4 heads, areas in the fully connected layers only) and
-    # one change each: where the areas are, then which objective
-    "sal": ("predsim, areas in the fc layers (16 + shared path): the default", {"areas": 16, "shared": True}),
+    # the learned-objective layout (predsim, 4x4 heads, areas in the fully connected layers only; 16 of them, each
+    # variant one change from it, but sal-k4: 4 areas, today's default): where the areas are, then which objective
+    "sal": ("predsim, areas in the fc layers (16 + shared path)", {"areas": 16, "shared": True}),
     "sal-k1": ("predsim, 1 area (dense)", {"areas": 1, "shared": False}),
     "sal-conv-areas": ("predsim, areas in the convs too", {"areas": 16, "shared": True, "conv_areas": True}),
     "sal-conv-areas-k4": ("predsim, 4 areas in every layer", {"areas": 4, "shared": True, "conv_areas": True}),
     "sal-layer-routing": ("predsim, each fc layer routed from its own input", {"areas": 16, "shared": True,
                                                                                "routing": "layer"}),
     "sal-no-shared": ("predsim, areas in the fc layers, no shared path", {"areas": 16, "shared": False}),
-    "sal-k4": ("predsim, 4 areas + shared path in the fc layers", {"areas": 4, "shared": True}),
+    "sal-k4": ("predsim, 4 areas + shared path in the fc layers: the default", {"areas": 4, "shared": True}),
     "sal-both": ("predsim plus the direct signal", {"areas": 16, "shared": True, "signal": "both"}),
     "sal-readout": ("fixed random readout, areas in the fc layers", {"areas": 16, "shared": True,
                                                                      "objective": "readout"}),

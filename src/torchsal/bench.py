@@ -68,6 +68,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Ablations of SAL's components (docs/science.md): each changes one thing of the default SAL.
     "sal-both": {"rule": "sal", "signal": "both"},
     "sal-k1": {"rule": "sal", "areas": 1, "shared": False},
+    "sal-k16": {"rule": "sal", "areas": 16, "shared": True},
     "sal-no-shared": {"rule": "sal", "shared": False},
     "sal-frozen-router": {"rule": "sal", "router": "frozen"},
     "sal-random-router": {"rule": "sal", "router": "random"},
@@ -84,7 +85,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 ABLATIONS = ("sal", "sal-k1", "sal-no-shared", "sal-frozen-router", "sal-random-router", "sal-layer-routing",
              "sal-per-area-feedback", "sal-direct", "sal-local", "sal-both", "sal-readout", "sal-pred", "sal-sim",
-             "sal-bpf", "sal-pred-bpf", "sal-deep-head", "sal-conv-areas")
+             "sal-bpf", "sal-pred-bpf", "sal-deep-head", "sal-conv-areas", "sal-k16")
 # What a bench runs unless told: the rules, the capacity controls and SAL's two single signals.
 MAIN_PRESETS = tuple(p for p in PRESETS if p not in ABLATIONS or p in ("sal", "sal-direct", "sal-local"))
 
@@ -171,8 +172,8 @@ RECIPES: dict[str, Recipe] = {
                    datasets={"mnist": _LENET, "fashion-mnist": _LENET,
                              "cifar10": {"model": "cnn", "augment": "crop-flip", "epochs": 20},
                              **VGG_CELLS},
-                   presets=("bp", "fa", "dfa", "sal", "sal-k1", "sal-bpf", "sal-pred", "sal-sim", "sal-readout",
-                            "sal-conv-areas"),
+                   presets=("bp", "fa", "dfa", "sal", "sal-k1", "sal-k16", "sal-bpf", "sal-pred", "sal-sim",
+                            "sal-readout", "sal-conv-areas"),
                    default_datasets=("mnist", "fashion-mnist", "cifar10")),
 }
 

@@ -254,10 +254,11 @@ class SelectiveAdaptiveLearning(LocalSignalRule):
     dataclass defaults are its own."""
 
     # On conv nets (docs/conv.md, the small CNN on CIFAR-10): a learned local objective, predsim, where the fixed
-    # random readout stays 13 points below BP even on the dense net; areas in the fully connected layers only,
-    # where areas in the convolutions (each area's kernels seeing 1/K of the images) cost 10 points; heads read
-    # maps pooled to 4x4 (a learned head reached 44.7% after 300 steps on 4x4, 41.6% on 2x2).
-    conv_defaults = {"objective": "predsim", "conv_areas": False, "readout_pool": 4}
+    # random readout stays 13 points below BP even on the dense net; 4 areas with the shared path in the fully
+    # connected layers only: areas in the convolutions (each area's kernels seeing 1/K of the images) cost 10
+    # points, 16 fc areas 0.95 against the dense net, 4 fc areas 0.33 (3 seeds each); heads read maps pooled to
+    # 4x4 (a learned head reached 44.7% after 300 steps on 4x4, 41.6% on 2x2).
+    conv_defaults = {"objective": "predsim", "conv_areas": False, "readout_pool": 4, "areas": 4}
     options = frozenset({"signal", "readout", "readout_pool", "objective", "head_feedback", "head_layers",
                          "sim_weight", "feedback", "memory"})
 
