@@ -193,7 +193,7 @@ def test_help_shows_every_default(capsys):
     for piece in ("--lr LR learning rate (default: 0.003)", "--width WIDTH units per hidden "
                   "layer (mlp) (default: 256)", "(default: plain; residual from 8 hidden layers)", "--epochs EPOCHS "
                   "(default: bp/sal: 60; fa/dfa: 30)", "(default: bp/fa/dfa: False; sal: True)",
-                  "(default: bp/fa/dfa: 1; sal: auto)"):
+                  "(default: bp/fa/dfa: 1; sal: auto; sal on conv nets: 4)"):
         assert piece in text, piece
 
 
