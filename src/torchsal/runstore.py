@@ -130,16 +130,12 @@ class RunStore:
         self._legacy_read = False
 
     def reload(self) -> None:
-        if not self._legacy_read:
+        self._read_file()
+        if not self._legacy_read:               # old folders do not grow: read once
             self._legacy_read = True
-            self._read_file()
             for folder in self.legacy:
-                for metrics in sorted(folder.glob("*/metrics.json")):
-                    if metrics.parent.name not in self.entries:
-                        self.entries[metrics.parent.name] = run_entry(metrics.parent.name,
-                                                                      json.loads(metrics.read_text()))
-        else:
-            self._read_file()
+                for entry in legacy_entries(folder):
+                    self.entries.setdefault(entry["key"], entry)
 
     def _read_file(self) -> None:
         try:
@@ -186,8 +182,14 @@ def migrate_runs(folder: Path, path: Path) -> int:
     store = RunStore(path)
     store.reload()
     added = 0
-    for metrics in sorted(folder.glob("*/metrics.json")):
-        if metrics.parent.name not in store.entries:
-            store.add(run_entry(metrics.parent.name, json.loads(metrics.read_text())))
+    for entry in legacy_entries(folder):
+        if entry["key"] not in store.entries:
+            store.add(entry)
             added += 1
     return added
+
+
+def legacy_entries(folder: Path) -> Iterable[dict[str, Any]]:
+    """The runs of an old ``folder/<key>/metrics.json`` layout, as entries, in key order."""
+    for metrics in sorted(folder.glob("*/metrics.json")):
+        yield run_entry(metrics.parent.name, json.loads(metrics.read_text()))
