@@ -415,11 +415,14 @@ def check_applicable(config: RunConfig, explicit: set[str]) -> None:
     (``--rule bp --signal local``, ``--rule fa --readout single``, routing options on a one-area model)."""
     rule, model, routing = config.rule, config.model, config.model.routing_config
     options = get_rule(rule.rule).options
-    readers = "/".join(sorted(n for n, c in RULES.items() if "signal" in c.options))
+
+    def readers(setting: str) -> str:           # the rules that read a setting, as "dfa/sal"
+        return "/".join(sorted(n for n, c in RULES.items() if setting in c.options))
+
     local = "signal" in options and rule.signal in ("local", "both")
-    no_readout = None if local else f"the local readouts exist only with --rule {readers} --signal local or both"
-    unread = {f.name: f"--rule {rule.rule} has no choice of {f.name.replace('_', ' ')}; "
-                      + "/".join(sorted(n for n, c in RULES.items() if f.name in c.options)) + " have"
+    no_readout = None if local else f"the local readouts exist only with --rule {readers('signal')} --signal " \
+        "local or both"
+    unread = {f.name: f"--rule {rule.rule} has no choice of {f.name.replace('_', ' ')}; {readers(f.name)} have"
               for f in dataclasses.fields(RuleConfig) if f.name != "rule" and f.name not in options}
     reasons = {
         "readout": no_readout,
