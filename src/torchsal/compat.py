@@ -14,7 +14,6 @@ gets the fallback. Only speed differs; ``tests/test_compat.py`` forces each fall
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -31,19 +30,18 @@ PRIVATE: dict[str, Any] = {
 
 
 @torch.no_grad()
-def adam_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
-              exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor], *,
+def adam_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+              max_exp_avg_sqs: list[Tensor], steps: list[Tensor], *,
               decoupled: bool, lr: float, beta1: float, beta2: float, weight_decay: float, eps: float,
               amsgrad: bool, maximize: bool) -> None:
     """Adam (AdamW with ``decoupled``) on each tensor in place, its step count already advanced, as torch's
     fused kernel does it."""
     kernel = PRIVATE["fused_adamw" if decoupled else "fused_adam"]
     if kernel is not None:
-        kernel(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(steps),
-               lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad,
-               maximize=maximize)
+        kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2,
+               weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize)
         return
-    maxima = list(max_exp_avg_sqs) if amsgrad else [None] * len(params)
+    maxima = max_exp_avg_sqs if amsgrad else [None] * len(params)
     for p, g, m, v, v_max, step in zip(params, grads, exp_avgs, exp_avg_sqs, maxima, steps, strict=True):
         g = -g if maximize else g
         if weight_decay and decoupled:
