@@ -6,14 +6,10 @@ Protocol, identical for every preset: each trial of the recipe's grid runs on th
 best final validation accuracy (ties: the earlier trial) is chosen and run on the remaining seeds. Test accuracy
 never takes part in a choice.
 
-Each finished run is stored as one JSON line appended to ``DIR/runs.jsonl`` (``--runs`` names another file, or a
-folder holding ``runs.jsonl``, that several benches share): its key, its full resolved config, test and validation
-accuracy, epochs, steps, training seconds, parameter counts and the per-epoch test and validation accuracy curves
-(``test_curve``; rounded to CURVE_DIGITS). A line is appended with one ``write`` call on a file
-opened with ``O_APPEND``, so two benches appending to one file do not interleave, and a reader skips a torn line
-(a bench killed mid-write). So an interrupted bench resumes where it stopped and never redoes a finished run: a run
-is found by its key or, for a run an older torchsal finished, by its config (``torchsal.runstore``). Runs stored the old
-way, one ``runs/<key>/metrics.json`` per run beside the JSONL file (or in the ``--runs`` folder), are still read.
+Each finished run is one line of ``DIR/runs.jsonl`` (``--runs`` names another file, or a folder holding
+``runs.jsonl``, that several benches share; ``torchsal.runstore`` says what a line holds and how it is written), so
+an interrupted bench resumes where it stopped and never redoes a finished run. Runs stored the old way, one
+``runs/<key>/metrics.json`` per run beside the JSONL file (or in the ``--runs`` folder), are still read.
 
 Outputs in DIR: ``results.md`` (the tables), ``results.json`` (the summary and one record per run, without the
 curves), ``results.csv`` (the records) and ``convergence-<recipe>.png`` (the curves of the chosen runs).
