@@ -5,8 +5,9 @@
 
 Each variant is a bench preset on the model (``torchsal.bench.preset_config``), plus ``sal-old``: the conv default
 before learned objectives (fixed random readout of 2x2-pooled maps, areas in every convolution). One step is the
-trainer's: ``rule.step`` then the optimizer's (Adam), on a fixed CIFAR-shaped batch of 128. Variants are timed in
-alternating rounds in one process (so a slow minute slows all of them), and each cell is the median over rounds.
+trainer's (the rule's step as the run's execution forms it, then Adam's) on a fixed CIFAR-shaped batch of 128,
+without the batch gather and schedule around it. Variants are timed in alternating rounds in one process (so a
+slow minute slows all of them), and each cell is the median over rounds.
 Beside every time stands its floor: the step's floating-point operations (counted by torch's FlopCounterMode) at
 the rate of one large float32 matrix product on the same threads, measured in the same run.
 """
@@ -25,6 +26,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from torchsal.bench import preset_config
+from torchsal.execution import choose
 from torchsal.models import build_model
 from torchsal.rules import build_rule
 from torchsal.train import make_optimizer
@@ -49,10 +51,13 @@ def make_step(preset: str, settings: dict, precision: str):  # noqa: ANN201
     generator = torch.Generator().manual_seed(0)
     x, y = torch.rand(128, 3, 32, 32, generator=generator), torch.randint(0, 10, (128,), generator=generator)
 
+    mixed = precision == "bf16-mixed"
+    execution = choose(rule, model, mixed_precision=mixed)     # as the trainer's
+
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16-mixed"):
-            rule.step(model, x, y)
+        with torch.autocast("cpu", torch.bfloat16, enabled=mixed):
+            execution.step(rule, model, optimizer, x, y)
         optimizer.step()
 
     return step

@@ -5,6 +5,8 @@
 
 Each part prints a markdown table and writes ``OUT/<part>.json``. Times are medians of repeated steps after
 warm-up, on random inputs of MNIST's shape (784 features, 10 classes); ratios compare runs of the same process.
+The step is the trainer's fast path without its updates in backward, so that forming the gradients and the
+optimizer's step are timed apart (``step``).
 
 - ``cost``: SAL (width 1024, 2 hidden layers, batch 1024, shared path, local signal) for K = 1, 4, 16 with SGD and
   Adam. The step is split with the PyTorch profiler into routing, dispatch (grouping rows by area and restoring
@@ -58,8 +60,12 @@ def build(rule: str, width: int, depth: int, batch: int, optimizer: str, **setti
 
 
 def step(model, rule, opt, x, y, optimize: bool = True) -> float:
+    """The trainer's step but for its updates in backward: the gradients reach ``.grad`` and the optimizer steps
+    them, so that the two can be timed apart (the trainer's own step: benchmarks/speed.py)."""
+    from torchsal.execution import choose  # here: benchmarks/ab.py imports this module beside older torchsal
+
     release_gradients(model.parameters())
-    out = rule.step(model, x, y)             # as the trainer: in closed form where the rule has one
+    out = choose(rule, model, grad_protocol=True).step(rule, model, opt, x, y)
     if optimize:
         opt.step()
     return float(out.task_loss)

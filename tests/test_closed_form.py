@@ -6,11 +6,11 @@ import shutil
 import pytest
 import torch
 
+from torchsal import execution
 from torchsal.config import ModelConfig, RoutingConfig, RuleConfig
 from torchsal.models import build_model
 from torchsal.optim import updates_in_backward
 from torchsal.rules import build_rule, closed_form
-from torchsal.rules.base import LearningRule
 
 
 def model_and_rule(rule="sal", signal="local", areas=4, shared=False, depth=2, block="plain", norm="none",
@@ -74,10 +74,10 @@ def test_the_closed_form_step_follows_the_autograd_step(rule_name, signal, share
         outs = []
         for i in range(3):
             x, y = data(seed=i)
-            assert closed_form.applies(rule, model, x)
+            assert closed_form.covers(rule, model)
             opt.zero_grad()
             with updates_in_backward(opt):
-                outs.append(rule.step(model, x, y) if closed else LearningRule.step(rule, model, x, y))
+                outs.append(closed_form.step(rule, model, x, y) if closed else rule.step(model, x, y))
             opt.step()
         runs.append((model.state_dict(), outs))
     assert_same_runs(*runs)
@@ -91,7 +91,7 @@ def test_per_area_feedback_and_a_single_readout_in_closed_form(feedback, readout
         model, rule = model_and_rule(signal="both", shared=True, feedback=feedback, readout=readout)
         for i in range(2):
             x, y = data(seed=i)
-            (rule.step if closed else functools.partial(LearningRule.step, rule))(model, x, y)
+            (functools.partial(closed_form.step, rule) if closed else rule.step)(model, x, y)
         runs.append({n: p.grad for n, p in model.named_parameters()})
     for name, grad in runs[1].items():
         torch.testing.assert_close(runs[0][name], grad, msg=name)
@@ -101,9 +101,9 @@ def test_a_frozen_learned_router_reports_its_loss_and_does_not_learn():
     model, rule = model_and_rule()
     model.routers[0].projection.requires_grad_(False)
     x, y = data()
-    ref = LearningRule.step(rule, model, x, y)
+    ref = rule.step(model, x, y)
     model.zero_grad()
-    out = rule.step(model, x, y)
+    out = closed_form.step(rule, model, x, y)
     torch.testing.assert_close(out.loss, ref.loss)
     assert model.routers[0].projection.weight.grad is None
 
@@ -111,8 +111,8 @@ def test_a_frozen_learned_router_reports_its_loss_and_does_not_learn():
 def test_the_closed_form_records_no_graph_and_the_autograd_step_does():
     model, rule = model_and_rule(shared=True)
     x, y = data()
-    assert saved_tensors(lambda: rule.step(model, x, y)) == 0
-    assert saved_tensors(lambda: LearningRule.step(rule, model, x, y)) > 0
+    assert saved_tensors(lambda: closed_form.step(rule, model, x, y)) == 0
+    assert saved_tensors(lambda: rule.step(model, x, y)) > 0
 
 
 @pytest.mark.parametrize("why,settings", [
@@ -124,20 +124,22 @@ def test_the_closed_form_records_no_graph_and_the_autograd_step_does():
 def test_models_without_a_closed_form_take_the_autograd_step(why, settings):
     model, rule = model_and_rule(**settings)
     x, y = data()
-    assert not closed_form.applies(rule, model, x), why
-    assert saved_tensors(lambda: rule.step(model, x, y)) > 0
+    assert not closed_form.covers(rule, model), why
+    assert not execution.choose(rule, model).closed_form, why
 
 
-def test_no_closed_form_under_autocast_or_for_bp():
+def test_no_closed_form_under_mixed_precision_with_an_output_term_or_for_bp():
     model, rule = model_and_rule()
-    x, y = data()
-    with torch.autocast("cpu", torch.bfloat16):
-        assert not closed_form.applies(rule, model, x)
+    assert execution.choose(rule, model).closed_form
+    assert not execution.choose(rule, model, mixed_precision=True).closed_form
+    assert not execution.choose(rule, model, output_term=True).closed_form
+    assert not execution.choose(rule, model, reference=True).closed_form
     bp_model, bp = model_and_rule("bp")
-    assert saved_tensors(lambda: bp.step(bp_model, x, y)) > 0
+    assert not closed_form.covers(bp, bp_model)
 
 
-def test_before_update_sees_the_output_first_and_can_stop_the_update():
+@pytest.mark.parametrize("closed", [True, False])
+def test_before_update_sees_the_output_first_and_can_stop_the_update(closed):
     """The trainer's check of the loss runs between the forward pass and the update: raising there leaves every
     parameter as it was, with no gradient."""
     model, rule = model_and_rule()
@@ -149,7 +151,7 @@ def test_before_update_sees_the_output_first_and_can_stop_the_update():
         raise RuntimeError("stop")
 
     with pytest.raises(RuntimeError, match="stop"):
-        rule.step(model, x, y, before_update=stop)
+        (functools.partial(closed_form.step, rule) if closed else rule.step)(model, x, y, before_update=stop)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert all(p.grad is None for p in model.parameters())
 
@@ -160,7 +162,7 @@ def test_gradients_accumulate_across_closed_form_steps_as_across_backward_calls(
     grads = []
     for closed in (True, False):
         model, rule = model_and_rule(shared=True)
-        step = rule.step if closed else functools.partial(LearningRule.step, rule)
+        step = functools.partial(closed_form.step, rule) if closed else rule.step
         for seed in (0, 1):
             x, y = data(batch=6, seed=seed)
             step(model, x, y)
@@ -197,7 +199,7 @@ def test_the_closed_form_with_device_side_groupings(optimizer, monkeypatch):
             empty |= bool((torch.bincount(model.routers[0](x)[0], minlength=4) == 0).any())
             opt.zero_grad()
             with updates_in_backward(opt):
-                (rule.step if closed else functools.partial(LearningRule.step, rule))(model, x, y)
+                (functools.partial(closed_form.step, rule) if closed else rule.step)(model, x, y)
             opt.step()
         monkeypatch.undo()
         states.append(model.state_dict())
@@ -233,7 +235,7 @@ def test_the_compiled_step_follows_the_autograd_step(optimizer, shared, monkeypa
             before = [block.linear.weight.detach().clone() for block in model.blocks]
             opt.zero_grad()
             with updates_in_backward(opt), compiled_kernels(compiled):
-                outs.append(rule.step(model, x, y) if compiled else LearningRule.step(rule, model, x, y))
+                outs.append(closed_form.step(rule, model, x, y) if compiled else rule.step(model, x, y))
             opt.step()
             for block, old in zip(model.blocks, before):
                 assert torch.equal(block.linear.weight[~used], old[~used])
@@ -259,7 +261,7 @@ def test_closed_form_and_autograd_steps_mix_on_one_model(areas):
             x, y = data(seed=i)
             if i % 3 != 1:                                 # steps 1 and 4 add to the gradients of 0 and 3
                 release_gradients(model.parameters())
-            out = rule.step(model, x, y) if mixed and i % 2 == 0 else LearningRule.step(rule, model, x, y)
+            out = closed_form.step(rule, model, x, y) if mixed and i % 2 == 0 else rule.step(model, x, y)
             out.logits.add_(1)                             # the outputs are ordinary tensors
             if i % 3 != 0:
                 opt.step()

@@ -115,22 +115,18 @@ def test_lwf_adds_the_distillation_from_the_previous_model_to_every_rules_loss()
 
     import torch.nn.functional as F
 
-    from torchsal.rules.base import output_terms
-
     model, rule = tiny("sal", areas=4, shared=True)
     x, y = torch.randn(16, 5, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 3
     lwf = LwF(strength=2.0, temperature=3.0)
     lwf.after_task(SimpleNamespace(model=model), None)
     plain = rule(model, x, y).loss
-    with output_terms(lwf.output_term(x)):
-        same = rule(model, x, y).loss
+    same = rule(model, x, y, output_term=lwf.output_term(x)).loss
     torch.testing.assert_close(same, plain)                      # the previous model is this one: no term
     old = copy.deepcopy(model)
     with torch.no_grad():
         old.layers[-1].bias.add_(0.7)
     lwf.old = old
-    with output_terms(lwf.output_term(x)):
-        distilled = rule(model, x, y).loss
+    distilled = rule(model, x, y, output_term=lwf.output_term(x)).loss
     expected = 2.0 * 9.0 * F.kl_div(F.log_softmax(model(x) / 3.0, 1), F.softmax(old(x) / 3.0, 1),
                                     reduction="batchmean")
     torch.testing.assert_close(distilled - plain, expected)

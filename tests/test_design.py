@@ -12,13 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchsal import BlockNet, build_rule, load_dataset, make_config, make_splits, optim, train
+from torchsal import BlockNet, build_rule, execution, load_dataset, make_config, make_splits, optim, train
 from torchsal.cli import main
 from torchsal.config import RuleConfig, check_applicable
 from torchsal.errors import ConfigError
 from torchsal.evaluation import evaluate
 from torchsal.registry import RULES, register_rule
-from torchsal.rules import closed_form
 from torchsal.rules.base import LearningRule, StepOutput, output_step
 
 SOURCE = Path(__file__).resolve().parents[1] / "src"
@@ -154,12 +153,13 @@ def test_a_new_block_type_needs_only_its_forward(rule_name):
     model = BlockNet.from_modules([nn.Linear(64, 32), nn.ReLU(), GeluResidual(32), nn.Linear(32, 10)],
                                   in_shape=(64,), areas=4, shared=True, generator=torch.Generator().manual_seed(0))
     rule = build_rule(model, RuleConfig(rule_name))
-    assert len(model.blocks) == 3 and not closed_form.applies(rule, model, splits.x_train[:8])
-    optimizer = optim.Adam([*model.parameters(), *rule.parameters()], lr=3e-3)
+    fast = execution.choose(rule, model)                 # the run's execution: no part needs the new block
+    assert len(model.blocks) == 3 and not fast.closed_form and not fast.stacks
+    optimizer = optim.Adam([*model.parameters(), *rule.parameters()], lr=3e-3, fused=True)
     order = torch.randperm(len(splits.y_train), generator=torch.Generator().manual_seed(0))
     for _ in range(4):
         for batch in order.split(64):
             optimizer.zero_grad()
-            rule.step(model, splits.x_train[batch], splits.y_train[batch])
+            fast.step(rule, model, optimizer, splits.x_train[batch], splits.y_train[batch])
             optimizer.step()
     assert evaluate(model, splits.x_val, splits.y_val) > 0.85

@@ -18,6 +18,7 @@ def deep(areas=4, shared=False, norm="layer", block="residual", routing="input",
     with torch.no_grad():                 # norms and biases away from their initial 1 and 0, areas apart
         for p in model.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    model.stack_alike_blocks = True       # as the fast path runs it (torchsal.execution)
     return model
 
 

@@ -4,6 +4,7 @@ import torch
 
 from torchsal import (
            datasets,  # noqa: F401  (registers the named datasets)
+           execution,
            optim,
 )
 from torchsal.blocks import BlockNet
@@ -24,4 +25,4 @@ torch.set_flush_denormal(True)
 
 __all__ = ["RULES", "AreaMLP", "__version__", "BlockNet", "LearningRule", "ModelConfig", "RoutingConfig", "RuleConfig",
            "RunConfig", "TrainConfig", "build_model", "build_rule", "evaluate", "load_dataset", "make_config",
-           "make_splits", "optim", "train"]
+           "make_splits", "execution", "optim", "train"]

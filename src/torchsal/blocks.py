@@ -125,8 +125,9 @@ class BlockNet(nn.Module):
                    self.routing, generator, dtype)
             for i in self.router_blocks)
         self._router_of = {block: r for r, block in enumerate(self.router_blocks)}     # block -> its router
-        # Local rules run runs of alike hidden blocks as one where the blocks' class can (torchsal.stacks).
-        self.stack_alike_blocks = True
+        # Run runs of alike hidden blocks as one under a local rule, where the blocks' class can (torchsal.stacks):
+        # a part of the fast path (torchsal.execution sets it), off on the reference path.
+        self.stack_alike_blocks = False
         self._runs: dict[int, range] | None = None
 
     @classmethod
@@ -187,8 +188,8 @@ class BlockNet(nn.Module):
         area, groups, rows, inverse, grouped = None, None, None, None, False
         hidden, areas, block_groups, stacks = [], [], [], {}
         # a local rule's graph: runs of alike blocks may go as one (torchsal.stacks)
-        runs = self.alike_runs() if detach and on_hidden is None and torch.is_grad_enabled() and \
-            not torch.is_autocast_enabled(x.device.type) else {}
+        runs = self.alike_runs() if self.stack_alike_blocks and detach and on_hidden is None and \
+            torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type) else {}
         h, i = x, 0
         while True:
             block = self.blocks[i]
@@ -227,10 +228,7 @@ class BlockNet(nn.Module):
             i += 1
 
     def alike_runs(self) -> dict[int, range]:
-        """Runs of alike hidden blocks after the first (which takes the routed input), found once; none when
-        ``stack_alike_blocks`` is off."""
-        if not self.stack_alike_blocks:
-            return {}
+        """Runs of alike hidden blocks after the first (which takes the routed input), found once."""
         if self._runs is None:
             runs = alike_runs(self.blocks[1:-1])
             self._runs = {start + 1: range(run.start + 1, run.stop + 1) for start, run in runs.items()}

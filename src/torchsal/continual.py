@@ -96,8 +96,7 @@ def run_sequence(config: RunConfig, tasks: list[tuple[Splits, list[int]]],
     ``part`` ("test", or "val" to choose a method's strength without looking at test data)."""
     if len(tasks) < 2:
         raise ConfigError("a continual-learning sequence needs at least two tasks")
-    trainer = Trainer(config, tasks[0][0])
-    trainer.method = method
+    trainer = Trainer(config, tasks[0][0], method=method)
     matrices: dict[str, list[list[float]]] = {"class_incremental": [], "task_incremental": []}
     for i, (task, _) in enumerate(tasks):
         if i:

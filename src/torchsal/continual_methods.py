@@ -40,6 +40,8 @@ from torchsal.data import Splits
 class ContinualMethod:
     """Hooks the trainer calls; each method overrides what it needs."""
 
+    adds_output_term = False        # whether ``output_term`` may return a term (the run's execution asks)
+
     def batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """The batch a step trains on (replay adds stored samples)."""
         return x, y
@@ -142,6 +144,8 @@ class SI(_Quadratic):
 
 class LwF(ContinualMethod):
     """Learning without forgetting: distillation from the model as it left the previous task."""
+
+    adds_output_term = True
 
     def __init__(self, strength: float = 1.0, temperature: float = 2.0) -> None:
         self.strength, self.temperature = strength, temperature

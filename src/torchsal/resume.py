@@ -16,7 +16,7 @@ from torchsal.runfiles import read_checkpoint
 from torchsal.train import Trainer
 
 # Settings a resumed run may take anew: they say where and how fast it runs, not what it is.
-FREE = {"threads", "data_dir", "device", "out", "compile"}
+FREE = {"threads", "data_dir", "device", "out", "compile", "execution"}
 BUDGET = ("epochs", "max_steps")
 
 

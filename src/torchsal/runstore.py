@@ -39,15 +39,16 @@ STORED_BASE: dict[str, Any] = {
     "batch_size": 64, "optimizer": "adam", "lr": 0.003, "momentum": 0.0, "weight_decay": 0.0,
     "schedule": "constant", "augment": "none", "max_steps": None, "seed": 0, "device": "cpu", "precision": "fp32",
     "compile": False, "threads": None, "data_dir": None, "out": None, "diagnostics": False, "tensorboard": False,
-    "parallel": "data"}
+    "parallel": "data", "execution": "fast"}
 
 
 def _identity(config: dict[str, Any]) -> dict[str, Any]:
     """What makes a run itself: every setting but where its data and outputs live, how many CPU threads ran it and
-    whether its step was compiled (a report rebuilt with another thread count, or with --compile, finds the same
-    runs: both change only the order of floating-point sums)."""
+    whether its step was compiled or took the reference path (a report rebuilt with another thread count, with
+    --compile or with --execution reference, finds the same runs: they change only the order of floating-point
+    sums)."""
     current = {k: DEPRECATED_VALUES.get((k, v), v) if isinstance(v, str) else v for k, v in config.items()}
-    return {k: v for k, v in current.items() if k not in ("data_dir", "out", "threads", "compile")}
+    return {k: v for k, v in current.items() if k not in ("data_dir", "out", "threads", "compile", "execution")}
 
 
 def run_key(config: RunConfig) -> str:

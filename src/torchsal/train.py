@@ -1,11 +1,10 @@
 """A run: ``Trainer`` builds the model, rule and optimizer from a ``RunConfig`` and loops over the data. Each step
-is the rule's ``step`` (its update accumulated into ``.grad``, or applied in the backward where the optimizer allows:
-``optim.updates_in_backward``), then ``optimizer.step()``. Checkpoints hold everything a bit-identical resume needs;
-metrics are returned and, with ``out`` set, written to ``out/metrics.json``."""
+is the rule's step as the run's execution forms it (torchsal.execution: the reference path, or the fast path's
+parts that fit the run, chosen once), then ``optimizer.step()``. Checkpoints hold everything a bit-identical resume
+needs; metrics are returned and, with ``out`` set, written to ``out/metrics.json``."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import math
@@ -19,17 +18,16 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from torchsal import distributed, optim
+from torchsal import distributed, execution, optim
 from torchsal.config import RunConfig, TrainConfig, make_config, resolve_areas
 from torchsal.continual_methods import ContinualMethod
 from torchsal.data import Splits, crop_flip, load_dataset, make_splits
 from torchsal.diagnostics import alignment, area_statistics, interference
-from torchsal.dispatch import compiled_kernels, release_gradients
+from torchsal.dispatch import release_gradients
 from torchsal.errors import ConfigError, DivergenceError, RunInterrupted
 from torchsal.evaluation import area_shares, evaluate, parameter_counts, route_all
 from torchsal.models import BlockNet, build_model, check_sizes
 from torchsal.rules import LearningRule, StepOutput, build_rule
-from torchsal.rules.base import output_terms
 from torchsal.runfiles import CHECKPOINT, MODEL, environment, read_checkpoint, save_model, write_history_csv
 from torchsal.signals import StopRequests
 from torchsal.storage import write_bytes_atomic, write_json_atomic
@@ -84,7 +82,8 @@ class Trainer:
         result = trainer.fit(checkpoint_every=500)
     """
 
-    def __init__(self, config: RunConfig, splits: Splits | None = None) -> None:
+    def __init__(self, config: RunConfig, splits: Splits | None = None,
+                 method: ContinualMethod | None = None) -> None:
         cfg = config.train
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -126,7 +125,24 @@ class Trainer:
         self.first_bad_step = torch.tensor(-1, device=self.device)     # (GPU) first step with a non-finite loss
         self.checkpoint_every: int | None = None
         self.epoch_lines = False
-        self.method: ContinualMethod | None = None      # continual learning (torchsal.continual_methods)
+        self.method = method            # continual learning; sets the run's execution (``execution``)
+
+    @property
+    def method(self) -> ContinualMethod | None:
+        """The run's continual-learning method (torchsal.continual_methods), or None."""
+        return self._method
+
+    @method.setter
+    def method(self, method: ContinualMethod | None) -> None:
+        """Setting it (before ``fit``) chooses the run's execution anew: the reference path, or the fast path's
+        parts that fit the run and the method (torchsal.execution)."""
+        self._method, cfg = method, self.config.train
+        self.execution = execution.choose(
+            self.rule, self.model, reference=cfg.execution == "reference",
+            mixed_precision=cfg.precision == "bf16-mixed", one_process=self.ctx.world == 1,
+            grad_protocol=method is not None, output_term=method is not None and method.adds_output_term,
+            compile_=cfg.compile)
+        log.info("execution: %s", self.execution.describe())
 
     def _owned_areas(self) -> range | None:
         """Under ``--parallel area`` the block of areas this process holds; None (all) otherwise."""
@@ -300,15 +316,13 @@ class Trainer:
         # the module tree took 2-3% of a 128-layer step.
         release_gradients(p for group in self.optimizer.param_groups for p in group["params"])
         term = None if self.method is None else self.method.output_term(x)
-        # --compile on full batches only: a last, smaller batch (or one replay grew) runs eagerly, where torch would
-        # compile again, for seconds, per shape
-        compiling = self.config.train.compile and (global_batch or rows) == self.config.train.batch_size \
-            and len(x) == rows
-        with self._updates_in_backward(), output_terms(*([term] if term else [])), self._autocast(), \
-                compiled_kernels(compiling):
-            # the rule's forward pass and update at once (in closed form where it can); a non-finite loss stops
-            # the run before the update
-            out = self.rule.step(self.model, x, y, before_update=lambda out: self._check_loss(out.loss, x))
+        full_batch = (global_batch or rows) == self.config.train.batch_size and len(x) == rows
+        with self._autocast():
+            # the rule's forward pass and update at once, as the run's execution forms them; a non-finite loss
+            # stops the run before the update
+            out = self.execution.step(self.rule, self.model, self.optimizer, x, y,
+                                      before_update=lambda out: self._check_loss(out.loss, x), output_term=term,
+                                      full_batch=full_batch)
         distributed.sync_gradients(self.model, rows, global_batch or rows, self.rule.parameters())
         if self.method is not None:                    # EWC, SI: a per-parameter term added to the update
             self.method.penalize(self.model)
@@ -344,13 +358,6 @@ class Trainer:
     def _autocast(self) -> torch.autocast:
         """``--precision bf16-mixed``: forward and signals in bfloat16, float32 weights (the backward follows)."""
         return torch.autocast(self.device.type, torch.bfloat16, enabled=self.config.train.precision == "bf16-mixed")
-
-    def _updates_in_backward(self) -> contextlib.AbstractContextManager:
-        """On one process, area updates applied in their own backward where the optimizer allows (plain SGD, fused
-        Adam: ``optim.updates_in_backward``), no gradient written and read back; with several processes gradients
-        must be all-reduced first."""
-        in_place = self.ctx.world == 1 and self.method is None     # a continual method needs the .grad protocol
-        return optim.updates_in_backward(self.optimizer) if in_place else contextlib.nullcontext()
 
     @torch.no_grad()
     def _first_non_finite(self, x: Tensor) -> str | None:
@@ -434,15 +441,12 @@ class Trainer:
             "test_accuracy": last["test_accuracy"],    # final epoch; never selected on test
             "val_accuracy": last["val_accuracy"],
             "epochs": last["epoch"], "steps": self.steps_done, "train_seconds": self.elapsed,
+            "execution": self.execution.describe(),
             **parameter_counts(self.model, self.rule),
             "area_shares": area_shares(self.model, self.x_train),
             "n_train": len(self.y_train), "n_val": len(self.splits.y_val), "n_test": len(self.splits.y_test),
             "history": self.history, "config": self.config.to_dict(), "environment": environment(),
         }
-
-
-
-
 
 
 def train(config: RunConfig, splits: Splits | None = None, progress: bool = True,

@@ -6,10 +6,8 @@ update (a *surrogate loss*, batch-mean like a standard loss). Rules own their fi
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -112,35 +110,20 @@ def surrogate(hidden: list[Tensor], signals: list[Tensor], batch: int) -> Tensor
     return _Surrogate.apply(batch, *hidden, *signals)
 
 
-# Extra terms of the output layer's objective for one step (continual learning: LwF's distillation), each a function
-# of the step's trace returning a scalar. Each rule's own graph carries them: through every layer for bp, through
-# the fixed feedback for fa, into the head only for dfa and sal (their hidden layers follow their own signals).
-_OUTPUT_TERMS: contextvars.ContextVar[tuple[Callable[[Trace], Tensor], ...]] = contextvars.ContextVar(
-    "output_terms", default=())
-
-
-def output_terms_active() -> bool:
-    """True inside an ``output_terms`` block that adds any term."""
-    return bool(_OUTPUT_TERMS.get())
-
-
-@contextlib.contextmanager
-def output_terms(*terms: Callable[[Trace], Tensor]) -> Iterator[None]:
-    """Inside this block, every rule's loss includes ``term(trace)`` for each term."""
-    token = _OUTPUT_TERMS.set(terms)
-    try:
-        yield
-    finally:
-        _OUTPUT_TERMS.reset(token)
+# An extra term of the output layer's objective for one step (continual learning: LwF's distillation), a function
+# of the step's trace returning a scalar. Each rule's own graph carries it: through every layer for bp, through the
+# fixed feedback for fa, into the head only for dfa and sal (their hidden layers follow their own signals).
+OutputTerm = Callable[[Trace], Tensor]
 
 
 def output_step(trace: Trace, y: Tensor, hidden_loss: Tensor | None = None, activation_rms: Tensor | None = None,
-                signal_rms: Tensor | None = None) -> StepOutput:
-    """The output layer's cross-entropy plus the routers' objective (and the hidden layers' surrogate, if any)."""
+                signal_rms: Tensor | None = None, output_term: OutputTerm | None = None) -> StepOutput:
+    """The output layer's cross-entropy plus the routers' objective (and the hidden layers' surrogate, and an
+    extra output term, if any)."""
     task = F.cross_entropy(trace.logits, trace.in_trace_order(y))
     loss = task + trace.routing_loss if hidden_loss is None else task + hidden_loss + trace.routing_loss
-    for term in () if torch.compiler.is_compiling() else _OUTPUT_TERMS.get():
-        loss = loss + term(trace)
+    if output_term is not None:
+        loss = loss + output_term(trace)
     return StepOutput(loss, trace.in_batch_order(trace.logits.detach()), task.detach(),
                       hidden_rms(trace) if activation_rms is None else activation_rms, signal_rms)
 
@@ -158,9 +141,11 @@ class LearningRule(nn.Module):
         out.loss.backward()
         optimizer.step()
 
-    or, the same update in one call, which lets a local rule skip autograd (faster at small batches)::
+    or, the same in one call::
 
         out = rule.step(model, x, y)
+
+    Both are the reference path; a Trainer runs the fast path where it fits (torchsal.execution).
     """
 
     name: ClassVar[str]
@@ -169,6 +154,9 @@ class LearningRule(nn.Module):
     conv_defaults: ClassVar[dict[str, Any]] = {}
     # The RuleConfig fields it reads (beyond ``rule``): given for a rule that ignores them, the CLI refuses them.
     options: ClassVar[frozenset[str]] = frozenset()
+    # True when no gradient crosses a block (dfa, sal): the fast path (torchsal.execution) may then run alike
+    # blocks as one stack, and form the step in closed form.
+    local: ClassVar[bool] = False
 
     def __init__(self, model: BlockNet, config: RuleConfig, generator: torch.Generator) -> None:
         super().__init__()
@@ -187,17 +175,19 @@ class LearningRule(nn.Module):
         count = self._counts.get(prefix, 0)
         return [getattr(self, f"{prefix}_{i}") for i in range(start, count if stop is None else min(stop, count))]
 
-    def forward(self, model: BlockNet, x: Tensor, y: Tensor) -> StepOutput:
+    def forward(self, model: BlockNet, x: Tensor, y: Tensor, output_term: OutputTerm | None = None) -> StepOutput:
         raise NotImplementedError
 
     def step(self, model: BlockNet, x: Tensor, y: Tensor,
-             before_update: Callable[[StepOutput], None] | None = None) -> StepOutput:
+             before_update: Callable[[StepOutput], None] | None = None,
+             output_term: OutputTerm | None = None) -> StepOutput:
         """``rule(model, x, y).loss.backward()`` as one call: the update applied (every gradient accumulated into
         ``.grad``, or taken in place under ``optim.updates_in_backward``) and the step's output returned,
         its loss detached. ``before_update(out)`` runs between the forward pass and the update (the trainer stops
-        there at a non-finite loss). A rule may form the update without autograd here (the local rules' closed
-        form: torchsal.rules.closed_form); the result is the same."""
-        out = self(model, x, y)
+        there at a non-finite loss). This is the reference path; a run's fast path (torchsal.execution) may form
+        the same update without autograd."""
+        # a rule of a user's own may not take output terms; only a run with one asks (continual learning's LwF)
+        out = self(model, x, y) if output_term is None else self(model, x, y, output_term=output_term)
         if before_update is not None:
             before_update(out)
         with torch.autocast(x.device.type, enabled=False):      # the backward outside autocast, as it should be

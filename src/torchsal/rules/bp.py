@@ -5,12 +5,12 @@ from __future__ import annotations
 from torch import Tensor
 
 from torchsal.blocks import BlockNet
-from torchsal.rules.base import LearningRule, StepOutput, output_step, register_rule
+from torchsal.rules.base import LearningRule, OutputTerm, StepOutput, output_step, register_rule
 
 
 @register_rule("bp")
 class Backprop(LearningRule):
     defaults = {"areas": 1, "shared": False}     # the dense MLP; --areas 16 --shared: SAL's routed model
 
-    def forward(self, model: BlockNet, x: Tensor, y: Tensor) -> StepOutput:
-        return output_step(model.trace(x), y)
+    def forward(self, model: BlockNet, x: Tensor, y: Tensor, output_term: OutputTerm | None = None) -> StepOutput:
+        return output_step(model.trace(x), y, output_term=output_term)

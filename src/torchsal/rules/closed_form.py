@@ -31,7 +31,6 @@ from torchsal.rules.base import (
     StepOutput,
     one_hot,
     output_step,
-    output_terms_active,
     softmax_error,
     surrogate_value,
 )
@@ -40,12 +39,15 @@ if TYPE_CHECKING:
     from torchsal.rules.local import LocalSignalRule
 
 
-def applies(rule: LearningRule, model: BlockNet, x: Tensor) -> bool:
-    """True when ``rule`` may train ``model`` on ``x`` in closed form."""
-    return (rule.config.memory != "lean" and torch.is_grad_enabled() and getattr(rule, "objective", None) is None
+def covers(rule: LearningRule, model: BlockNet) -> bool:
+    """True when ``rule`` may train ``model`` in closed form: a local rule with fixed signals only, every block
+    with its own update, the batch routed once, no lean memory and no runs of alike blocks (layer stacks serve
+    those). The run's execution (torchsal.execution) asks this once, and adds what only the run knows: no mixed
+    precision and no extra output term."""
+    return (rule.local and rule.config.memory != "lean" and getattr(rule, "objective", None) is None
             and (model.areas == 1 or model.routing.routing == "input")
             and all(callable(getattr(b, "closed_form", None)) and b.closed_form() for b in model.blocks)
-            and not model.alike_runs() and not torch.is_autocast_enabled(x.device.type) and not output_terms_active())
+            and not model.alike_runs())
 
 
 def step(rule: LocalSignalRule, model: BlockNet, x: Tensor, y: Tensor,

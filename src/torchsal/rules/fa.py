@@ -17,7 +17,7 @@ from torch import Tensor
 from torchsal.blocks import BlockNet
 from torchsal.config import RuleConfig
 from torchsal.feedback import feedback_alignment, random_tensor
-from torchsal.rules.base import LearningRule, StepOutput, output_step, register_rule
+from torchsal.rules.base import LearningRule, OutputTerm, StepOutput, output_step, register_rule
 
 
 @register_rule("fa")
@@ -31,6 +31,6 @@ class FeedbackAlignment(LearningRule):
         self._register_matrices("feedback", [random_tensor(tuple(layer.weight.shape[1:]), layer.weight[0, 0].numel(),
                                                            generator) for layer in model.area_layers()[1:]])
 
-    def forward(self, model: BlockNet, x: Tensor, y: Tensor) -> StepOutput:
+    def forward(self, model: BlockNet, x: Tensor, y: Tensor, output_term: OutputTerm | None = None) -> StepOutput:
         with feedback_alignment(dict(zip(model.area_layers()[1:], self._matrices("feedback"), strict=True))):
-            return output_step(model.trace(x), y)
+            return output_step(model.trace(x), y, output_term=output_term)

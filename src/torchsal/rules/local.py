@@ -34,9 +34,9 @@ from torchsal.errors import ConfigError
 from torchsal.feedback import random_matrix
 from torchsal.objectives import LocalObjective, pooled, pooled_shape
 from torchsal.profiling import named_range
-from torchsal.rules import closed_form
 from torchsal.rules.base import (
     LearningRule,
+    OutputTerm,
     StepOutput,
     one_hot,
     output_step,
@@ -60,6 +60,8 @@ def read_out_adjoint(h: Tensor, grad: Tensor, pool: int = 2) -> Tensor:
 
 class LocalSignalRule(LearningRule):
     """Base of DFA and SAL: which signals a hidden layer receives is the only difference."""
+
+    local = True
 
     def signals(self) -> tuple[str, ...]:
         raise NotImplementedError
@@ -166,17 +168,16 @@ class LocalSignalRule(LearningRule):
         return grouped_linear(t, groups, stack) if grouped else area_linear(t, groups, stack)
 
     def step(self, model: BlockNet, x: Tensor, y: Tensor,
-             before_update: Callable[[StepOutput], None] | None = None) -> StepOutput:
-        """``LearningRule.step``, in closed form where the model allows (torchsal.rules.closed_form)."""
+             before_update: Callable[[StepOutput], None] | None = None,
+             output_term: OutputTerm | None = None) -> StepOutput:
+        """``LearningRule.step``, refusing heads whose gradients nothing cleared (a forgotten optimizer)."""
         if self.objective is not None and any(p.grad is not None for p in self.objective.parameters()):
             raise ConfigError("the rule's local heads still hold an earlier step's gradients, so no optimizer steps "
                               "them: give the optimizer rule.parameters() beside model.parameters(), and zero both "
                               "before each step (torchsal's Trainer does)")
-        if closed_form.applies(self, model, x):
-            return closed_form.step(self, model, x, y, before_update)
-        return super().step(model, x, y, before_update)
+        return super().step(model, x, y, before_update, output_term)
 
-    def forward(self, model: BlockNet, x: Tensor, y: Tensor) -> StepOutput:
+    def forward(self, model: BlockNet, x: Tensor, y: Tensor, output_term: OutputTerm | None = None) -> StepOutput:
         batch = x.shape[0]
         labels = one_hot(y, model.num_classes, model.dtype)
         if self.config.memory == "lean":
@@ -199,7 +200,8 @@ class LocalSignalRule(LearningRule):
             if mean_squares:                # (1 or 2, L): the activations' RMS, then the signals' if formed here
                 per_layer = torch.stack(mean_squares).sqrt().T
                 activation_rms, signal_rms = per_layer[0], per_layer[1] if len(per_layer) > 1 else None
-            return output_step(trace, y, activation_rms=activation_rms, signal_rms=signal_rms)
+            return output_step(trace, y, activation_rms=activation_rms, signal_rms=signal_rms,
+                               output_term=output_term)
         trace = model.trace(x, detach=True)
         onehot = trace.in_trace_order(labels)
         error = softmax_error(trace.logits.detach(), onehot) if "direct" in self.signals() else None
@@ -210,7 +212,7 @@ class LocalSignalRule(LearningRule):
         if self.objective is not None:          # no gradient leaves a block: each loss sees one block's output
             local = self.objective(trace.hidden, trace.in_trace_order(y))
             hidden_loss = local if hidden_loss is None else hidden_loss + local
-        return output_step(trace, y, hidden_loss, signal_rms=signal_rms)
+        return output_step(trace, y, hidden_loss, signal_rms=signal_rms, output_term=output_term)
 
     def hidden_signals(self, trace: Trace, error: Tensor | None, onehot: Tensor
                        ) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
