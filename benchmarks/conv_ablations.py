@@ -61,15 +61,22 @@ VARIANTS = {
     "sal-deep-head": ("predsim, heads with one 3x3 conv layer", {"areas": 16, "shared": True, "head_layers": 1}),
     "sal-pool2": ("predsim, heads on 2x2-pooled maps", {"areas": 16, "shared": True, "readout_pool": 2}),
     "sal-pool8": ("predsim, heads on 8x8-pooled maps", {"areas": 16, "shared": True, "readout_pool": 8}),
+    # one change each from the default (sal-k4)
+    "sal-k4-pool2": ("default, heads on 2x2-pooled maps", {"areas": 4, "shared": True, "readout_pool": 2}),
+    "sal-k4-sim0.9": ("default, sim weight 0.9", {"areas": 4, "shared": True, "sim_weight": 0.9}),
+    "sal-k4-sim0.7": ("default, sim weight 0.7", {"areas": 4, "shared": True, "sim_weight": 0.7}),
+    "sal-k4-sim0.5": ("default, sim weight 0.5", {"areas": 4, "shared": True, "sim_weight": 0.5}),
+    "sal-k4-layer-routing": ("default, each fc layer routed from its own input", {"areas": 4, "shared": True,
+                                                                                  "routing": "layer"}),
 }
 AREA_VARIANTS = ("k1", "k2", "k4", "k16", "k16-no-shared")
 
 
 def run(args) -> list[dict]:  # noqa: ANN001
     from torchsal import load_dataset, make_config, make_splits, train
-    from torchsal.bench import RECIPES
+    from torchsal.bench import PROTOCOLS
 
-    recipe = RECIPES["conv"]
+    recipe = PROTOCOLS["conv"]
     own = dict(recipe.datasets[args.dataset])
     log = RunLog(Path(args.out) / args.dataset / "ablations.jsonl",
                  key=lambda r: (r["dataset"], r["variant"], r["seed"], r["epochs"], r["lr"]))

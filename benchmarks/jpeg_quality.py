@@ -44,9 +44,9 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def run(args) -> list[dict]:  # noqa: ANN001
     from torchsal import load_dataset, make_splits, train
-    from torchsal.bench import RECIPES, preset_config
+    from torchsal.bench import PROTOCOLS, preset_config
 
-    recipe = RECIPES["conv"]
+    recipe = PROTOCOLS["conv"]
     own = dict(recipe.datasets["cifar10"])
     recipe_epochs = own.pop("epochs")
     epochs = args.epochs or recipe_epochs

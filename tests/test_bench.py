@@ -279,12 +279,12 @@ def test_a_fixed_row_the_user_did_not_ask_for_is_announced(tmp_path, monkeypatch
 
 
 def test_the_conv_recipe_runs_only_on_its_image_datasets(tmp_path):
-    from torchsal.bench import RECIPES, Bench
+    from torchsal.bench import PROTOCOLS, Bench
 
-    assert RECIPES["conv"].default_datasets == ("mnist", "fashion-mnist", "cifar10")
-    assert set(RECIPES["conv"].datasets) == {"mnist", "fashion-mnist", "cifar10", "cifar10-vgg8b", "cifar10-vgg4",
+    assert PROTOCOLS["conv"].default_datasets == ("mnist", "fashion-mnist", "cifar10")
+    assert set(PROTOCOLS["conv"].datasets) == {"mnist", "fashion-mnist", "cifar10", "cifar10-vgg8b", "cifar10-vgg4",
                                              "cifar10-vgg6", "cifar10-vgg8", "cifar10-vgg11"}
-    with pytest.raises(ConfigError, match="recipe conv has no model for 'wine'; it runs on mnist, fashion-mnist, "
+    with pytest.raises(ConfigError, match="protocol conv has no model for 'wine'; it runs on mnist, fashion-mnist, "
                                           "cifar10, cifar10-vgg8b"):
         Bench("conv", ["mnist", "wine"], ["bp"], [0], tmp_path)
 

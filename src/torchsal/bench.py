@@ -30,6 +30,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from torchsal.config import (
+    RECIPES,
     ConfigError,
     RunConfig,
     make_config,
@@ -91,7 +92,9 @@ PAPER_NUMBERS: dict[str, tuple[float, float]] = {
 
 
 @dataclass(frozen=True)
-class Recipe:
+class Protocol:
+    """How the bench runs a family of cells: shared settings, the grid each preset searches, the budget."""
+
     name: str
     base: dict[str, Any]                                    # settings shared by every preset
     trials: Callable[[str], list[dict[str, Any]]]           # the grid searched for a preset
@@ -150,27 +153,28 @@ VGG_CELLS: dict[str, dict[str, Any]] = {
     **{f"cifar10-vgg{n}": {**_VGG, "model": "vgg", "depth": n, "presets": ("bp", "sal"), "trials": [{"lr": 1e-3}]}
        for n in (4, 6, 8, 11)}}
 
-RECIPES: dict[str, Recipe] = {
+PROTOCOLS: dict[str, Protocol] = {
     # The paper's model and budget; only the learning rate is searched (SAL's is not published).
-    "paper": Recipe("paper", {"depth": 1, "width": 256, "optimizer": "sgd", "momentum": 0.0, "weight_decay": 0.0,
-                              "batch_size": 16, "schedule": "constant", "grayscale": True},
-                    _paper_trials, lambda n: 25, {"bp-published": {"rule": "bp", "lr": 1e-4}}),
+    "paper": Protocol("paper", {**{k: v for k, v in RECIPES["paper"].items() if k not in ("lr", "epochs")},
+                                "grayscale": True},
+                      _paper_trials, lambda n: RECIPES["paper"]["epochs"],
+                      {"bp-published": {"rule": "bp", "lr": RECIPES["paper"]["lr"]}}),
     # One model for every preset, a tuning budget of six trials each.
-    "tuned": Recipe("tuned", {"depth": 1, "width": 256, "optimizer": "adamw", "batch_size": 64,
-                              "schedule": "cosine", "grayscale": False},
-                    _tuned_trials, _tuned_epochs, {}),
+    "tuned": Protocol("tuned", {"depth": 1, "width": 256, "optimizer": "adamw", "batch_size": 64,
+                                "schedule": "cosine", "grayscale": False},
+                      _tuned_trials, _tuned_epochs, {}),
     # Conv nets as BioTorch benchmarks them (docs/conv.md): LeNet on MNIST and Fashion-MNIST, the small CNN on
     # RGB CIFAR-10 with crop-and-flip augmentation; Adam with a cosine schedule, three learning rates per preset.
     # Budgets are a fraction of BioTorch's (250 epochs on CIFAR-10), so the whole table fits about 8 CPU-hours on
     # 2 cores.
-    "conv": Recipe("conv", {"optimizer": "adam", "batch_size": 128, "schedule": "cosine", "grayscale": False},
-                   _conv_trials, lambda n: 10, {},  # (epochs per dataset below)
-                   datasets={"mnist": _LENET, "fashion-mnist": _LENET,
-                             "cifar10": {"model": "cnn", "augment": "crop-flip", "epochs": 20},
-                             **VGG_CELLS},
-                   presets=("bp", "fa", "dfa", "sal", "sal-k1", "sal-k16", "sal-bpf", "sal-pred", "sal-sim",
-                            "sal-readout", "sal-conv-areas"),
-                   default_datasets=("mnist", "fashion-mnist", "cifar10")),
+    "conv": Protocol("conv", {"optimizer": "adam", "batch_size": 128, "schedule": "cosine", "grayscale": False},
+                     _conv_trials, lambda n: 10, {},  # (epochs per dataset below)
+                     datasets={"mnist": _LENET, "fashion-mnist": _LENET,
+                               "cifar10": {"model": "cnn", "augment": "crop-flip", "epochs": 20},
+                               **VGG_CELLS},
+                     presets=("bp", "fa", "dfa", "sal", "sal-k1", "sal-k16", "sal-bpf", "sal-pred", "sal-sim",
+                              "sal-readout", "sal-conv-areas"),
+                     default_datasets=("mnist", "fashion-mnist", "cifar10")),
 }
 
 
@@ -199,25 +203,25 @@ def matched_width(in_features: int, num_classes: int, settings: dict[str, Any]) 
 class Bench:
     """Runs (or reloads) every cell of one recipe and writes the tables and plots."""
 
-    def __init__(self, recipe: str, datasets: list[str], presets: list[str], seeds: list[int], out: Path,
+    def __init__(self, protocol: str, datasets: list[str], presets: list[str], seeds: list[int], out: Path,
                  data_dir: str | None = None, threads: int | None = None, compile_: bool = False,
                  epochs: int | None = None, report_only: bool = False, grayscale: bool | None = None,
                  runs: Path | None = None) -> None:
-        if recipe not in RECIPES:
-            raise ConfigError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
+        if protocol not in PROTOCOLS:
+            raise ConfigError(f"unknown protocol {protocol!r}; choose one of: {', '.join(PROTOCOLS)}")
         unknown = [p for p in presets if p not in PRESETS]
         if unknown:
             raise ConfigError(f"unknown preset {unknown[0]!r}; choose from: {', '.join(PRESETS)}")
         if not seeds:
             raise ConfigError("--seeds needs at least one seed")
-        foreign = [d for d in datasets if RECIPES[recipe].datasets and d not in RECIPES[recipe].datasets]
+        foreign = [d for d in datasets if PROTOCOLS[protocol].datasets and d not in PROTOCOLS[protocol].datasets]
         if foreign:
-            raise ConfigError(f"recipe {recipe} has no model for {foreign[0]!r}; it runs on "
-                              f"{', '.join(RECIPES[recipe].datasets)}")
-        self.recipe, self.datasets, self.presets, self.seeds = RECIPES[recipe], datasets, presets, seeds
+            raise ConfigError(f"protocol {protocol} has no model for {foreign[0]!r}; it runs on "
+                              f"{', '.join(PROTOCOLS[protocol].datasets)}")
+        self.protocol, self.datasets, self.presets, self.seeds = PROTOCOLS[protocol], datasets, presets, seeds
         self.out, self.data_dir, self.threads, self.compile, self.epochs = out, data_dir, threads, compile_, epochs
         self.report_only = report_only          # tables from the finished runs only; train nothing
-        self.base = {**self.recipe.base, **({} if grayscale is None else {"grayscale": grayscale})}
+        self.base = {**self.protocol.base, **({} if grayscale is None else {"grayscale": grayscale})}
         # finished runs, one JSON line each; several benches may share the file. Runs stored the old way are read
         # from runs/ beside it and from a --runs folder.
         self.runs = runs_file(runs or out)
@@ -235,7 +239,7 @@ class Bench:
                     if not Path(path).expanduser().is_file():
                         raise DataError(f"{name}: no such file")
                 else:
-                    real = self.recipe.datasets.get(name, {}).get("dataset", name)
+                    real = self.protocol.datasets.get(name, {}).get("dataset", name)
                     for part in (path.split(",") if kind == "union" else [real]):
                         locate_dataset(part, self.data_dir)
             except DataError as exc:
@@ -245,34 +249,34 @@ class Bench:
                             f"trained: {' | '.join(missing)}. Give --data-dir, or leave them out of --datasets")
 
     def _presets(self, cell: str) -> list[str]:
-        own = self.recipe.datasets.get(cell, {}).get("presets")
+        own = self.protocol.datasets.get(cell, {}).get("presets")
         return [p for p in self.presets if own is None or p in own]
 
     def _trials(self, cell: str, preset: str) -> list[dict[str, Any]]:
-        return self.recipe.datasets.get(cell, {}).get("trials") or self.recipe.trials(preset)
+        return self.protocol.datasets.get(cell, {}).get("trials") or self.protocol.trials(preset)
 
     def run(self) -> list[dict[str, Any]]:
         self.check_datasets()
-        rows = list(self.recipe.fixed) if "bp" in self.presets else []
+        rows = list(self.protocol.fixed) if "bp" in self.presets else []
         if rows and not self.report_only:
             log.info("bench %s: besides the presets asked for, %s also runs with bp (%s); it is a fixed row of "
-                     "the recipe", self.recipe.name, ", ".join(rows), "the published setup, no search")
+                     "the recipe", self.protocol.name, ", ".join(rows), "the published setup, no search")
         total = sum(len(self._trials(d, p)) + len(self.seeds) - 1 for d in self.datasets for p in self._presets(d)) \
             + len(self.datasets) * len(rows) * len(self.seeds)
-        self.bar = tqdm(total=total, desc=f"bench {self.recipe.name}", unit="run")
+        self.bar = tqdm(total=total, desc=f"bench {self.protocol.name}", unit="run")
         for dataset in self.datasets:
-            own = {k: v for k, v in self.recipe.datasets.get(dataset, {}).items() if k not in ("trials", "presets")}
+            own = {k: v for k, v in self.protocol.datasets.get(dataset, {}).items() if k not in ("trials", "presets")}
             real = own.pop("dataset", dataset)
             data = load_dataset(real, self.data_dir, self.base.get("grayscale", False))
             self.splits = {seed: make_splits(data, seed) for seed in self.seeds}
             n_train = len(self.splits[self.seeds[0]].y_train)
-            epochs = self.epochs or own.pop("epochs", None) or self.recipe.epochs(n_train)
+            epochs = self.epochs or own.pop("epochs", None) or self.protocol.epochs(n_train)
             base = {**self.base, **own, "dataset": real, "data_dir": self.data_dir, "threads": self.threads,
                     "compile": self.compile, "epochs": epochs}
             for preset in self._presets(dataset):
                 self._cell(dataset, preset, base, self._trials(dataset, preset))
             for name in rows:
-                self._cell(dataset, name, {**base, **self.recipe.fixed[name]}, [{}], preset_settings={})
+                self._cell(dataset, name, {**base, **self.protocol.fixed[name]}, [{}], preset_settings={})
         self.bar.close()
         self.write()
         return self.records
@@ -304,7 +308,7 @@ class Bench:
             entry = run_entry(run_key(config), metrics)
             self.store.add(entry)
         self.bar.update()
-        record = {"recipe": self.recipe.name, "dataset": dataset, "preset": preset, "seed": settings["seed"],
+        record = {"recipe": self.protocol.name, "dataset": dataset, "preset": preset, "seed": settings["seed"],
                   "trial": trial, "chosen": chosen, "test_accuracy": entry["test_accuracy"],
                   "val_accuracy": entry["val_accuracy"], "epochs": entry["epochs"],
                   "train_seconds": entry["train_seconds"], "params_total": entry["params_total"],
@@ -323,7 +327,7 @@ class Bench:
                 groups.setdefault((r["dataset"], r["preset"]), []).append(r)
         for (dataset, preset), rs in groups.items():
             acc = [100 * r["test_accuracy"] for r in rs]
-            rows.append({"recipe": self.recipe.name, "dataset": dataset, "preset": preset, "seeds": len(rs),
+            rows.append({"recipe": self.protocol.name, "dataset": dataset, "preset": preset, "seeds": len(rs),
                          "test_mean": statistics.mean(acc), "test_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
                          "val_mean": 100 * statistics.mean(r["val_accuracy"] for r in rs),
                          "epochs": rs[0]["epochs"], "seconds_mean": statistics.mean(r["train_seconds"] for r in rs),
@@ -335,7 +339,7 @@ class Bench:
         summary = self.summary()
         # The records without their curves (those stay in the runs file; the plot is drawn from them), one per line.
         records = [{k: v for k, v in r.items() if k != "test_curve"} for r in self.records]
-        head = json.dumps({"recipe": self.recipe.name, "seeds": self.seeds})[:-1]
+        head = json.dumps({"recipe": self.protocol.name, "seeds": self.seeds})[:-1]
         text = (head + ',\n "summary": [' + ",".join("\n  " + json.dumps(r) for r in summary) + '],\n "runs": ['
                 + ",".join("\n  " + json.dumps(r) for r in records) + "]}\n")
         write_bytes_atomic(self.out / "results.json", text.encode())
@@ -347,8 +351,8 @@ class Bench:
         for r in self.records:
             writer.writerow({**r, "trial": json.dumps(r["trial"], sort_keys=True)})
         write_bytes_atomic(self.out / "results.csv", buffer.getvalue().encode())
-        write_bytes_atomic(self.out / "results.md", markdown(summary, self.recipe.name).encode())
-        plot_curves(self.records, self.out / f"convergence-{self.recipe.name}.png", self.recipe.name)
+        write_bytes_atomic(self.out / "results.md", markdown(summary, self.protocol.name).encode())
+        plot_curves(self.records, self.out / f"convergence-{self.protocol.name}.png", self.protocol.name)
 
 
 def markdown(summary: list[dict[str, Any]], recipe: str) -> str:
