@@ -14,7 +14,8 @@ signal or both instead of the local one, and readouts of 4x4-pooled maps (``--re
 variants change one thing each of the learned-objective layout (predsim, 16 areas in the fully connected layers
 only; ``sal-k4``, 4 of them, is today's default). Every
 variant trains at one learning rate (``--lr``, default 1e-3), so the variant is the only thing that changes. Runs
-are logged as they finish (``OUT/DATASET/ablations.jsonl``) and a rerun resumes; ``ablations.md`` and
+are logged as they finish (``OUT/DATASET/ablations.jsonl``; also into the conv bench's run file, ``--runs``, where
+the bench reuses them) and a rerun resumes; ``ablations.md`` and
 ``areas.png`` (accuracy against areas) are written beside the log.
 """
 
@@ -75,6 +76,7 @@ AREA_VARIANTS = ("k1", "k2", "k4", "k16", "k16-no-shared")
 def run(args) -> list[dict]:  # noqa: ANN001
     from torchsal import load_dataset, make_config, make_splits, train
     from torchsal.bench import PROTOCOLS
+    from torchsal.runstore import RunStore, run_entry, run_key
 
     recipe = PROTOCOLS["conv"]
     own = dict(recipe.datasets[args.dataset])
@@ -83,6 +85,7 @@ def run(args) -> list[dict]:  # noqa: ANN001
     data = load_dataset(args.dataset, args.data_dir, recipe.base.get("grayscale", False))
     epochs = own.pop("epochs")
     epochs = args.epochs or epochs
+    store = RunStore(Path(args.runs)) if args.runs else None
     for seed in map(int, args.seeds.split(",")):
         splits = make_splits(data, seed)
         for variant in args.variants.split(","):
@@ -93,6 +96,8 @@ def run(args) -> list[dict]:  # noqa: ANN001
                                  epochs=epochs, seed=seed, threads=args.threads)
             result = train(config, splits=splits, progress=False)
             m = result.metrics
+            if store is not None:           # the bench finds the run there when a preset resolves to its config
+                store.add(run_entry(run_key(config), m))
             log.add({"dataset": args.dataset, "variant": variant, "areas": settings["areas"],
                      "shared": settings["shared"], "signal": config.rule.signal,
                      "objective": config.rule.objective, "conv_areas": config.model.conv_areas, "seed": seed,
@@ -155,6 +160,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--variants", default=",".join(AREA_VARIANTS),
                         help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    parser.add_argument("--runs", default="docs/conv/bench/runs.jsonl",
+                        help="also store every finished run in this bench run file ('' for none), so that "
+                             "`torchsal bench --protocol conv` reuses a run whose preset resolves to its config")
     parser.set_defaults(out="docs/conv/ablations")
     args = parser.parse_args()
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]

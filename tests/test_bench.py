@@ -302,3 +302,13 @@ def test_a_conv_cell_trains_its_own_model_on_its_dataset_with_its_own_grid_and_p
     assert len(vgg8b) == 2 * (2 + 2)                       # two learning rates on seed 0, the chosen on seeds 1, 2
     assert sorted({c.model.depth for c in calls if c.model.model == "vgg"}) == [4]
     assert {r["dataset"] for r in records} == {"cifar10-vgg8b", "cifar10-vgg4"}     # table rows by cell
+
+
+def test_every_setting_has_a_stored_base_value():
+    """A stored run's settings are its difference from ``STORED_BASE``: a setting missing there would be stored in
+    every line, and one removed from it would change what old lines mean. A new setting is appended with the value
+    older runs had."""
+    settings = set(make_config("sal").to_dict())
+    assert settings == set(runstore.STORED_BASE), settings ^ set(runstore.STORED_BASE)
+    line = runstore.stored({"key": "k", "config": make_config("sal", areas=4).to_dict()})
+    assert "execution" not in line["settings"] and line["settings"]["areas"] == 4
