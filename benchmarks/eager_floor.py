@@ -58,7 +58,7 @@ class HandWrittenSAL:
         self.C = router.prototypes.clone()
         self.W1, self.b1 = take(model.blocks[0].linear.weight), take(model.blocks[0].linear.bias)
         self.W2, self.b2 = take(model.blocks[1].linear.weight), take(model.blocks[1].linear.bias)
-        self.G = take(rule._layer("local", 0)[0])
+        self.G = take(rule.fixed_matrices("local", 0)[0])
         self.temperature = router.config.routing_temperature
         self.adamw = adamw_settings(trainer.optimizer)
         self.lr, self.in_cache = trainer.optimizer.param_groups[0]["lr"], in_cache

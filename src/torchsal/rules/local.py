@@ -103,7 +103,7 @@ class LocalSignalRule(LearningRule):
             raise ConfigError(f"--readout single shares {what} across hidden blocks, but their outputs differ "
                               f"({', '.join(map(str, features))} features): use --readout per-layer")
 
-    def _layer(self, kind: str, layer: int) -> list[Tensor]:
+    def fixed_matrices(self, kind: str, layer: int) -> list[Tensor]:
         """The fixed matrices of ``kind`` that serve hidden layer ``layer``: one, or one per area."""
         if kind == "local" and self.config.readout == "single":
             layer = 0
@@ -112,7 +112,7 @@ class LocalSignalRule(LearningRule):
     def _stacked(self, kind: str, layers: Sequence[int]) -> Tensor:
         """The one matrix of ``kind`` of each of ``layers``, stacked (L, C, F); the matrix itself when they all
         share it (a single readout)."""
-        matrices = [self._layer(kind, layer)[0] for layer in layers]
+        matrices = [self.fixed_matrices(kind, layer)[0] for layer in layers]
         return matrices[0] if all(m is matrices[0] for m in matrices) else torch.stack(matrices)
 
     @torch.no_grad()
@@ -126,10 +126,10 @@ class LocalSignalRule(LearningRule):
         with named_range("torchsal.signal"):     # a named range for profiles (benchmarks/speed.py)
             parts = []
             if "direct" in self.fixed_signals():             # e B_l[k]
-                direct = self._per_area(error, self._layer("direct", layer), groups, grouped, transpose=True)
+                direct = self._per_area(error, self.fixed_matrices("direct", layer), groups, grouped, transpose=True)
                 parts.append(direct.view_as(h))
             if "local" in self.fixed_signals():              # (softmax(h G^T) - y) G, through the pooling
-                readouts, pool = self._layer("local", layer), self.config.readout_pool
+                readouts, pool = self.fixed_matrices("local", layer), self.config.readout_pool
                 logits = self._per_area(pooled(h, pool), readouts, groups, grouped)
                 grad = self._per_area(softmax_error(logits, onehot), readouts, groups, grouped,
                                       transpose=True)
