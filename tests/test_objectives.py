@@ -196,8 +196,9 @@ def test_objectives_are_refused_where_they_do_nothing():
 
 def test_conv_nets_default_to_predsim_and_dense_convolutions_for_sal_only():
     sal_cnn = make_config("sal", model="cnn")
-    assert (sal_cnn.rule.objective, sal_cnn.model.conv_areas, sal_cnn.model.routing_config.areas) == \
-        ("predsim", False, 4)
+    assert (sal_cnn.rule.objective, sal_cnn.model.conv_areas, sal_cnn.model.routing_config.areas,
+            sal_cnn.rule.sim_weight, sal_cnn.rule.readout_pool) == ("predsim", False, 4, 0.7, 4)
+    assert make_config("sal").rule.sim_weight == 0.99                   # the dataclass's, predsim's published
     assert make_config("sal", model="cnn", areas=16).model.routing_config.areas == 16     # a flag still wins
     assert make_config("sal").rule.objective == "readout"              # the MLP keeps its measured default
     assert make_config("dfa", model="cnn").model.conv_areas is True     # (dense anyway: one area)
