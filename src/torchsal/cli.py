@@ -240,7 +240,7 @@ def _summary(m: dict[str, Any]) -> str:
             "--block/--norm/--readout choose)") if c["depth"] >= DEEP_FROM else ""
     return (f"{m['rule']} on {m['dataset']}: test accuracy {m['test_accuracy']:.4f} "
             f"(val {m['val_accuracy']:.4f}) after {m['epochs']} epochs, {m['steps']} steps, "
-            f"{m['train_seconds']:.1f} s, {m['execution']} execution\n"
+            f"{m['train_seconds']:.1f} s; execution: {m['execution']}\n"
             f"parameters: {m['params_total']:,} total"
             + (f" ({m['params_local_heads']:,} in local heads)" if m.get("params_local_heads") else "")
             + f", {m['params_active_per_sample']:,} active per sample; "
