@@ -11,9 +11,10 @@ Fashion-MNIST, the small CNN with crop-and-flip for 20 on CIFAR-10; Adam, batch 
 variants are the conv default before learned objectives (a fixed random readout, areas in every layer): 1 area (no
 shared path: SAL's rule on the dense net), 2, 4 and 16 areas with the shared path, 16 without it, the direct
 signal or both instead of the local one, and readouts of 4x4-pooled maps (``--readout-pool 4``). The ``sal``
-variants change one thing each of the learned-objective layout (predsim, 16 areas in the fully connected layers
-only; ``sal-k4``, 4 of them, is today's default). Every
-variant trains at one learning rate (``--lr``, default 1e-3), so the variant is the only thing that changes. Runs
+variants change one thing each of the learned-objective layout (predsim weighting its similarity term 0.99, 16
+areas in the fully connected layers only); the ``sal-k4`` variants each change one thing of its 4-area twin, and
+``sal-k4-sim0.7`` is today's default (``sal-k1-sim0.7`` its dense twin). Every variant trains at one learning
+rate (``--lr``, default 1e-3), so the variant is the only thing that changes. Runs
 are logged as they finish (``OUT/DATASET/ablations.jsonl``; also into the conv bench's run file, ``--runs``, where
 the bench reuses them) and a rerun resumes; ``ablations.md`` and
 ``areas.png`` (accuracy against areas) are written beside the log.
@@ -42,7 +43,7 @@ VARIANTS = {
     "k1-pool4": ("1 area (dense), readout of 4x4-pooled maps", {**OLD, "areas": 1, "shared": False,
                                                                  "readout_pool": 4}),
     # the learned-objective layout (predsim, 4x4 heads, areas in the fully connected layers only; 16 of them, each
-    # variant one change from it, but sal-k4: 4 areas, today's default): where the areas are, then which objective
+    # variant one change from it): where the areas are, then which objective
     "sal": ("predsim, areas in the fc layers (16 + shared path)", {"areas": 16, "shared": True}),
     "sal-k1": ("predsim, 1 area (dense)", {"areas": 1, "shared": False}),
     "sal-conv-areas": ("predsim, areas in the convs too", {"areas": 16, "shared": True, "conv_areas": True}),
@@ -50,7 +51,7 @@ VARIANTS = {
     "sal-layer-routing": ("predsim, each fc layer routed from its own input", {"areas": 16, "shared": True,
                                                                                "routing": "layer"}),
     "sal-no-shared": ("predsim, areas in the fc layers, no shared path", {"areas": 16, "shared": False}),
-    "sal-k4": ("predsim, 4 areas + shared path in the fc layers: the default", {"areas": 4, "shared": True}),
+    "sal-k4": ("predsim, 4 areas + shared path in the fc layers (sim weight 0.99)", {"areas": 4, "shared": True}),
     "sal-both": ("predsim plus the direct signal", {"areas": 16, "shared": True, "signal": "both"}),
     "sal-readout": ("fixed random readout, areas in the fc layers", {"areas": 16, "shared": True,
                                                                      "objective": "readout"}),
@@ -62,13 +63,14 @@ VARIANTS = {
     "sal-deep-head": ("predsim, heads with one 3x3 conv layer", {"areas": 16, "shared": True, "head_layers": 1}),
     "sal-pool2": ("predsim, heads on 2x2-pooled maps", {"areas": 16, "shared": True, "readout_pool": 2}),
     "sal-pool8": ("predsim, heads on 8x8-pooled maps", {"areas": 16, "shared": True, "readout_pool": 8}),
-    # one change each from the default (sal-k4)
-    "sal-k4-pool2": ("default, heads on 2x2-pooled maps", {"areas": 4, "shared": True, "readout_pool": 2}),
-    "sal-k4-sim0.9": ("default, sim weight 0.9", {"areas": 4, "shared": True, "sim_weight": 0.9}),
-    "sal-k4-sim0.7": ("default, sim weight 0.7", {"areas": 4, "shared": True, "sim_weight": 0.7}),
-    "sal-k4-sim0.5": ("default, sim weight 0.5", {"areas": 4, "shared": True, "sim_weight": 0.5}),
-    "sal-k1-sim0.7": ("1 area (dense), sim weight 0.7", {"areas": 1, "shared": False, "sim_weight": 0.7}),
-    "sal-k4-layer-routing": ("default, each fc layer routed from its own input", {"areas": 4, "shared": True,
+    # one change each from sal-k4 (the sim weight variants: the choice of today's default, 0.7)
+    "sal-k4-pool2": ("sal-k4, heads on 2x2-pooled maps", {"areas": 4, "shared": True, "readout_pool": 2}),
+    "sal-k4-sim0.9": ("sal-k4, sim weight 0.9", {"areas": 4, "shared": True, "sim_weight": 0.9}),
+    "sal-k4-sim0.7": ("sim weight 0.7: the default", {"areas": 4, "shared": True, "sim_weight": 0.7}),
+    "sal-k4-sim0.5": ("sal-k4, sim weight 0.5", {"areas": 4, "shared": True, "sim_weight": 0.5}),
+    "sal-k1-sim0.7": ("the default's dense twin (1 area, sim weight 0.7)", {"areas": 1, "shared": False,
+                                                                            "sim_weight": 0.7}),
+    "sal-k4-layer-routing": ("sal-k4, each fc layer routed from its own input", {"areas": 4, "shared": True,
                                                                                   "routing": "layer"}),
 }
 # The learned-objective variants ran with predsim's published weight of the similarity term, 0.99, where they name no
