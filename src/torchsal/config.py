@@ -150,7 +150,7 @@ class RuleConfig:
     head_feedback: str = "weights"
     # Hidden layers of each learned head before its pooling and linear map (3x3 conv + ReLU on maps).
     head_layers: int = 0
-    # predsim's weight of the similarity term: (1 - w) pred + w sim (the paper's 0.99).
+    # predsim's weight of the similarity term: (1 - w) pred + w sim (the paper's 0.99; sal's conv default: 0.7).
     sim_weight: float = 0.99
     # Feedback matrices and readouts: one per layer (all its areas use it) or one per area of each layer.
     feedback: str = "per-layer"

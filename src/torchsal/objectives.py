@@ -10,7 +10,7 @@ here follow Nøkland & Eidnes 2019 ("Training neural networks with local error s
   features) reads the output; the cosine-similarity matrix of what it reads within the batch is matched (mean
   squared error) to that of the one-hot labels: samples of a class should look alike, samples of different
   classes should not.
-- ``predsim``: ``(1 - w) pred + w sim`` (``w = sim_weight``, 0.99 as in the paper).
+- ``predsim``: ``(1 - w) pred + w sim`` (``w = sim_weight``: 0.99 as in the paper; sal on conv nets: 0.7).
 
 With ``feedback="fixed"`` (the *bpf* variants) each head layer still learns its own weights from its loss, but the
 error reaches the layer's input through a fixed random tensor instead of the layer's transposed weights, so no
