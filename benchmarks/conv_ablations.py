@@ -68,6 +68,8 @@ VARIANTS = {
     "sal-k4-sim0.9": ("sal-k4, sim weight 0.9", {"areas": 4, "shared": True, "sim_weight": 0.9}),
     "sal-k4-sim0.7": ("sim weight 0.7: the default", {"areas": 4, "shared": True, "sim_weight": 0.7}),
     "sal-k4-sim0.5": ("sal-k4, sim weight 0.5", {"areas": 4, "shared": True, "sim_weight": 0.5}),
+    "sal-k4-sim0.7-bpf": ("the default with bpf heads (fixed feedback)", {"areas": 4, "shared": True,
+                                                                          "sim_weight": 0.7, "head_feedback": "fixed"}),
     "sal-k1-sim0.7": ("the default's dense twin (1 area, sim weight 0.7)", {"areas": 1, "shared": False,
                                                                             "sim_weight": 0.7}),
     "sal-k4-layer-routing": ("sal-k4, each fc layer routed from its own input", {"areas": 4, "shared": True,
