@@ -26,10 +26,10 @@ import torch
 from torch import Tensor
 
 from torchsal import optim
-from torchsal.blocks import BlockNet, Trace
+from torchsal.blocks import BlockNet
 from torchsal.dispatch import compiled_kernels
 from torchsal.rules import closed_form
-from torchsal.rules.base import LearningRule, StepOutput
+from torchsal.rules.base import LearningRule, OutputTerm, StepOutput
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class Execution:
 
     def step(self, rule: LearningRule, model: BlockNet, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
              before_update: Callable[[StepOutput], None] | None = None,
-             output_term: Callable[[Trace], Tensor] | None = None, full_batch: bool = True) -> StepOutput:
+             output_term: OutputTerm | None = None, full_batch: bool = True) -> StepOutput:
         """The rule's forward pass and update on ``(x, y)``: every gradient in ``.grad`` for ``optimizer.step()``,
         or, with updates in backward, the updates already applied. Compiled kernels run on full batches only
         (another shape would compile again, for seconds)."""

@@ -4,12 +4,13 @@ Under a local rule (dfa, sal) no gradient crosses a block: each block's update i
 input, its output and its signal, and the router's a closed-form function of its own objective. Where every block
 provides that (``closed_form()``, ``local_forward``, ``learn``: torchsal.models.MLPBlock) and the batch is routed
 once (input routing, or one area), the step runs one pass forward without recording a graph, computes the signals,
-and applies every update at once (``LearningRule.step``): into ``.grad`` with the touched areas marked, for
-any optimizer, or in place (``optim.updates_in_backward``: plain SGD, fused Adam), as
+and applies every update at once (the update ``LearningRule.step`` makes): into ``.grad`` with the touched areas
+marked, for any optimizer, or in place (``optim.updates_in_backward``: plain SGD, fused Adam), as
 ``rule(model, x, y).loss.backward()`` leaves it. At small batches autograd's graph, built and run again every
 step, cost as much as the kernels it drives: docs/performance.md measures both.
 
-Models and objectives it does not cover take the autograd step: learned local objectives (torchsal.objectives),
+Models and objectives it does not cover take the autograd step (the run's execution, torchsal.execution, chooses
+once): learned local objectives (torchsal.objectives),
 norms and convolutions (their parameters need gradients through the block), a user's own modules, layer routing,
 runs of alike blocks (``torchsal.stacks`` batches those), lean memory, mixed precision and extra output terms
 (continual learning's distillation).
@@ -52,8 +53,8 @@ def covers(rule: LearningRule, model: BlockNet) -> bool:
 
 def step(rule: LocalSignalRule, model: BlockNet, x: Tensor, y: Tensor,
          before_update: Callable[[StepOutput], None] | None = None) -> StepOutput:
-    """The rule's whole step on ``(x, y)`` (``LearningRule.step``): its hidden blocks learn from the rule's signals,
-    the head from its cross-entropy, the router from its own objective.
+    """The rule's whole step on ``(x, y)``, as ``LearningRule.step`` makes it: its hidden blocks learn from the
+    rule's signals, the head from its cross-entropy, the router from its own objective.
 
     It runs in ``torch.inference_mode`` (no version counters, no view tracking: the trainer's step 0.92-0.94 of
     the same under ``no_grad`` at batch 16, 0.97-1.00 at 64, A/B in four runs each), so what leaves it is made

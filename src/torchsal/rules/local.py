@@ -258,7 +258,7 @@ class SelectiveAdaptiveLearning(LocalSignalRule):
     # On conv nets (docs/conv.md, the small CNN on CIFAR-10): a learned local objective, predsim, where the fixed
     # random readout stays 13 points below BP even on the dense net; 4 areas with the shared path in the fully
     # connected layers only: areas in the convolutions (each area's kernels seeing 1/K of the images) cost 10
-    # points, 16 fc areas 0.95 against the dense net, 4 fc areas 0.33 (3 seeds each); heads read maps pooled to
+    # points, 16 fc areas 0.95 against the dense net, 4 fc areas 0.27 (3 seeds each); heads read maps pooled to
     # 4x4 (a learned head reached 44.7% after 300 steps on 4x4, 41.6% on 2x2; 2x2 lost 0.7 points over 20 epochs);
     # the similarity term weighted 0.7, chosen on validation from {0.5, 0.7, 0.9, 0.99} (predsim's published 0.99
     # was 1.8 validation points below).
