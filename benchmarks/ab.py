@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -75,7 +76,7 @@ def compare(old: Path, regime: str, variant: str, rounds: int, compile_: bool, t
             proc.stdin.close()
             proc.wait()
     return {"regime": regime, "variant": variant, "compile": compile_, "rounds": rounds,
-            "old_ms": 1e3 * sorted(times["old"])[rounds // 2], "new_ms": 1e3 * sorted(times["new"])[rounds // 2],
+            "old_ms": 1e3 * statistics.median(times["old"]), "new_ms": 1e3 * statistics.median(times["new"]),
             "new_over_old": paired_ratio(times, "new", "old")}
 
 
